@@ -1,0 +1,2 @@
+//! The worker side: everything that touches the model.
+pub mod generate;

@@ -1,0 +1,371 @@
+//! `config.json` of an `internvl_chat` checkpoint (reference: `configuration_internvl_chat.py`,
+//! `configuration_intern_vit.py`, and the LLM configs it embeds).
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid config.json: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: model_type is {found:?}, expected \"internvl_chat\" (is this an InternVL checkpoint folder?)")]
+    ModelType { path: PathBuf, found: String },
+    #[error("{path}: unsupported LLM architecture {found:?}; supported: {}", SUPPORTED_LLMS.join(", "))]
+    Architecture { path: PathBuf, found: String },
+    #[error("{path}: {what}")]
+    Invalid { path: PathBuf, what: String },
+}
+
+pub const SUPPORTED_LLMS: &[&str] = &[
+    "Qwen2ForCausalLM",
+    "InternLM2ForCausalLM",
+    "LlamaForCausalLM",
+];
+
+/// The LLM families we implement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LlmArch {
+    Qwen2,
+    InternLM2,
+    Llama,
+}
+
+fn default_select_layer() -> i64 {
+    -1
+}
+fn default_downsample() -> f64 {
+    0.5
+}
+fn default_ps_version() -> String {
+    "v1".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_min_patch() -> usize {
+    1
+}
+fn default_max_patch() -> usize {
+    12
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InternVLConfig {
+    #[serde(default)]
+    pub model_type: String,
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default = "default_select_layer")]
+    pub select_layer: i64,
+    #[serde(default = "default_downsample")]
+    pub downsample_ratio: f64,
+    #[serde(default = "default_ps_version")]
+    pub ps_version: String,
+    #[serde(default)]
+    pub force_image_size: Option<usize>,
+    #[serde(default)]
+    pub dynamic_image_size: bool,
+    #[serde(default = "default_true")]
+    pub use_thumbnail: bool,
+    #[serde(default = "default_min_patch")]
+    pub min_dynamic_patch: usize,
+    #[serde(default = "default_max_patch")]
+    pub max_dynamic_patch: usize,
+    #[serde(default)]
+    pub system_message: Option<String>,
+    pub vision_config: VisionConfig,
+    pub llm_config: LlmConfig,
+}
+
+fn default_norm_type() -> String {
+    "rms_norm".into()
+}
+fn default_vit_eps() -> f64 {
+    1e-6
+}
+fn default_channels() -> usize {
+    3
+}
+fn default_one() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_hidden_layers: usize,
+    pub patch_size: usize,
+    pub image_size: usize,
+    #[serde(default = "default_channels")]
+    pub num_channels: usize,
+    #[serde(default = "default_norm_type")]
+    pub norm_type: String,
+    #[serde(default)]
+    pub qk_normalization: bool,
+    #[serde(default)]
+    pub qkv_bias: bool,
+    #[serde(default = "default_vit_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_one")]
+    pub initializer_factor: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RopeScaling {
+    #[serde(default, alias = "rope_type")]
+    pub r#type: Option<String>,
+    #[serde(default)]
+    pub factor: Option<f64>,
+}
+
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+fn default_rms_eps() -> f64 {
+    1e-6
+}
+fn default_max_pos() -> usize {
+    32768
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlmConfig {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_hidden_layers: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// InternLM2: bias on wqkv/wo.
+    #[serde(default)]
+    pub bias: bool,
+    /// Llama: bias on q/k/v/o.
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+impl LlmConfig {
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+    /// Dynamic NTK rope scaling factor, when `rope_scaling.type == "dynamic"`.
+    pub fn dynamic_rope_factor(&self) -> Option<f64> {
+        let s = self.rope_scaling.as_ref()?;
+        (s.r#type.as_deref() == Some("dynamic")).then(|| s.factor.unwrap_or(1.0))
+    }
+}
+
+impl InternVLConfig {
+    /// Reads and validates `DIR/config.json` (or a config file given directly).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let path = if path.is_dir() {
+            path.join("config.json")
+        } else {
+            path.to_path_buf()
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Self::parse(&text, &path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        // model_type first, so another model's config gets the clearer message
+        let raw: serde_json::Value =
+            serde_json::from_str(text).map_err(|source| ConfigError::Parse {
+                path: path.into(),
+                source,
+            })?;
+        let model_type = raw
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        if model_type != "internvl_chat" {
+            return Err(ConfigError::ModelType {
+                path: path.into(),
+                found: model_type,
+            });
+        }
+        let cfg: Self = serde_json::from_value(raw).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })?;
+        cfg.llm_arch_at(path)?;
+        let invalid = |what: String| ConfigError::Invalid {
+            path: path.into(),
+            what,
+        };
+        let v = &cfg.vision_config;
+        if v.patch_size == 0 || cfg.image_size() % v.patch_size != 0 {
+            return Err(invalid(format!(
+                "image size {} is not a multiple of patch size {}",
+                cfg.image_size(),
+                v.patch_size
+            )));
+        }
+        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+            return Err(invalid(format!(
+                "vision hidden_size {} not divisible by {} heads",
+                v.hidden_size, v.num_attention_heads
+            )));
+        }
+        let l = &cfg.llm_config;
+        if l.num_attention_heads == 0
+            || l.num_kv_heads() == 0
+            || l.num_attention_heads % l.num_kv_heads() != 0
+        {
+            return Err(invalid(format!(
+                "llm num_attention_heads {} not a multiple of num_key_value_heads {}",
+                l.num_attention_heads,
+                l.num_kv_heads()
+            )));
+        }
+        if !(cfg.ps_version == "v1" || cfg.ps_version == "v2") {
+            return Err(invalid(format!(
+                "ps_version {:?} unknown (v1 or v2)",
+                cfg.ps_version
+            )));
+        }
+        let grid = cfg.image_size() / v.patch_size;
+        let scaled = grid as f64 * cfg.downsample_ratio;
+        if cfg.downsample_ratio <= 0.0 || scaled.fract() != 0.0 {
+            return Err(invalid(format!(
+                "downsample_ratio {} does not divide the {grid}x{grid} patch grid",
+                cfg.downsample_ratio
+            )));
+        }
+        let nl = v.num_hidden_layers as i64;
+        if cfg.select_layer >= nl || cfg.select_layer < -nl - 1 {
+            return Err(invalid(format!(
+                "select_layer {} out of range for {} vision layers",
+                cfg.select_layer, nl
+            )));
+        }
+        Ok(cfg)
+    }
+
+    fn llm_arch_at(&self, path: &Path) -> Result<LlmArch, ConfigError> {
+        let arch = self
+            .llm_config
+            .architectures
+            .first()
+            .cloned()
+            .unwrap_or_default();
+        match arch.as_str() {
+            "Qwen2ForCausalLM" => Ok(LlmArch::Qwen2),
+            "InternLM2ForCausalLM" => Ok(LlmArch::InternLM2),
+            "LlamaForCausalLM" => Ok(LlmArch::Llama),
+            _ => Err(ConfigError::Architecture {
+                path: path.into(),
+                found: arch,
+            }),
+        }
+    }
+
+    pub fn llm_arch(&self) -> LlmArch {
+        self.llm_arch_at(Path::new("config.json"))
+            .expect("architecture validated in parse")
+    }
+
+    /// Tile size in pixels (`force_image_size` or the ViT's `image_size`).
+    pub fn image_size(&self) -> usize {
+        self.force_image_size
+            .unwrap_or(self.vision_config.image_size)
+    }
+
+    /// LLM tokens per 448px tile: `(image_size // patch_size) ** 2 * downsample_ratio ** 2`.
+    pub fn num_image_token(&self) -> usize {
+        let grid = self.image_size() / self.vision_config.patch_size;
+        ((grid * grid) as f64 * self.downsample_ratio * self.downsample_ratio) as usize
+    }
+
+    pub fn template_name(&self) -> &str {
+        self.template.as_deref().unwrap_or("internvl2_5")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::fixture;
+
+    #[test]
+    fn every_fixture_config_parses() {
+        for name in ["tiny-qwen2", "tiny-internlm2", "tiny-vit6b-qwen2"] {
+            let cfg = InternVLConfig::load(&fixture(&format!("models/{name}"))).unwrap();
+            assert_eq!(cfg.num_image_token(), 256, "{name}");
+            assert_eq!(cfg.template_name(), "internvl2_5");
+        }
+        let dir = fixture("configs");
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let cfg = InternVLConfig::load(&p).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(cfg.num_image_token(), 256);
+            n += 1;
+        }
+        assert_eq!(n, 10);
+    }
+
+    #[test]
+    fn archs_and_rope() {
+        let q = InternVLConfig::load(&fixture("models/tiny-qwen2")).unwrap();
+        assert_eq!(q.llm_arch(), LlmArch::Qwen2);
+        assert_eq!(q.llm_config.dynamic_rope_factor(), None);
+        let i = InternVLConfig::load(&fixture("models/tiny-internlm2")).unwrap();
+        assert_eq!(i.llm_arch(), LlmArch::InternLM2);
+        assert_eq!(i.llm_config.dynamic_rope_factor(), Some(2.0));
+        assert_eq!(i.llm_config.head_dim(), 8);
+    }
+
+    #[test]
+    fn wrong_model_type_and_arch_are_named() {
+        let p = Path::new("/x/config.json");
+        let e = InternVLConfig::parse(r#"{"model_type":"llava"}"#, p).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/x/config.json: model_type is \"llava\", expected \"internvl_chat\" (is this an InternVL checkpoint folder?)"
+        );
+        let text = std::fs::read_to_string(fixture("models/tiny-qwen2/config.json"))
+            .unwrap()
+            .replace("Qwen2ForCausalLM", "MambaForCausalLM");
+        let e = InternVLConfig::parse(&text, p).unwrap_err().to_string();
+        assert!(e.contains("\"MambaForCausalLM\"") && e.contains("InternLM2ForCausalLM"), "{e}");
+        let e = InternVLConfig::parse("{", p).unwrap_err().to_string();
+        assert!(e.starts_with("/x/config.json: invalid config.json"), "{e}");
+    }
+}

@@ -1,0 +1,119 @@
+//! Per-layer key/value cache: buffers of shape [b, kv_heads, capacity, head_dim] that grow
+//! geometrically, so decoding appends in place instead of re-allocating every token.
+use tch::Tensor;
+
+#[derive(Default)]
+pub struct LayerCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: i64,
+}
+
+impl LayerCache {
+    /// Appends `k`, `v` [b, h, q, d] and returns views over everything cached so far.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+        let q = k.size()[2];
+        let need = self.len + q;
+        let cap = self.k.as_ref().map(|t| t.size()[2]).unwrap_or(0);
+        if need > cap {
+            let new_cap = need.max(cap * 2).max(64);
+            let grow = |old: &Option<Tensor>, like: &Tensor| {
+                let mut s = like.size();
+                s[2] = new_cap;
+                let buf = Tensor::zeros(&s, (like.kind(), like.device()));
+                if let Some(old) = old {
+                    buf.narrow(2, 0, self.len)
+                        .copy_(&old.narrow(2, 0, self.len));
+                }
+                buf
+            };
+            self.k = Some(grow(&self.k, k));
+            self.v = Some(grow(&self.v, v));
+        }
+        let kb = self.k.as_ref().expect("allocated above");
+        let vb = self.v.as_ref().expect("allocated above");
+        kb.narrow(2, self.len, q).copy_(k);
+        vb.narrow(2, self.len, q).copy_(v);
+        self.len = need;
+        (kb.narrow(2, 0, need), vb.narrow(2, 0, need))
+    }
+
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> i64 {
+        self.k.as_ref().map(|t| t.size()[2]).unwrap_or(0)
+    }
+
+    /// Forgets everything after the first `len` positions (keeps the buffers).
+    pub fn truncate(&mut self, len: i64) {
+        self.len = self.len.min(len);
+    }
+}
+
+/// The cache of every decoder layer of one conversation (or one batch).
+#[derive(Default)]
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: (0..n_layers).map(|_| LayerCache::default()).collect(),
+        }
+    }
+
+    /// Cached positions (the same in every layer).
+    pub fn len(&self) -> i64 {
+        self.layers.first().map(|l| l.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn truncate(&mut self, len: i64) {
+        for l in &mut self.layers {
+            l.truncate(len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn appends_grow_geometrically_and_keep_contents() {
+        let mut c = LayerCache::default();
+        let mut all = Vec::new();
+        let mut caps = Vec::new();
+        for step in 0..100 {
+            let q = if step == 0 { 5 } else { 1 };
+            let k = Tensor::randn([1, 2, q, 4], (Kind::Float, Device::Cpu));
+            let v = &k * 2.0;
+            let (ka, va) = c.append(&k, &v);
+            all.push(k);
+            let expect = Tensor::cat(&all, 2);
+            assert!(ka.equal(&expect));
+            assert!(va.equal(&(expect * 2.0)));
+            caps.push(c.capacity());
+        }
+        assert_eq!(c.len(), 104);
+        caps.dedup();
+        assert_eq!(caps, vec![64, 128], "no per-token re-allocation");
+        c.truncate(10);
+        assert_eq!(c.len(), 10);
+        let k = Tensor::ones([1, 2, 1, 4], (Kind::Float, Device::Cpu));
+        let (ka, _) = c.append(&k, &k);
+        assert_eq!(ka.size(), [1, 2, 11, 4]);
+        assert!(ka.narrow(2, 0, 10).equal(&Tensor::cat(&all, 2).narrow(2, 0, 10)));
+    }
+}

@@ -1,0 +1,280 @@
+//! The decoder-only LLMs InternVL pairs with: Qwen2 (and Llama, the same without q/k/v bias)
+//! and InternLM2 (fused `wqkv`). One implementation; the per-family files only map checkpoint
+//! keys onto it.
+pub mod internlm2;
+pub mod kv_cache;
+pub mod qwen2;
+pub mod rope;
+
+use super::config::LlmConfig;
+use super::nn::{Linear, Place, RmsNorm};
+use super::weights::Weights;
+use kv_cache::KvCache;
+use rope::Rope;
+use tch::{Device, Kind, Tensor};
+
+/// How q, k and v come out of the hidden states.
+pub enum Qkv {
+    /// Qwen2/Llama: `q_proj`, `k_proj`, `v_proj`.
+    Separate { q: Linear, k: Linear, v: Linear },
+    /// InternLM2: one `wqkv` whose output is laid out per key-value group as
+    /// `[q_0 .. q_{g-1}, k, v]` for each of the `num_kv_heads` groups.
+    Fused(Linear),
+}
+
+pub struct Attention {
+    pub qkv: Qkv,
+    pub o: Linear,
+    pub num_heads: i64,
+    pub num_kv_heads: i64,
+    pub head_dim: i64,
+}
+
+impl Attention {
+    /// q [b, heads, q, d], k and v [b, kv_heads, q, d].
+    fn project(&self, xs: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let (b, q_len, _) = xs.size3().expect("decoder activations are 3-d");
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        match &self.qkv {
+            Qkv::Separate { q, k, v } => (
+                q.forward(xs).view([b, q_len, h, d]).transpose(1, 2),
+                k.forward(xs).view([b, q_len, kvh, d]).transpose(1, 2),
+                v.forward(xs).view([b, q_len, kvh, d]).transpose(1, 2),
+            ),
+            Qkv::Fused(wqkv) => {
+                let groups = h / kvh;
+                let t = wqkv.forward(xs).view([b, q_len, kvh, groups + 2, d]);
+                let q = t.narrow(3, 0, groups).reshape([b, q_len, h, d]);
+                let k = t.select(3, groups);
+                let v = t.select(3, groups + 1);
+                (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            }
+        }
+    }
+}
+
+pub struct Mlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.down
+            .forward(&(self.gate.forward(xs).silu() * self.up.forward(xs)))
+    }
+}
+
+pub struct DecoderLayer {
+    pub dev: Device,
+    pub input_norm: RmsNorm,
+    pub post_attn_norm: RmsNorm,
+    pub attn: Attention,
+    pub mlp: Mlp,
+}
+
+/// Which keys may be attended to, for one forward pass.
+pub enum Mask {
+    /// Every query sees every cached key and the keys before it (a single sequence).
+    Causal,
+    /// [b, 1, q, kv] booleans, true where attending is allowed (left-padded batches).
+    Explicit(Tensor),
+}
+
+pub struct Llm {
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    pub lm_head: Linear,
+    pub rope: Rope,
+    pub kind: Kind,
+    pub hidden: i64,
+    pub vocab: i64,
+}
+
+impl Llm {
+    /// Token ids [b, n] -> embeddings [b, n, hidden] on the embedding's device.
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(
+            &self.embed_tokens,
+            &ids.to_device(self.embed_tokens.device()),
+            -1,
+            false,
+            false,
+        )
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Runs the decoder over `embeds` [b, q, hidden] at `positions` [b, q], appending to `cache`;
+    /// returns the final-normed hidden states [b, q, hidden].
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        cache: &mut KvCache,
+        mask: &Mask,
+    ) -> Tensor {
+        let q_len = embeds.size()[1];
+        let past = cache.len();
+        let kv_len = past + q_len;
+        let mut xs = embeds.shallow_clone();
+        let mut rope_dev: Option<(Device, Tensor, Tensor, Option<Tensor>)> = None;
+        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            if rope_dev.as_ref().map(|r| r.0) != Some(layer.dev) {
+                let (cos, sin) = self.rope.cos_sin(positions, kv_len, self.kind, layer.dev);
+                let m = match mask {
+                    Mask::Causal if q_len == 1 => None,
+                    Mask::Causal => Some(causal_mask(q_len, past, layer.dev)),
+                    Mask::Explicit(m) => Some(m.to_device(layer.dev)),
+                };
+                rope_dev = Some((layer.dev, cos, sin, m));
+            }
+            let (_, cos, sin, m) = rope_dev.as_ref().expect("set above");
+            xs = xs.to_device(layer.dev);
+            let h = layer.input_norm.forward(&xs);
+            let a = &layer.attn;
+            let (q, k, v) = a.project(&h);
+            let q = rope::apply(&q, cos, sin);
+            let k = rope::apply(&k, cos, sin);
+            let (k, v) = lc.append(&k, &v);
+            let groups = a.num_heads / a.num_kv_heads;
+            let o = Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                m.as_ref(),
+                0.0,
+                false,
+                None,
+                groups > 1,
+            );
+            let (b, _, _, _) = o.size4().expect("attention output is 4-d");
+            let o = o
+                .transpose(1, 2)
+                .reshape([b, q_len, a.num_heads * a.head_dim]);
+            xs = xs + a.o.forward(&o);
+            let h = layer.post_attn_norm.forward(&xs);
+            xs = &xs + layer.mlp.forward(&h);
+        }
+        self.norm
+            .forward(&xs.to_device(self.norm.weight.device()))
+    }
+
+    /// Logits (f32) of the last position of each row: [b, vocab].
+    pub fn last_logits(&self, hidden: &Tensor) -> Tensor {
+        let q = hidden.size()[1];
+        self.lm_head
+            .forward(&hidden.narrow(1, q - 1, 1).squeeze_dim(1))
+            .to_kind(Kind::Float)
+    }
+}
+
+/// [q, past + q] booleans: query i (absolute position past + i) sees keys 0..=past + i.
+fn causal_mask(q_len: i64, past: i64, dev: Device) -> Tensor {
+    let rows = Tensor::arange(q_len, (Kind::Int64, dev)).unsqueeze(1) + past;
+    let cols = Tensor::arange(past + q_len, (Kind::Int64, dev)).unsqueeze(0);
+    cols.le_tensor(&rows)
+}
+
+/// Attention mask for a left-padded batch: `valid` [b, kv] (true for real tokens), `q_len`
+/// newest positions queried. Pad queries may see themselves so no softmax row is empty.
+pub fn padded_mask(valid: &Tensor, q_len: i64) -> Tensor {
+    let kv = valid.size()[1];
+    let dev = valid.device();
+    let causal = causal_mask(q_len, kv - q_len, dev).unsqueeze(0);
+    let keys = valid.unsqueeze(1);
+    let own = Tensor::arange(kv, (Kind::Int64, dev))
+        .unsqueeze(0)
+        .eq_tensor(&(Tensor::arange(q_len, (Kind::Int64, dev)).unsqueeze(1) + (kv - q_len)))
+        .unsqueeze(0);
+    (causal.logical_and(&keys)).logical_or(&own).unsqueeze(1)
+}
+
+/// Common shapes for the loaders.
+pub(crate) struct Dims {
+    pub hidden: i64,
+    pub inter: i64,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+    pub vocab: i64,
+}
+
+impl Dims {
+    pub fn of(cfg: &LlmConfig) -> Self {
+        Self {
+            hidden: cfg.hidden_size as i64,
+            inter: cfg.intermediate_size as i64,
+            heads: cfg.num_attention_heads as i64,
+            kv_heads: cfg.num_kv_heads() as i64,
+            head_dim: cfg.head_dim() as i64,
+            vocab: cfg.vocab_size as i64,
+        }
+    }
+}
+
+/// Places each decoder layer on its device; the rest (embeddings, norm, head) on `first`.
+pub struct LayerPlaces<'a> {
+    pub first: Place,
+    pub layers: &'a [Device],
+}
+
+impl LayerPlaces<'_> {
+    pub fn layer(&self, i: usize) -> Place {
+        Place {
+            dev: self.layers.get(i).copied().unwrap_or(self.first.dev),
+            kind: self.first.kind,
+        }
+    }
+}
+
+pub(crate) fn load_norms(
+    w: &mut Weights,
+    p: Place,
+    in_name: &str,
+    post_name: &str,
+    dim: i64,
+    eps: f64,
+) -> (RmsNorm, RmsNorm) {
+    (
+        RmsNorm::load(w, p, in_name, dim, eps),
+        RmsNorm::load(w, p, post_name, dim, eps),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_mask_with_past_keys() {
+        let m = causal_mask(2, 3, Device::Cpu);
+        let got: Vec<bool> = Vec::try_from(m.flatten(0, -1)).unwrap();
+        #[rustfmt::skip]
+        assert_eq!(got, vec![
+            true, true, true, true, false,
+            true, true, true, true, true,
+        ]);
+    }
+
+    #[test]
+    fn padded_mask_hides_left_padding_and_keeps_pad_rows_finite() {
+        let valid = Tensor::from_slice(&[false, true, true, true, true, true]).view([2, 3]);
+        let m = padded_mask(&valid, 3);
+        assert_eq!(m.size(), [2, 1, 3, 3]);
+        let got: Vec<bool> = Vec::try_from(m.flatten(0, -1)).unwrap();
+        #[rustfmt::skip]
+        assert_eq!(got, vec![
+            true, false, false,   // pad query sees only itself
+            false, true, false,
+            false, true, true,
+            true, false, false,
+            true, true, false,
+            true, true, true,
+        ]);
+    }
+}

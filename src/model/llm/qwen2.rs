@@ -1,0 +1,78 @@
+//! `Qwen2ForCausalLM` (transformers 4.47 `modeling_qwen2.py`) and `LlamaForCausalLM`, which is
+//! the same graph without q/k/v biases: checkpoint keys onto [`super::Llm`].
+use super::rope::{DynamicFlavor, Rope};
+use super::{load_norms, Attention, DecoderLayer, Dims, LayerPlaces, Llm, Mlp, Qkv};
+use crate::model::config::LlmConfig;
+use crate::model::nn::{Linear, RmsNorm};
+use crate::model::weights::Weights;
+
+/// `qkv_bias`: true for Qwen2, `attention_bias` for Llama.
+pub fn load(w: &mut Weights, places: &LayerPlaces, cfg: &LlmConfig, qkv_bias: bool, o_bias: bool) -> Llm {
+    let d = Dims::of(cfg);
+    let pre = "language_model.model";
+    let first = places.first;
+    let layers = (0..cfg.num_hidden_layers)
+        .map(|i| {
+            let p = places.layer(i);
+            let l = format!("{pre}.layers.{i}");
+            let lin = |w: &mut Weights, n: &str, din, dout, bias| {
+                Linear::load(w, p, &format!("{l}.{n}"), din, dout, bias)
+            };
+            let attn = Attention {
+                qkv: Qkv::Separate {
+                    q: lin(w, "self_attn.q_proj", d.hidden, d.heads * d.head_dim, qkv_bias),
+                    k: lin(w, "self_attn.k_proj", d.hidden, d.kv_heads * d.head_dim, qkv_bias),
+                    v: lin(w, "self_attn.v_proj", d.hidden, d.kv_heads * d.head_dim, qkv_bias),
+                },
+                o: lin(w, "self_attn.o_proj", d.heads * d.head_dim, d.hidden, o_bias),
+                num_heads: d.heads,
+                num_kv_heads: d.kv_heads,
+                head_dim: d.head_dim,
+            };
+            let mlp = Mlp {
+                gate: lin(w, "mlp.gate_proj", d.hidden, d.inter, false),
+                up: lin(w, "mlp.up_proj", d.hidden, d.inter, false),
+                down: lin(w, "mlp.down_proj", d.inter, d.hidden, false),
+            };
+            let (input_norm, post_attn_norm) = load_norms(
+                w,
+                p,
+                &format!("{l}.input_layernorm.weight"),
+                &format!("{l}.post_attention_layernorm.weight"),
+                d.hidden,
+                cfg.rms_norm_eps,
+            );
+            DecoderLayer {
+                dev: p.dev,
+                input_norm,
+                post_attn_norm,
+                attn,
+                mlp,
+            }
+        })
+        .collect();
+    let embed_tokens = first.get(w, &format!("{pre}.embed_tokens.weight"), &[d.vocab, d.hidden]);
+    let lm_head = if cfg.tie_word_embeddings && !w.contains("language_model.lm_head.weight") {
+        Linear {
+            weight: embed_tokens.shallow_clone(),
+            bias: None,
+        }
+    } else {
+        Linear::load(w, first, "language_model.lm_head", d.hidden, d.vocab, false)
+    };
+    Llm {
+        embed_tokens,
+        layers,
+        norm: RmsNorm::load(w, first, &format!("{pre}.norm.weight"), d.hidden, cfg.rms_norm_eps),
+        lm_head,
+        rope: Rope::new(
+            d.head_dim as usize,
+            cfg.rope_theta,
+            cfg.max_position_embeddings,
+            cfg.dynamic_rope_factor().map(|f| (f, DynamicFlavor::Hf)),
+        ),
+        kind: first.kind,
+        hidden: d.hidden,
+        vocab: d.vocab,
+    }
+}

@@ -1,0 +1,167 @@
+//! `InternVLChatModel`: InternViT -> pixel shuffle -> mlp1 -> LLM, image features scattered into
+//! the `<IMG_CONTEXT>` positions (reference: `modeling_internvl_chat.py`).
+pub mod config;
+pub mod llm;
+pub mod nn;
+pub mod projector;
+pub mod vision;
+pub mod weights;
+
+use config::{InternVLConfig, LlmArch};
+use llm::{LayerPlaces, Llm};
+use memmap2::Mmap;
+use nn::Place;
+use projector::Mlp1;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+use vision::VisionModel;
+use weights::{Weights, WeightsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("{path}: not a folder")]
+    NotADir { path: PathBuf },
+    #[error("{what}")]
+    Torch { what: String },
+    #[error("the prompt has {found} <IMG_CONTEXT> tokens but the images give {expected} ({tiles} tiles x {per_tile})")]
+    ImageTokens {
+        found: i64,
+        expected: i64,
+        tiles: i64,
+        per_tile: i64,
+    },
+}
+
+impl From<tch::TchError> for ModelError {
+    fn from(e: tch::TchError) -> Self {
+        // libtorch messages carry a C++ backtrace after the first line
+        let s = e.to_string();
+        ModelError::Torch {
+            what: format!("libtorch: {}", s.lines().next().unwrap_or("")),
+        }
+    }
+}
+
+/// Where to run and in which precision.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub kind: Kind,
+    /// Device of the vision model, mlp1, embeddings, final norm and head.
+    pub first: Device,
+    /// Device of each decoder layer (empty: all on `first`).
+    pub layers: Vec<Device>,
+}
+
+impl LoadOptions {
+    pub fn single(dev: Device, kind: Kind) -> Self {
+        Self {
+            kind,
+            first: dev,
+            layers: Vec::new(),
+        }
+    }
+}
+
+pub struct InternVL {
+    pub cfg: InternVLConfig,
+    pub vision: VisionModel,
+    pub mlp1: Mlp1,
+    pub llm: Llm,
+    pub kind: Kind,
+    pub dev: Device,
+    /// keeps zero-copy weight tensors' memory alive
+    _mmaps: Vec<Arc<Mmap>>,
+}
+
+impl InternVL {
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self, ModelError> {
+        if !dir.is_dir() {
+            return Err(ModelError::NotADir { path: dir.into() });
+        }
+        let cfg = InternVLConfig::load(dir)?;
+        let mut w = Weights::open(dir)?;
+        let first = Place {
+            dev: opts.first,
+            kind: opts.kind,
+        };
+        let vision = VisionModel::load(&mut w, first, &cfg.vision_config, cfg.select_layer);
+        let vit_hidden = cfg.vision_config.hidden_size as i64;
+        let scale = (1.0 / cfg.downsample_ratio).round() as i64;
+        let llm_hidden = cfg.llm_config.hidden_size as i64;
+        let mlp1 = Mlp1::load(&mut w, first, vit_hidden * scale * scale, llm_hidden);
+        let places = LayerPlaces {
+            first,
+            layers: &opts.layers,
+        };
+        let llm = match cfg.llm_arch() {
+            LlmArch::Qwen2 => llm::qwen2::load(&mut w, &places, &cfg.llm_config, true, false),
+            LlmArch::Llama => llm::qwen2::load(
+                &mut w,
+                &places,
+                &cfg.llm_config,
+                cfg.llm_config.attention_bias,
+                cfg.llm_config.attention_bias,
+            ),
+            LlmArch::InternLM2 => llm::internlm2::load(&mut w, &places, &cfg.llm_config),
+        };
+        w.finish()?;
+        Ok(Self {
+            _mmaps: w.mmaps(),
+            cfg,
+            vision,
+            mlp1,
+            llm,
+            kind: opts.kind,
+            dev: opts.first,
+        })
+    }
+
+    /// `extract_feature`: pixel values [tiles, 3, 448, 448] -> [tiles, 256, llm_hidden].
+    pub fn extract_feature(&self, pixel_values: &Tensor) -> Tensor {
+        let xs = self
+            .vision
+            .forward(&pixel_values.to_device(self.dev).to_kind(self.kind));
+        let xs = xs.narrow(1, 1, xs.size()[1] - 1);
+        let (n, p, c) = xs.size3().expect("vit output is 3-d");
+        let hw = (p as f64).sqrt() as i64;
+        let xs = xs.reshape([n, hw, hw, c]);
+        let xs = projector::pixel_shuffle(&xs, self.cfg.downsample_ratio, self.cfg.ps_version == "v2");
+        let (n, _, _, c) = xs.size4().expect("pixel shuffle output is 4-d");
+        self.mlp1.forward(&xs.reshape([n, -1, c]))
+    }
+
+    /// Embeddings of `ids` [b, n] with the image features [tiles, 256, hidden] written, in
+    /// order, into the `<IMG_CONTEXT>` positions.
+    pub fn embed_with_images(
+        &self,
+        ids: &Tensor,
+        img_context_id: i64,
+        image_embeds: Option<&Tensor>,
+    ) -> Result<Tensor, ModelError> {
+        let embeds = self.llm.embed(ids);
+        let Some(img) = image_embeds else {
+            return Ok(embeds);
+        };
+        let (b, n, c) = embeds.size3().expect("embeddings are 3-d");
+        let sel = ids.to_device(embeds.device()).eq(img_context_id).view([b * n]);
+        let found = sel.sum(Kind::Int64).int64_value(&[]);
+        let (tiles, per_tile, _) = img.size3().expect("image features are 3-d");
+        if found != tiles * per_tile {
+            return Err(ModelError::ImageTokens {
+                found,
+                expected: tiles * per_tile,
+                tiles,
+                per_tile,
+            });
+        }
+        let flat = embeds.view([b * n, c]);
+        let src = img.reshape([-1, c]).to_device(flat.device()).to_kind(flat.kind());
+        let flat = flat.masked_scatter(&sel.unsqueeze(1), &src);
+        Ok(flat.view([b, n, c]))
+    }
+}
