@@ -1,6 +1,7 @@
 //! The generation loop of `model.chat` / `batch_chat`: prefill (left-padded for batches, with
 //! positions from the attention mask as transformers computes them), then one token at a time
 //! until every row has produced a stop token or `max_new_tokens`.
+use super::protocol::Finish;
 use crate::model::llm::kv_cache::KvCache;
 use crate::model::llm::{padded_mask, Mask};
 use crate::model::{InternVL, ModelError};
@@ -8,22 +9,11 @@ use crate::sampling::Sampler;
 use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FinishReason {
-    /// A stop token was generated.
-    Stop,
-    /// `max_new_tokens` reached.
-    Length,
-    /// The caller asked to stop.
-    Cancelled,
-}
-
 #[derive(Debug)]
 pub struct RowOutput {
     /// New tokens, the stop token included when generated.
     pub tokens: Vec<u32>,
-    pub finish: FinishReason,
+    pub finish: Finish,
 }
 
 #[derive(Debug)]
@@ -31,6 +21,8 @@ pub struct GenOutput {
     pub rows: Vec<RowOutput>,
     /// Last-position logits of the prefill, [b, vocab] f32, when asked for.
     pub first_logits: Option<Tensor>,
+    /// Positions run through the model in the prefill (the uncached part of the prompt).
+    pub prefill_tokens: usize,
     pub prefill: Duration,
     pub decode: Duration,
 }
@@ -105,7 +97,7 @@ pub fn generate(
     let mut rows: Vec<RowOutput> = (0..b)
         .map(|_| RowOutput {
             tokens: Vec::new(),
-            finish: FinishReason::Length,
+            finish: Finish::Length,
         })
         .collect();
     let mut done = vec![false; b];
@@ -131,7 +123,7 @@ pub fn generate(
             rows[r].tokens.push(tok);
             next[r] = tok as i64;
             if input.stop_ids.contains(&tok) {
-                rows[r].finish = FinishReason::Stop;
+                rows[r].finish = Finish::Stop;
                 done[r] = true;
             } else if rows[r].tokens.len() >= samplers[r].params().max_new_tokens {
                 done[r] = true;
@@ -139,11 +131,11 @@ pub fn generate(
             if on_token(r, tok) == Flow::Cancel {
                 for (row, d) in rows.iter_mut().zip(done.iter()) {
                     if !*d {
-                        row.finish = FinishReason::Cancelled;
+                        row.finish = Finish::Cancelled;
                     }
                 }
-                if rows[r].finish != FinishReason::Stop {
-                    rows[r].finish = FinishReason::Cancelled;
+                if rows[r].finish != Finish::Stop {
+                    rows[r].finish = Finish::Cancelled;
                 }
                 break 'steps;
             }
@@ -169,6 +161,7 @@ pub fn generate(
     Ok(GenOutput {
         rows,
         first_logits,
+        prefill_tokens: max_len - past as usize,
         prefill,
         decode: t1.elapsed(),
     })

@@ -121,8 +121,11 @@ pub struct VisionConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct RopeScaling {
-    #[serde(default, alias = "rope_type")]
+    #[serde(default)]
     pub r#type: Option<String>,
+    /// newer transformers name `type` this way (some configs carry both)
+    #[serde(default)]
+    pub rope_type: Option<String>,
     #[serde(default)]
     pub factor: Option<f64>,
 }
@@ -183,7 +186,8 @@ impl LlmConfig {
     /// Dynamic NTK rope scaling factor, when `rope_scaling.type == "dynamic"`.
     pub fn dynamic_rope_factor(&self) -> Option<f64> {
         let s = self.rope_scaling.as_ref()?;
-        (s.r#type.as_deref() == Some("dynamic")).then(|| s.factor.unwrap_or(1.0))
+        let t = s.r#type.as_deref().or(s.rope_type.as_deref());
+        (t == Some("dynamic")).then(|| s.factor.unwrap_or(1.0))
     }
 }
 

@@ -85,40 +85,55 @@ impl InternVL {
         }
         let cfg = InternVLConfig::load(dir)?;
         let mut w = Weights::open(dir)?;
+        let model = Self::build(cfg, &mut w, opts);
+        w.finish()?;
+        Ok(Self {
+            _mmaps: w.mmaps(),
+            ..model
+        })
+    }
+
+    /// Every tensor (name, shape) a checkpoint of `cfg` holds, in load order.
+    pub fn expected_tensors(cfg: &InternVLConfig) -> Vec<(String, Vec<i64>)> {
+        let mut w = Weights::recording();
+        let _ = Self::build(cfg.clone(), &mut w, &LoadOptions::single(Device::Cpu, Kind::BFloat16));
+        w.recorded().to_vec()
+    }
+
+    fn build(cfg: InternVLConfig, w: &mut Weights, opts: &LoadOptions) -> Self {
         let first = Place {
             dev: opts.first,
             kind: opts.kind,
         };
-        let vision = VisionModel::load(&mut w, first, &cfg.vision_config, cfg.select_layer);
+        let vision = VisionModel::load(w, first, &cfg.vision_config, cfg.select_layer);
         let vit_hidden = cfg.vision_config.hidden_size as i64;
         let scale = (1.0 / cfg.downsample_ratio).round() as i64;
         let llm_hidden = cfg.llm_config.hidden_size as i64;
-        let mlp1 = Mlp1::load(&mut w, first, vit_hidden * scale * scale, llm_hidden);
+        let mlp1 = Mlp1::load(w, first, vit_hidden * scale * scale, llm_hidden);
         let places = LayerPlaces {
             first,
             layers: &opts.layers,
         };
         let llm = match cfg.llm_arch() {
-            LlmArch::Qwen2 => llm::qwen2::load(&mut w, &places, &cfg.llm_config, true, false),
+            LlmArch::Qwen2 => llm::qwen2::load(w, &places, &cfg.llm_config, true, false),
             LlmArch::Llama => llm::qwen2::load(
-                &mut w,
+                w,
                 &places,
                 &cfg.llm_config,
                 cfg.llm_config.attention_bias,
                 cfg.llm_config.attention_bias,
             ),
-            LlmArch::InternLM2 => llm::internlm2::load(&mut w, &places, &cfg.llm_config),
+            LlmArch::InternLM2 => llm::internlm2::load(w, &places, &cfg.llm_config),
         };
-        w.finish()?;
-        Ok(Self {
-            _mmaps: w.mmaps(),
+        Self {
+            _mmaps: Vec::new(),
             cfg,
             vision,
             mlp1,
             llm,
             kind: opts.kind,
             dev: opts.first,
-        })
+        }
     }
 
     /// `extract_feature`: pixel values [tiles, 3, 448, 448] -> [tiles, 256, llm_hidden].
@@ -163,5 +178,62 @@ impl InternVL {
         let src = img.reshape([-1, c]).to_device(flat.device()).to_kind(flat.kind());
         let flat = flat.masked_scatter(&sel.unsqueeze(1), &src);
         Ok(flat.view([b, n, c]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::fixture;
+
+    /// The recorded tensor list of each tiny config is exactly what its checkpoint holds.
+    #[test]
+    fn expected_tensors_equal_the_checkpoints() {
+        for name in ["tiny-qwen2", "tiny-internlm2", "tiny-vit6b-qwen2"] {
+            let dir = fixture(&format!("models/{name}"));
+            let cfg = InternVLConfig::load(&dir).unwrap();
+            let mut expected = InternVL::expected_tensors(&cfg);
+            expected.sort();
+            let w = Weights::open(&dir).unwrap();
+            let mut stored: Vec<(String, Vec<i64>)> = expected
+                .iter()
+                .filter_map(|(n, _)| w.shape_of(n).map(|s| (n.clone(), s.to_vec())))
+                .collect();
+            stored.sort();
+            assert_eq!(stored, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn broken_checkpoints_name_the_problem() {
+        let tmp = std::env::temp_dir().join(format!("ivl-broken-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let src = fixture("models/tiny-qwen2");
+        std::fs::copy(src.join("config.json"), tmp.join("config.json")).unwrap();
+        let opts = LoadOptions::single(Device::Cpu, Kind::Float);
+        // no weights at all
+        let e = InternVL::load(&tmp, &opts).err().unwrap().to_string();
+        assert!(e.contains("no model.safetensors"), "{e}");
+        // truncated shard
+        let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+        std::fs::write(tmp.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+        let e = InternVL::load(&tmp, &opts).err().unwrap().to_string();
+        assert!(e.contains("model.safetensors: truncated or corrupt"), "{e}");
+        // a config whose layer count disagrees with the weights
+        std::fs::write(tmp.join("model.safetensors"), &bytes).unwrap();
+        let cfg = std::fs::read_to_string(src.join("config.json"))
+            .unwrap()
+            .replace("\"num_hidden_layers\": 2,\n    \"num_key_value_heads\"", "\"num_hidden_layers\": 3,\n    \"num_key_value_heads\"");
+        std::fs::write(tmp.join("config.json"), cfg).unwrap();
+        let e = InternVL::load(&tmp, &opts).err().unwrap().to_string();
+        assert!(e.contains("missing tensor language_model.model.layers.2.self_attn.q_proj.weight"), "{e}");
+        // a wrong hidden size: shapes quoted
+        let cfg = std::fs::read_to_string(src.join("config.json"))
+            .unwrap()
+            .replace("\"intermediate_size\": 64,\n    \"max_position", "\"intermediate_size\": 65,\n    \"max_position");
+        std::fs::write(tmp.join("config.json"), cfg).unwrap();
+        let e = InternVL::load(&tmp, &opts).err().unwrap().to_string();
+        assert!(e.contains("mlp.gate_proj.weight has shape [64, 32], expected [65, 32]"), "{e}");
+        std::fs::remove_dir_all(&tmp).unwrap();
     }
 }

@@ -48,6 +48,8 @@ pub struct Weights {
     entries: HashMap<String, Entry>,
     taken: BTreeSet<String>,
     problems: Vec<String>,
+    /// Recording mode: every requested (name, shape), nothing loaded.
+    record: Option<Vec<(String, Vec<i64>)>>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WeightsError + '_ {
@@ -146,7 +148,26 @@ impl Weights {
             entries,
             taken: BTreeSet::new(),
             problems: Vec::new(),
+            record: None,
         })
+    }
+
+    /// A checkpoint with no tensors that records what a model's loader asks for: running a
+    /// loader against it lists the tensors (names and shapes) a checkpoint of that config has.
+    pub fn recording() -> Self {
+        Self {
+            dir: PathBuf::new(),
+            files: Vec::new(),
+            entries: HashMap::new(),
+            taken: BTreeSet::new(),
+            problems: Vec::new(),
+            record: Some(Vec::new()),
+        }
+    }
+
+    /// The tensors requested so far in recording mode.
+    pub fn recorded(&self) -> &[(String, Vec<i64>)] {
+        self.record.as_deref().unwrap_or(&[])
     }
 
     /// Stored dtype of the first floating tensor (the checkpoint's `torch_dtype`).
@@ -168,6 +189,10 @@ impl Weights {
     /// returned, so that one load reports every problem at once through [`Weights::finish`].
     pub fn get(&mut self, name: &str, shape: &[i64], kind: Kind, dev: Device) -> Tensor {
         let placeholder = || Tensor::zeros([1], (kind, Device::Cpu)).expand(shape, false);
+        if let Some(r) = &mut self.record {
+            r.push((name.to_string(), shape.to_vec()));
+            return placeholder();
+        }
         let Some(e) = self.entries.get(name) else {
             self.problems.push(format!("missing tensor {name}"));
             return placeholder();

@@ -1,0 +1,278 @@
+//! JSONL batches: one request per line in, one result per line out, in the same order.
+//! A bad line gives `{"id": ..., "error": "..."}` and the batch goes on.
+use crate::engine::chat::{ChatInput, ChatOutput, Engine, Prepared};
+use crate::engine::generate::Flow;
+use crate::engine::protocol::{Attachment, Turn};
+use crate::sampling::SamplingParams;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSpec {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub max_tiles: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VideoSpec {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub segments: Option<usize>,
+    #[serde(default)]
+    pub bound: Option<(f64, f64)>,
+    #[serde(default)]
+    pub max_tiles: Option<usize>,
+}
+
+/// One request line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    #[serde(default)]
+    pub id: Value,
+    pub question: String,
+    #[serde(default)]
+    pub history: Vec<(String, String)>,
+    #[serde(default)]
+    pub system: Option<String>,
+    #[serde(default)]
+    pub max_new_tokens: Option<usize>,
+    #[serde(default)]
+    pub min_new_tokens: Option<usize>,
+    #[serde(default)]
+    pub do_sample: Option<bool>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f64>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub images: Vec<ImageSpec>,
+    #[serde(default)]
+    pub combine_images: bool,
+    #[serde(default)]
+    pub video: Option<VideoSpec>,
+}
+
+/// Largest `max_new_tokens` a request may ask for (the context window bounds it further).
+pub const MAX_NEW_TOKENS_LIMIT: usize = 1 << 20;
+
+impl Request {
+    /// Request fields over `base` (the command line's settings).
+    pub fn params(&self, base: &SamplingParams) -> Result<SamplingParams, String> {
+        let mut p = base.clone();
+        if let Some(v) = self.max_new_tokens {
+            p.max_new_tokens = v;
+        }
+        if let Some(v) = self.min_new_tokens {
+            p.min_new_tokens = v;
+        }
+        if let Some(v) = self.do_sample {
+            p.do_sample = v;
+        }
+        if let Some(v) = self.temperature {
+            p.temperature = v;
+        }
+        if let Some(v) = self.top_p {
+            p.top_p = v;
+        }
+        if let Some(v) = self.top_k {
+            p.top_k = v;
+        }
+        if let Some(v) = self.repetition_penalty {
+            p.repetition_penalty = v;
+        }
+        if let Some(v) = self.seed {
+            p.seed = v;
+        }
+        if p.max_new_tokens > MAX_NEW_TOKENS_LIMIT {
+            return Err(format!(
+                "max_new_tokens {} is larger than {MAX_NEW_TOKENS_LIMIT}",
+                p.max_new_tokens
+            ));
+        }
+        p.validate()?;
+        Ok(p)
+    }
+
+    pub fn attachments(&self) -> Vec<Attachment> {
+        let mut v: Vec<Attachment> = self
+            .images
+            .iter()
+            .map(|i| Attachment::Image {
+                path: i.path.clone(),
+                max_tiles: i.max_tiles,
+            })
+            .collect();
+        if let Some(vid) = &self.video {
+            v.push(Attachment::Video {
+                path: vid.path.clone(),
+                segments: vid.segments.unwrap_or(8),
+                bound: vid.bound,
+                max_tiles: vid.max_tiles.unwrap_or(1),
+            });
+        }
+        v
+    }
+
+    pub fn history(&self) -> Vec<Turn> {
+        self.history
+            .iter()
+            .map(|(q, a)| Turn {
+                question: q.clone(),
+                attachments: Vec::new(),
+                answer: a.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Parses one line; on failure the error carries whatever `id` could be read.
+pub fn parse_line(line: &str) -> Result<Request, (Value, String)> {
+    serde_json::from_str::<Request>(line).map_err(|e| {
+        let id = serde_json::from_str::<Value>(line)
+            .ok()
+            .and_then(|v| v.get("id").cloned())
+            .unwrap_or(Value::Null);
+        (id, format!("invalid request: {e}"))
+    })
+}
+
+fn result_json(id: &Value, out: &ChatOutput, elapsed: f64) -> Value {
+    json!({
+        "id": id,
+        "response": out.answer,
+        "generated_ids": out.tokens,
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.tokens.len(),
+        "finish_reason": out.finish,
+        "timings": {
+            "prefill_s": out.gen.prefill.as_secs_f64(),
+            "decode_s": out.gen.decode.as_secs_f64(),
+            "total_s": elapsed,
+        },
+    })
+}
+
+fn error_json(id: &Value, msg: &str) -> Value {
+    json!({ "id": id, "error": msg })
+}
+
+type Pending = Vec<(Value, Prepared, SamplingParams)>;
+type Emit<'a> = dyn FnMut(Value, &mut dyn Write, bool) -> anyhow::Result<()> + 'a;
+
+/// Runs the queued requests (together when more than one) and emits their results in order.
+fn flush(
+    engine: &mut Engine,
+    pending: &mut Pending,
+    output: &mut dyn Write,
+    emit: &mut Emit,
+) -> anyhow::Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let batch = std::mem::take(pending);
+    let results: Vec<Result<ChatOutput, String>> = if batch.len() == 1 {
+        let (_, p, sp) = &batch[0];
+        vec![engine
+            .run(p, sp, &mut |_| Flow::Continue)
+            .map_err(|e| e.to_string())]
+    } else {
+        let prepared: Vec<&Prepared> = batch.iter().map(|b| &b.1).collect();
+        let params: Vec<SamplingParams> = batch.iter().map(|b| b.2.clone()).collect();
+        match engine.run_batch(&prepared, &params, &mut |_, _| Flow::Continue) {
+            Ok(v) => v.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e.to_string()); batch.len()],
+        }
+    };
+    let elapsed = t0.elapsed().as_secs_f64();
+    for ((id, _, _), r) in batch.iter().zip(results) {
+        match r {
+            Ok(out) => emit(result_json(id, &out, elapsed), output, true)?,
+            Err(e) => emit(error_json(id, &e), output, false)?,
+        }
+    }
+    Ok(())
+}
+
+/// Runs every request of `input`, writing one line per request to `output` as soon as it is
+/// known. Requests are decoded `batch_size` at a time (left-padded together).
+pub fn run_batch(
+    engine: &mut Engine,
+    input: &mut dyn BufRead,
+    output: &mut dyn Write,
+    base: &SamplingParams,
+    system: Option<&str>,
+    batch_size: usize,
+) -> anyhow::Result<(usize, usize)> {
+    let batch_size = batch_size.max(1);
+    let (mut ok, mut failed) = (0usize, 0usize);
+    let mut pending: Pending = Vec::new();
+    let mut emit = |v: Value, output: &mut dyn Write, good: bool| -> anyhow::Result<()> {
+        writeln!(output, "{v}")?;
+        output.flush()?;
+        if good {
+            ok += 1;
+        } else {
+            failed += 1;
+        }
+        Ok(())
+    };
+    for (n, line) in input.lines().enumerate() {
+        let line = line.map_err(|e| anyhow::anyhow!("reading line {}: {e}", n + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let req = match parse_line(&line) {
+            Ok(r) => r,
+            Err((id, e)) => {
+                flush(engine, &mut pending, output, &mut emit)?;
+                emit(error_json(&id, &format!("line {}: {e}", n + 1)), output, false)?;
+                continue;
+            }
+        };
+        let params = match req.params(base) {
+            Ok(p) => p,
+            Err(e) => {
+                flush(engine, &mut pending, output, &mut emit)?;
+                emit(error_json(&req.id, &e), output, false)?;
+                continue;
+            }
+        };
+        let history = req.history();
+        let attachments = req.attachments();
+        let prepared = engine.prepare(&ChatInput {
+            system: req.system.as_deref().or(system),
+            history: &history,
+            question: &req.question,
+            attachments: &attachments,
+            combine_images: req.combine_images,
+        });
+        match prepared {
+            Ok(p) => {
+                pending.push((req.id.clone(), p, params));
+                if pending.len() >= batch_size {
+                    flush(engine, &mut pending, output, &mut emit)?;
+                }
+            }
+            Err(e) => {
+                flush(engine, &mut pending, output, &mut emit)?;
+                emit(error_json(&req.id, &e.to_string()), output, false)?;
+            }
+        }
+    }
+    flush(engine, &mut pending, output, &mut emit)?;
+    Ok((ok, failed))
+}

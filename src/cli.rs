@@ -1,0 +1,117 @@
+//! Command-line definitions (clap derive only; no logic here).
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "internvl-chat",
+    version,
+    about = "Chat with InternVL 2.5 vision-language models in the terminal",
+    long_about = "Chat with InternVL 2.5 vision-language models in the terminal.\n\n\
+        With --prompt (or a prompt on a non-terminal stdin) it answers once on stdout;\n\
+        otherwise it opens the full-screen chat.\n\n\
+        Exit codes: 0 success, 1 error (bad input, model or runtime), 2 usage error."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub gen: GenArgs,
+    /// One-shot question; the answer streams to stdout.
+    #[arg(short, long)]
+    pub prompt: Option<String>,
+    /// Image to attach (repeatable), as PATH or PATH:MAX_TILES.
+    #[arg(long = "image", value_name = "PATH")]
+    pub images: Vec<String>,
+    /// Give all images as one `<image>` (their tiles concatenated) instead of Image-1/Image-2.
+    #[arg(long)]
+    pub combine_images: bool,
+    /// Video to attach: frames sampled as the model card's load_video.
+    #[arg(long, value_name = "PATH")]
+    pub video: Option<PathBuf>,
+    /// Number of frames sampled from the video.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub segments: usize,
+    /// Only sample the video between START and END seconds.
+    #[arg(long, value_name = "START,END")]
+    pub video_bound: Option<String>,
+    /// Tiles per video frame.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub video_max_tiles: usize,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Answer a JSONL file of requests, one result line per request in the same order.
+    Batch(BatchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BatchArgs {
+    /// Requests, one JSON object per line (`-` for stdin).
+    #[arg(long, short)]
+    pub input: String,
+    /// Where results go (`-` for stdout, the default).
+    #[arg(long, short, default_value = "-")]
+    pub output: String,
+    /// Requests decoded together (left-padded, as batch_chat).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DType {
+    Bf16,
+    F16,
+    F32,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Checkpoint folder (config.json, safetensors, tokenizer files).
+    #[arg(long, short, global = true, env = "INTERNVL_MODEL", value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Precision the model runs in.
+    #[arg(long, value_enum, default_value_t = DType::Bf16, global = true)]
+    pub dtype: DType,
+    /// cpu, cuda, cuda:N or auto (all visible GPUs, else CPU).
+    #[arg(long, default_value = "auto", global = true)]
+    pub device: String,
+    /// CPU threads for libtorch (default: all cores).
+    #[arg(long, global = true, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Log more (to the log file; repeat for more detail).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct GenArgs {
+    /// System message (default: the template's, or config.json's system_message).
+    #[arg(long, global = true)]
+    pub system: Option<String>,
+    /// Most tiles per image (default: config's max_dynamic_patch).
+    #[arg(long, global = true, value_name = "N")]
+    pub max_tiles: Option<usize>,
+    #[arg(long, global = true, value_name = "N")]
+    pub max_new_tokens: Option<usize>,
+    #[arg(long, global = true, value_name = "N")]
+    pub min_new_tokens: Option<usize>,
+    /// 0 means greedy.
+    #[arg(long, global = true)]
+    pub temperature: Option<f64>,
+    #[arg(long, global = true)]
+    pub top_p: Option<f64>,
+    /// 0 disables top-k.
+    #[arg(long, global = true)]
+    pub top_k: Option<usize>,
+    #[arg(long, global = true)]
+    pub repetition_penalty: Option<f64>,
+    #[arg(long, global = true)]
+    pub seed: Option<u64>,
+    /// Greedy decoding (do_sample=False), as the reference goldens.
+    #[arg(long, global = true)]
+    pub greedy: bool,
+}

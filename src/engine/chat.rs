@@ -1,0 +1,491 @@
+//! `model.chat` end to end: attachments -> tiles -> query -> ids -> generation -> answer, with the
+//! conversation's KV cache kept between turns so a follow-up only prefills its new tokens.
+use super::generate::{generate, Flow, GenInput, GenOutput};
+use super::protocol::{Attachment, Finish, Turn};
+use crate::model::llm::kv_cache::KvCache;
+use crate::model::{InternVL, LoadOptions, ModelError};
+use crate::preprocess::{self, TileConfig, Visual, VisualError};
+use crate::prompt::template::{get_template, Template};
+use crate::prompt::tokenizer::Tokenizer;
+use crate::prompt::{build_query, PromptError};
+use crate::sampling::{Sampler, SamplingParams};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Visual(#[from] VisualError),
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
+    #[error("{0}")]
+    Tokenizer(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("prompt of {prompt} tokens plus {max_new} new tokens exceeds the context window of {context} tokens")]
+    TooLong {
+        prompt: usize,
+        max_new: usize,
+        context: usize,
+    },
+}
+
+/// One question of a request, ready for the model.
+pub struct Prepared {
+    /// The question as sent, with placeholders.
+    pub question: String,
+    pub query: String,
+    pub ids: Vec<i64>,
+    /// Tiles of each placeholder of the whole conversation, in prompt order.
+    pub num_patches: Vec<usize>,
+    /// The visuals of the whole conversation (history first), for the placeholders in order.
+    visuals: Vec<Visual>,
+}
+
+impl Prepared {
+    pub fn prompt_tokens(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// A chat request in model.chat's terms.
+pub struct ChatInput<'a> {
+    pub system: Option<&'a str>,
+    pub history: &'a [Turn],
+    pub question: &'a str,
+    pub attachments: &'a [Attachment],
+    pub combine_images: bool,
+}
+
+pub struct ChatOutput {
+    pub answer: String,
+    pub tokens: Vec<u32>,
+    pub finish: Finish,
+    pub prompt_tokens: usize,
+    pub gen: GenOutput,
+}
+
+pub struct Engine {
+    pub model: InternVL,
+    pub tokenizer: Tokenizer,
+    pub template: Template,
+    pub dir: PathBuf,
+    pub img_context_id: i64,
+    pub stop_ids: Vec<u32>,
+    pub tiles: TileConfig,
+    /// Conversation state: the ids the KV cache holds.
+    cached_ids: Vec<i64>,
+    cache: KvCache,
+}
+
+/// The question with placeholders for `attachments` when it has none of its own: images first
+/// (`<image>\n` for one image or combined images, `Image-1: <image>\n…` for several), then a
+/// video's `Frame1: <image>\n…`, as the model card writes them.
+pub fn with_placeholders(
+    question: &str,
+    visuals: &[(&Attachment, usize)],
+    combine: bool,
+) -> String {
+    if question.contains("<image>") || visuals.is_empty() {
+        return question.to_string();
+    }
+    let n_images = visuals
+        .iter()
+        .filter(|(a, _)| matches!(a, Attachment::Image { .. }))
+        .count();
+    let mut prefix = String::new();
+    if n_images == 1 || (combine && n_images > 1) {
+        prefix.push_str("<image>\n");
+    } else if n_images > 1 {
+        for i in 1..=n_images {
+            prefix.push_str(&format!("Image-{i}: <image>\n"));
+        }
+    }
+    for (a, frames) in visuals {
+        if matches!(a, Attachment::Video { .. }) {
+            prefix.push_str(&crate::prompt::video_prefix(*frames));
+        }
+    }
+    prefix + question
+}
+
+impl Engine {
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self, ChatError> {
+        let model = InternVL::load(dir, opts)?;
+        let tokenizer = Tokenizer::from_dir(dir).map_err(|e| ChatError::Tokenizer(e.to_string()))?;
+        let template = get_template(model.cfg.template_name())?;
+        let need = |tok: &str| {
+            tokenizer.token_to_id(tok).ok_or_else(|| {
+                ChatError::Tokenizer(format!(
+                    "{}: tokenizer has no {tok} token (needed by the model)",
+                    dir.display()
+                ))
+            })
+        };
+        let img_context_id = need("<IMG_CONTEXT>")? as i64;
+        let mut stop_ids = vec![need(template.stop_token())?];
+        if let Some(eos) = tokenizer.eos_id() {
+            if !stop_ids.contains(&eos) {
+                stop_ids.push(eos);
+            }
+        }
+        if tokenizer.vocab_size() > model.cfg.llm_config.vocab_size {
+            return Err(ChatError::Tokenizer(format!(
+                "{}: tokenizer has {} tokens but the model's vocab_size is {}",
+                dir.display(),
+                tokenizer.vocab_size(),
+                model.cfg.llm_config.vocab_size
+            )));
+        }
+        let c = &model.cfg;
+        let tiles = TileConfig {
+            image_size: c.image_size() as u32,
+            min_tiles: c.min_dynamic_patch as u32,
+            max_tiles: if c.dynamic_image_size {
+                c.max_dynamic_patch as u32
+            } else {
+                1
+            },
+            use_thumbnail: c.use_thumbnail,
+            tokens_per_tile: c.num_image_token(),
+        };
+        let cache = model.llm.new_cache();
+        Ok(Self {
+            model,
+            tokenizer,
+            template,
+            dir: dir.into(),
+            img_context_id,
+            stop_ids,
+            tiles,
+            cached_ids: Vec::new(),
+            cache,
+        })
+    }
+
+    pub fn system_message(&self) -> String {
+        self.model
+            .cfg
+            .system_message
+            .clone()
+            .unwrap_or_else(|| self.template.system_message.clone())
+    }
+
+    pub fn context_len(&self) -> usize {
+        self.model.cfg.llm_config.max_position_embeddings
+    }
+
+    /// Forgets the cached conversation.
+    pub fn reset(&mut self) {
+        self.cached_ids.clear();
+        self.cache.truncate(0);
+    }
+
+    /// Loads attachments, adds placeholders, builds the query and its ids.
+    ///
+    /// Each turn's `<image>` placeholders take its attachments' tiles: one placeholder per image
+    /// or frame, or a single placeholder for all of them (combined). History turns without
+    /// attachments but with placeholders (a JSONL `history`, as the reference's `chat` takes
+    /// it) are filled by the request's attachments first, and the question then gets no
+    /// automatic prefix, as in `chat` when `history` is given.
+    pub fn prepare(&self, input: &ChatInput) -> Result<Prepared, ChatError> {
+        let mut visuals = Vec::new();
+        let mut num_patches = Vec::new();
+        let mut history = Vec::new();
+        let mut pending = 0;
+        for t in input.history {
+            let slots = t.question.matches("<image>").count();
+            if t.attachments.is_empty() {
+                pending += slots;
+            } else {
+                let vs = t
+                    .attachments
+                    .iter()
+                    .map(|a| preprocess::load_visual(a, &self.tiles))
+                    .collect::<Result<Vec<_>, _>>()?;
+                num_patches.extend(assign(slots, &vs)?);
+                visuals.extend(vs);
+            }
+            history.push((t.question.clone(), t.answer.clone()));
+        }
+        // images first, then videos: the order placeholders are added in
+        let mut order: Vec<&Attachment> = input
+            .attachments
+            .iter()
+            .filter(|a| matches!(a, Attachment::Image { .. }))
+            .collect();
+        order.extend(
+            input
+                .attachments
+                .iter()
+                .filter(|a| matches!(a, Attachment::Video { .. })),
+        );
+        let new: Vec<Visual> = order
+            .iter()
+            .map(|a| preprocess::load_visual(a, &self.tiles))
+            .collect::<Result<_, _>>()?;
+        let question = if pending > 0 {
+            input.question.to_string()
+        } else {
+            let counts: Vec<(&Attachment, usize)> = order
+                .iter()
+                .zip(&new)
+                .map(|(a, v)| (*a, v.placeholders.len()))
+                .collect();
+            with_placeholders(input.question, &counts, input.combine_images)
+        };
+        num_patches.extend(assign(pending + question.matches("<image>").count(), &new)?);
+        visuals.extend(new);
+        let system = input
+            .system
+            .map(str::to_string)
+            .unwrap_or_else(|| self.system_message());
+        let query = build_query(
+            &self.template,
+            &system,
+            &history,
+            &question,
+            &num_patches,
+            self.tiles.tokens_per_tile,
+            input.history.is_empty(),
+        )?;
+        let ids = self
+            .tokenizer
+            .encode(&query)
+            .map_err(|e| ChatError::Tokenizer(e.to_string()))?
+            .into_iter()
+            .map(|t| t as i64)
+            .collect();
+        Ok(Prepared {
+            question,
+            query,
+            ids,
+            num_patches,
+            visuals,
+        })
+    }
+
+    /// Pixel values [tiles, 3, H, W] of the conversation's tiles after the first `skip`.
+    fn pixel_values(&self, p: &Prepared, skip: usize) -> Option<Tensor> {
+        let tiles: Vec<&::image::RgbImage> = p
+            .visuals
+            .iter()
+            .flat_map(|v| v.placeholders.iter())
+            .flatten()
+            .skip(skip)
+            .collect();
+        if tiles.is_empty() {
+            return None;
+        }
+        let owned: Vec<::image::RgbImage> = tiles.into_iter().cloned().collect();
+        let data = preprocess::image::normalize_tiles(&owned);
+        let s = self.tiles.image_size as i64;
+        Some(Tensor::from_slice(&data).view([owned.len() as i64, 3, s, s]))
+    }
+
+    /// Runs one prepared question, reusing the cached conversation prefix.
+    pub fn run(
+        &mut self,
+        p: &Prepared,
+        params: &SamplingParams,
+        on_token: &mut dyn FnMut(u32) -> Flow,
+    ) -> Result<ChatOutput, ChatError> {
+        params.validate().map_err(ChatError::Invalid)?;
+        let context = self.context_len();
+        if p.ids.len() + params.max_new_tokens > context {
+            return Err(ChatError::TooLong {
+                prompt: p.ids.len(),
+                max_new: params.max_new_tokens,
+                context,
+            });
+        }
+        let _guard = tch::no_grad_guard();
+        // reuse the longest cached prefix that does not cut an image's token run
+        let mut reuse = self
+            .cached_ids
+            .iter()
+            .zip(&p.ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(p.ids.len() - 1);
+        let runs = image_runs(&p.ids, self.img_context_id);
+        if let Some(r) = runs.iter().find(|r| r.0 < reuse && r.1 > reuse) {
+            reuse = r.0;
+        }
+        let cached_tiles: usize = runs
+            .iter()
+            .filter(|r| r.1 <= reuse)
+            .map(|r| (r.1 - r.0) / self.tiles.tokens_per_tile)
+            .sum();
+        self.cache.truncate(reuse as i64);
+        self.cached_ids.truncate(reuse);
+        let image_embeds = self
+            .pixel_values(p, cached_tiles)
+            .map(|px| self.model.extract_feature(&px));
+        let mut sampler = Sampler::new(params.clone());
+        let result = generate(
+            &self.model,
+            &mut self.cache,
+            &GenInput {
+                rows: std::slice::from_ref(&p.ids),
+                image_embeds: image_embeds.as_ref(),
+                img_context_id: self.img_context_id,
+                stop_ids: &self.stop_ids,
+                pad_id: 0,
+                keep_first_logits: true,
+            },
+            std::slice::from_mut(&mut sampler),
+            &mut |_, t| on_token(t),
+        );
+        let gen = match result {
+            Ok(g) => g,
+            Err(e) => {
+                self.reset();
+                return Err(e.into());
+            }
+        };
+        let row = &gen.rows[0];
+        // the cache now holds the prompt and every generated token but the last
+        self.cached_ids = p.ids.clone();
+        self.cached_ids.extend(
+            row.tokens[..row.tokens.len().saturating_sub(1)]
+                .iter()
+                .map(|&t| t as i64),
+        );
+        debug_assert_eq!(self.cached_ids.len() as i64, self.cache.len());
+        Ok(ChatOutput {
+            answer: self.answer_text(&row.tokens),
+            tokens: row.tokens.clone(),
+            finish: row.finish,
+            prompt_tokens: p.ids.len(),
+            gen,
+        })
+    }
+
+    /// `batch_decode(ids, skip_special_tokens=True)[0].split(sep.strip())[0].strip()`.
+    pub fn answer_text(&self, tokens: &[u32]) -> String {
+        let text = self.tokenizer.decode(tokens, true);
+        let sep = self.template.stop_token();
+        let text = if sep.is_empty() {
+            text.as_str()
+        } else {
+            text.split(sep).next().unwrap_or("")
+        };
+        text.trim().to_string()
+    }
+
+    /// The KV cache length in tokens (for tests and the soak test).
+    pub fn cached_len(&self) -> usize {
+        self.cached_ids.len()
+    }
+
+    /// Runs several prepared questions together, left-padded, as `batch_chat`.
+    pub fn run_batch(
+        &mut self,
+        prepared: &[&Prepared],
+        params: &[SamplingParams],
+        on_token: &mut dyn FnMut(usize, u32) -> Flow,
+    ) -> Result<Vec<ChatOutput>, ChatError> {
+        for (p, sp) in prepared.iter().zip(params) {
+            sp.validate().map_err(ChatError::Invalid)?;
+            if p.ids.len() + sp.max_new_tokens > self.context_len() {
+                return Err(ChatError::TooLong {
+                    prompt: p.ids.len(),
+                    max_new: sp.max_new_tokens,
+                    context: self.context_len(),
+                });
+            }
+        }
+        let _guard = tch::no_grad_guard();
+        let pixels: Vec<Tensor> = prepared
+            .iter()
+            .filter_map(|p| self.pixel_values(p, 0))
+            .collect();
+        let image_embeds = (!pixels.is_empty())
+            .then(|| self.model.extract_feature(&Tensor::cat(&pixels, 0)));
+        let rows: Vec<Vec<i64>> = prepared.iter().map(|p| p.ids.clone()).collect();
+        let mut samplers: Vec<Sampler> = params.iter().cloned().map(Sampler::new).collect();
+        let mut cache = self.model.llm.new_cache();
+        let gen = generate(
+            &self.model,
+            &mut cache,
+            &GenInput {
+                rows: &rows,
+                image_embeds: image_embeds.as_ref(),
+                img_context_id: self.img_context_id,
+                stop_ids: &self.stop_ids,
+                pad_id: 0,
+                keep_first_logits: false,
+            },
+            &mut samplers,
+            on_token,
+        )?;
+        let outs = gen
+            .rows
+            .iter()
+            .zip(prepared)
+            .map(|(r, p)| ChatOutput {
+                answer: self.answer_text(&r.tokens),
+                tokens: r.tokens.clone(),
+                finish: r.finish,
+                prompt_tokens: p.ids.len(),
+                gen: GenOutput {
+                    rows: Vec::new(),
+                    first_logits: None,
+                    prefill_tokens: gen.prefill_tokens,
+                    prefill: gen.prefill,
+                    decode: gen.decode,
+                },
+            })
+            .collect();
+        Ok(outs)
+    }
+}
+
+/// Tiles per placeholder when `slots` placeholders take `visuals`: one each, or all in one.
+fn assign(slots: usize, visuals: &[Visual]) -> Result<Vec<usize>, ChatError> {
+    let per: Vec<usize> = visuals
+        .iter()
+        .flat_map(|v| v.placeholders.iter().map(|p| p.len()))
+        .collect();
+    if slots == per.len() {
+        Ok(per)
+    } else if slots == 1 && !per.is_empty() {
+        Ok(vec![per.iter().sum()])
+    } else {
+        Err(ChatError::Invalid(format!(
+            "{slots} <image> placeholders but {} images/frames attached",
+            per.len()
+        )))
+    }
+}
+
+/// [start, end) of each run of `<IMG_CONTEXT>` tokens.
+fn image_runs(ids: &[i64], ctx: i64) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < ids.len() {
+        if ids[i] == ctx {
+            let s = i;
+            while i < ids.len() && ids[i] == ctx {
+                i += 1;
+            }
+            runs.push((s, i));
+        } else {
+            i += 1;
+        }
+    }
+    runs
+}
+
+/// Kind from the CLI's dtype name.
+pub fn kind_of(name: &str) -> Kind {
+    match name {
+        "f32" => Kind::Float,
+        "f16" => Kind::Half,
+        _ => Kind::BFloat16,
+    }
+}

@@ -1,0 +1,122 @@
+//! Messages between the UI (or any front end) and the engine worker thread.
+//! Nothing here depends on libtorch, so front ends can use it freely.
+use crate::sampling::SamplingParams;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub type RequestId = u64;
+
+/// A file attached to a question.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Attachment {
+    Image {
+        path: PathBuf,
+        /// Most tiles; `None`: the config's `max_dynamic_patch`.
+        #[serde(default)]
+        max_tiles: Option<usize>,
+    },
+    Video {
+        path: PathBuf,
+        segments: usize,
+        /// Only sample between these seconds.
+        #[serde(default)]
+        bound: Option<(f64, f64)>,
+        /// Tiles per frame.
+        max_tiles: usize,
+    },
+}
+
+impl Attachment {
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            Attachment::Image { path, .. } | Attachment::Video { path, .. } => path,
+        }
+    }
+}
+
+/// One finished exchange of a conversation. `question` is the text as sent to the model,
+/// including the `<image>` placeholders the program added for `attachments`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Turn {
+    pub question: String,
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
+    pub answer: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    pub id: RequestId,
+    /// Overrides the template's system message.
+    pub system: Option<String>,
+    pub history: Vec<Turn>,
+    /// The new question as typed; placeholders for `attachments` are added when it has none.
+    pub question: String,
+    pub attachments: Vec<Attachment>,
+    /// Several images as one `<image>` (tiles concatenated) instead of `Image-1: <image>` lines.
+    pub combine_images: bool,
+    pub params: SamplingParams,
+}
+
+pub enum EngineCmd {
+    Generate(GenerateRequest),
+    /// Forget cached conversation state (KV cache, image features).
+    Reset,
+    Shutdown,
+}
+
+/// What the model is, once loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    pub name: String,
+    pub device: String,
+    pub dtype: String,
+    pub context_len: usize,
+    pub max_tiles: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Finish {
+    Stop,
+    Length,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DoneStats {
+    pub finish: Finish,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Request received to first token.
+    pub ttft: Duration,
+    /// Decode speed after the first token.
+    pub tokens_per_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineEvent {
+    /// Loading progress in 0..=1.
+    Loading { progress: f32, what: String },
+    Ready(ModelInfo),
+    /// The model could not be loaded; the worker has stopped.
+    LoadFailed(String),
+    /// The request was accepted: the question as sent (with placeholders) and its cost.
+    Started {
+        id: RequestId,
+        question: String,
+        prompt_tokens: usize,
+    },
+    /// Newly decoded text (never a partial UTF-8 character).
+    Token { id: RequestId, text: String },
+    /// Generation ended; `answer` is the whole answer as the reference post-processes it.
+    Done {
+        id: RequestId,
+        answer: String,
+        stats: DoneStats,
+    },
+    /// The request failed; the engine is ready for the next one.
+    Error { id: RequestId, message: String },
+}

@@ -1,0 +1,172 @@
+//! The thread that owns the model. Commands in, events out; a failure inside a request (an
+//! error or a panic in libtorch) becomes an `Error` event and the next request still works.
+use super::chat::{ChatInput, Engine};
+use super::generate::Flow;
+use super::protocol::{
+    DoneStats, EngineCmd, EngineEvent, GenerateRequest, ModelInfo,
+};
+use super::stream::StreamDecoder;
+use super::EngineHandle;
+use crate::model::LoadOptions;
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct WorkerConfig {
+    pub dir: PathBuf,
+    pub opts: LoadOptions,
+    pub device_name: String,
+    pub dtype_name: String,
+}
+
+/// Starts the worker; it loads the model and then serves commands until `Shutdown` or until
+/// the command channel closes.
+pub fn spawn(cfg: WorkerConfig) -> (EngineHandle, std::thread::JoinHandle<()>) {
+    let (cmd_tx, cmd_rx) = unbounded();
+    let (ev_tx, ev_rx) = unbounded();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let c2 = cancel.clone();
+    let join = std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || run(cfg, cmd_rx, ev_tx, c2))
+        .expect("spawn engine thread");
+    (
+        EngineHandle {
+            tx: cmd_tx,
+            rx: ev_rx,
+            cancel,
+        },
+        join,
+    )
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.lines().next().unwrap_or("").to_string()
+    } else {
+        "unknown panic".into()
+    }
+}
+
+fn run(cfg: WorkerConfig, rx: Receiver<EngineCmd>, tx: Sender<EngineEvent>, cancel: Arc<AtomicBool>) {
+    let _ = tx.send(EngineEvent::Loading {
+        progress: 0.0,
+        what: format!("loading {}", cfg.dir.display()),
+    });
+    let loaded = catch_unwind(AssertUnwindSafe(|| Engine::load(&cfg.dir, &cfg.opts)));
+    let mut engine = match loaded {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => {
+            let _ = tx.send(EngineEvent::LoadFailed(e.to_string()));
+            return;
+        }
+        Err(p) => {
+            let _ = tx.send(EngineEvent::LoadFailed(format!(
+                "loading {} failed: {}",
+                cfg.dir.display(),
+                panic_message(&*p)
+            )));
+            return;
+        }
+    };
+    let name = cfg
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| cfg.dir.display().to_string());
+    let _ = tx.send(EngineEvent::Ready(ModelInfo {
+        name,
+        device: cfg.device_name.clone(),
+        dtype: cfg.dtype_name.clone(),
+        context_len: engine.context_len(),
+        max_tiles: engine.tiles.max_tiles as usize,
+    }));
+    while let Ok(cmd) = rx.recv() {
+        match cmd {
+            EngineCmd::Shutdown => break,
+            EngineCmd::Reset => engine.reset(),
+            EngineCmd::Generate(req) => {
+                let id = req.id;
+                cancel.store(false, Ordering::SeqCst);
+                let r = catch_unwind(AssertUnwindSafe(|| serve(&mut engine, &req, &tx, &cancel)));
+                let message = match r {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e),
+                    Err(p) => {
+                        engine.reset();
+                        Some(format!("internal error: {}", panic_message(&*p)))
+                    }
+                };
+                if let Some(message) = message {
+                    let _ = tx.send(EngineEvent::Error { id, message });
+                }
+            }
+        }
+    }
+}
+
+fn serve(
+    engine: &mut Engine,
+    req: &GenerateRequest,
+    tx: &Sender<EngineEvent>,
+    cancel: &AtomicBool,
+) -> Result<(), String> {
+    let t0 = Instant::now();
+    let prepared = engine
+        .prepare(&ChatInput {
+            system: req.system.as_deref(),
+            history: &req.history,
+            question: &req.question,
+            attachments: &req.attachments,
+            combine_images: req.combine_images,
+        })
+        .map_err(|e| e.to_string())?;
+    let _ = tx.send(EngineEvent::Started {
+        id: req.id,
+        question: prepared.question.clone(),
+        prompt_tokens: prepared.prompt_tokens(),
+    });
+    let mut first_token = None;
+    let mut stream = StreamDecoder::new();
+    let tokenizer = engine.tokenizer.clone();
+    let stops = engine.stop_ids.clone();
+    let out = engine
+        .run(&prepared, &req.params, &mut |t| {
+            first_token.get_or_insert_with(Instant::now);
+            if !stops.contains(&t) {
+                if let Some(text) = stream.push(&tokenizer, t) {
+                    let _ = tx.send(EngineEvent::Token { id: req.id, text });
+                }
+            }
+            if cancel.load(Ordering::SeqCst) {
+                Flow::Cancel
+            } else {
+                Flow::Continue
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    let first = first_token.unwrap_or_else(Instant::now);
+    let n = out.tokens.len();
+    let decode_s = first.elapsed().as_secs_f64();
+    let _ = tx.send(EngineEvent::Done {
+        id: req.id,
+        answer: out.answer,
+        stats: DoneStats {
+            finish: out.finish,
+            prompt_tokens: out.prompt_tokens,
+            completion_tokens: n,
+            ttft: first - t0,
+            tokens_per_s: if n > 1 && decode_s > 0.0 {
+                (n - 1) as f64 / decode_s
+            } else {
+                0.0
+            },
+        },
+    });
+    Ok(())
+}

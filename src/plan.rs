@@ -1,0 +1,207 @@
+//! `internvl-chat plan`: what a model costs on each device, computed from its config alone.
+use crate::device_map::{DeviceMap, ParamCounts, Target};
+use crate::model::config::InternVLConfig;
+use serde_json::json;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeviceCost {
+    pub layers: usize,
+    pub params: u64,
+    pub weight_bytes: u64,
+    pub kv_bytes: u64,
+}
+
+impl DeviceCost {
+    pub fn total(&self) -> u64 {
+        self.weight_bytes + self.kv_bytes
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub params: ParamCounts,
+    pub devices: BTreeMap<Target, DeviceCost>,
+    pub context: usize,
+    pub dtype_bytes: u64,
+}
+
+/// KV cache bytes of one layer at `context` positions (keys and values).
+pub fn kv_bytes_per_layer(cfg: &InternVLConfig, context: usize, dtype_bytes: u64) -> u64 {
+    let l = &cfg.llm_config;
+    2 * context as u64 * l.num_kv_heads() as u64 * l.head_dim() as u64 * dtype_bytes
+}
+
+impl Plan {
+    pub fn new(cfg: &InternVLConfig, map: &DeviceMap, dtype_bytes: u64, context: usize) -> Self {
+        let params = ParamCounts::of(cfg);
+        let mut devices: BTreeMap<Target, DeviceCost> = BTreeMap::new();
+        let shared = params.vision + params.mlp1 + params.embed + params.norm + params.head;
+        devices.entry(map.first).or_default().params += shared;
+        let kv = kv_bytes_per_layer(cfg, context, dtype_bytes);
+        for t in &map.layers {
+            let d = devices.entry(*t).or_default();
+            d.layers += 1;
+            d.params += params.layer;
+            d.kv_bytes += kv;
+        }
+        for d in devices.values_mut() {
+            d.weight_bytes = d.params * dtype_bytes;
+        }
+        Self {
+            params,
+            devices,
+            context,
+            dtype_bytes,
+        }
+    }
+
+    /// Devices whose need exceeds `capacity(target)` bytes, as one message quoting the numbers.
+    pub fn check(&self, capacity: &dyn Fn(Target) -> Option<u64>) -> Result<(), String> {
+        let over: Vec<String> = self
+            .devices
+            .iter()
+            .filter_map(|(t, c)| {
+                let cap = capacity(*t)?;
+                (c.total() > cap).then(|| {
+                    format!(
+                        "{t} needs {} (weights {} + KV cache {}) but has {}",
+                        gib(c.total()),
+                        gib(c.weight_bytes),
+                        gib(c.kv_bytes),
+                        gib(cap)
+                    )
+                })
+            })
+            .collect();
+        if over.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("the model does not fit: {}", over.join("; ")))
+        }
+    }
+
+    pub fn table(&self) -> String {
+        let p = &self.params;
+        let mut s = String::new();
+        s.push_str(&format!("{:<28}{:>16}\n", "module", "parameters"));
+        let rows = [
+            ("vision_model", p.vision),
+            ("mlp1", p.mlp1),
+            ("embeddings", p.embed),
+            (
+                &*format!("decoder layers ({} x {})", p.layers, count(p.layer)),
+                p.layer * p.layers as u64,
+            ),
+            ("norm", p.norm),
+            ("output head", p.head),
+            ("total", p.total()),
+        ];
+        for (name, n) in rows {
+            s.push_str(&format!("{name:<28}{:>16}\n", count(n)));
+        }
+        s.push_str(&format!(
+            "\n{:<10}{:>8}{:>14}{:>20}{:>14}\n",
+            "device",
+            "layers",
+            "weights",
+            format!("KV @ {} tok", self.context),
+            "total"
+        ));
+        for (t, c) in &self.devices {
+            s.push_str(&format!(
+                "{:<10}{:>8}{:>14}{:>20}{:>14}\n",
+                t.to_string(),
+                c.layers,
+                gib(c.weight_bytes),
+                gib(c.kv_bytes),
+                gib(c.total())
+            ));
+        }
+        s
+    }
+
+    pub fn json(&self, device_map: serde_json::Value) -> serde_json::Value {
+        let devices: serde_json::Map<String, serde_json::Value> = self
+            .devices
+            .iter()
+            .map(|(t, c)| {
+                (
+                    t.to_string(),
+                    json!({"layers": c.layers, "params": c.params, "weight_bytes": c.weight_bytes,
+                           "kv_bytes": c.kv_bytes, "total_bytes": c.total()}),
+                )
+            })
+            .collect();
+        json!({
+            "device_map": device_map,
+            "parameters": {
+                "vision_model": self.params.vision, "mlp1": self.params.mlp1,
+                "embeddings": self.params.embed, "layer": self.params.layer,
+                "layers": self.params.layers, "norm": self.params.norm,
+                "output": self.params.head, "total": self.params.total(),
+            },
+            "context": self.context,
+            "devices": devices,
+        })
+    }
+}
+
+pub fn gib(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+fn count(n: u64) -> String {
+    if n >= 1_000_000_000 {
+        format!("{:.2} B", n as f64 / 1e9)
+    } else if n >= 1_000_000 {
+        format!("{:.1} M", n as f64 / 1e6)
+    } else {
+        n.to_string()
+    }
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+pub fn available_ram() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device_map::parse;
+    use crate::testutil::fixture;
+
+    #[test]
+    fn seventy_eight_b_on_eight_gpus() {
+        let cfg = InternVLConfig::load(&fixture("configs/InternVL2_5-78B.config.json")).unwrap();
+        let map = parse("auto", cfg.llm_config.num_hidden_layers, 8).unwrap();
+        let plan = Plan::new(&cfg, &map, 2, 8192);
+        let total: u64 = plan.devices.values().map(|d| d.weight_bytes).sum();
+        assert_eq!(total, plan.params.total() * 2);
+        assert!((plan.params.total() as f64 / 1e9 - 78.4).abs() < 1.0, "{}", plan.params.total());
+        assert_eq!(plan.devices[&Target::Gpu(0)].layers, 7);
+        // 80 GiB cards hold it; 24 GiB cards do not, and the message quotes the numbers
+        assert!(plan.check(&|_| Some(80 << 30)).is_ok());
+        let e = plan.check(&|_| Some(24 << 30)).unwrap_err();
+        assert!(e.starts_with("the model does not fit: cuda:0 needs"), "{e}");
+        assert!(e.contains("but has 24.00 GiB"), "{e}");
+        // KV: 2 x 8192 x 8 heads x 128 x 2 bytes = 32 MiB per layer
+        assert_eq!(kv_bytes_per_layer(&cfg, 8192, 2), 32 << 20);
+        let j = plan.json(map.to_json(cfg.llm_arch()));
+        assert_eq!(j["device_map"]["language_model.model.layers.79"], 0);
+        assert_eq!(j["devices"]["cuda:7"]["layers"], 7);
+    }
+
+    #[test]
+    fn table_lists_modules_and_devices() {
+        let cfg = InternVLConfig::load(&fixture("configs/InternVL2_5-1B.config.json")).unwrap();
+        let map = parse("cpu", 24, 0).unwrap();
+        let t = Plan::new(&cfg, &map, 2, 4096).table();
+        assert!(t.contains("decoder layers (24 x "), "{t}");
+        assert!(t.lines().any(|l| l.starts_with("cpu") && l.contains("24")), "{t}");
+    }
+}

@@ -1,0 +1,104 @@
+//! Pictures and videos to 448px tiles, as the model card's `load_image` and `load_video` make
+//! them. No libtorch here: tiles are RGB images and normalised `f32` buffers.
+pub mod image;
+pub mod resize;
+pub mod video;
+
+use crate::engine::protocol::Attachment;
+use ::image::RgbImage;
+
+/// Tiling settings from `config.json`.
+#[derive(Debug, Clone, Copy)]
+pub struct TileConfig {
+    pub image_size: u32,
+    pub min_tiles: u32,
+    pub max_tiles: u32,
+    pub use_thumbnail: bool,
+    /// LLM tokens per tile (256 for InternVL 2.5).
+    pub tokens_per_tile: usize,
+}
+
+/// An attachment turned into the tiles of each `<image>` placeholder it fills: one entry for an
+/// image, one per sampled frame for a video.
+#[derive(Debug)]
+pub struct Visual {
+    pub placeholders: Vec<Vec<RgbImage>>,
+    /// (cols, rows) of the first placeholder's tile grid.
+    pub grid: (u32, u32),
+    /// Video: the sampled frame indices.
+    pub frame_indices: Vec<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VisualError {
+    #[error(transparent)]
+    Image(#[from] image::ImageLoadError),
+    #[error(transparent)]
+    Video(#[from] video::VideoError),
+    #[error("{path}: max tiles must be at least 1")]
+    ZeroTiles { path: std::path::PathBuf },
+}
+
+impl Visual {
+    pub fn tiles(&self) -> usize {
+        self.placeholders.iter().map(|p| p.len()).sum()
+    }
+}
+
+fn tile_frame(img: &RgbImage, cfg: &TileConfig, max_tiles: u32) -> (Vec<RgbImage>, (u32, u32)) {
+    let t = image::dynamic_preprocess(
+        img,
+        cfg.min_tiles.min(max_tiles),
+        max_tiles,
+        cfg.image_size,
+        cfg.use_thumbnail,
+    );
+    (t.tiles, t.grid)
+}
+
+/// Decodes and tiles one attachment.
+pub fn load_visual(att: &Attachment, cfg: &TileConfig) -> Result<Visual, VisualError> {
+    match att {
+        Attachment::Image { path, max_tiles } => {
+            let max = max_tiles.map(|m| m as u32).unwrap_or(cfg.max_tiles);
+            if max == 0 {
+                return Err(VisualError::ZeroTiles { path: path.clone() });
+            }
+            let img = image::load_rgb(path)?;
+            let (tiles, grid) = tile_frame(&img, cfg, max);
+            Ok(Visual {
+                placeholders: vec![tiles],
+                grid,
+                frame_indices: Vec::new(),
+            })
+        }
+        Attachment::Video {
+            path,
+            segments,
+            bound,
+            max_tiles,
+        } => {
+            if *max_tiles == 0 {
+                return Err(VisualError::ZeroTiles { path: path.clone() });
+            }
+            let (_meta, indices, frames) = video::load_video(path, *bound, *segments)?;
+            let mut grid = (1, 1);
+            let placeholders = frames
+                .iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    let (t, g) = tile_frame(f, cfg, *max_tiles as u32);
+                    if i == 0 {
+                        grid = g;
+                    }
+                    t
+                })
+                .collect();
+            Ok(Visual {
+                placeholders,
+                grid,
+                frame_indices: indices,
+            })
+        }
+    }
+}

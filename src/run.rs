@@ -1,0 +1,239 @@
+//! What each command does, between the parsed flags and the engine.
+use crate::batch;
+use crate::cli::{Cli, Command, DType, GenArgs, ModelArgs};
+use crate::engine::chat::{ChatInput, Engine};
+use crate::engine::generate::Flow;
+use crate::engine::protocol::Attachment;
+use crate::engine::stream::StreamDecoder;
+use crate::model::LoadOptions;
+use crate::sampling::SamplingParams;
+use anyhow::{bail, Context, Result};
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tch::{Device, Kind};
+
+/// Sampling settings: the web demo's defaults, then the flags.
+pub fn sampling_from(args: &GenArgs) -> Result<SamplingParams> {
+    let mut p = SamplingParams::default();
+    if let Some(v) = args.max_new_tokens {
+        p.max_new_tokens = v;
+    }
+    if let Some(v) = args.min_new_tokens {
+        p.min_new_tokens = v;
+    }
+    if let Some(v) = args.temperature {
+        p.temperature = v;
+    }
+    if let Some(v) = args.top_p {
+        p.top_p = v;
+    }
+    if let Some(v) = args.top_k {
+        p.top_k = v;
+    }
+    if let Some(v) = args.repetition_penalty {
+        p.repetition_penalty = v;
+    }
+    if let Some(v) = args.seed {
+        p.seed = v;
+    }
+    if args.greedy {
+        p.do_sample = false;
+    }
+    p.validate().map_err(|e| anyhow::anyhow!(e))?;
+    Ok(p)
+}
+
+/// `cpu`, `cuda`, `cuda:N`, `auto`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let cuda = |i: usize| -> Result<Device> {
+        let n = tch::Cuda::device_count() as usize;
+        if i >= n {
+            bail!("--device cuda:{i}: {n} CUDA device(s) visible");
+        }
+        Ok(Device::Cuda(i))
+    };
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(if tch::Cuda::is_available() {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        }),
+        "cuda" => cuda(0),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => cuda(i),
+            _ => bail!("--device {s:?}: expected cpu, cuda, cuda:N or auto"),
+        },
+    }
+}
+
+pub fn kind_of(d: DType) -> Kind {
+    match d {
+        DType::Bf16 => Kind::BFloat16,
+        DType::F16 => Kind::Half,
+        DType::F32 => Kind::Float,
+    }
+}
+
+fn model_dir(args: &ModelArgs) -> Result<PathBuf> {
+    match &args.model {
+        Some(d) => Ok(d.clone()),
+        None => bail!(
+            "no model given: pass a checkpoint folder with --model DIR (or set INTERNVL_MODEL)"
+        ),
+    }
+}
+
+pub fn load_engine(args: &ModelArgs) -> Result<(Engine, Device)> {
+    if let Some(n) = args.threads {
+        tch::set_num_threads(n as i32);
+    }
+    let dev = parse_device(&args.device)?;
+    let dir = model_dir(args)?;
+    let engine = Engine::load(&dir, &LoadOptions::single(dev, kind_of(args.dtype)))
+        .with_context(|| format!("loading {}", dir.display()))?;
+    Ok((engine, dev))
+}
+
+/// `PATH` or `PATH:MAX_TILES`.
+fn image_attachment(spec: &str) -> Result<Attachment> {
+    if let Some((p, n)) = spec.rsplit_once(':') {
+        if let Ok(n) = n.parse::<usize>() {
+            return Ok(Attachment::Image {
+                path: p.into(),
+                max_tiles: Some(n),
+            });
+        }
+    }
+    Ok(Attachment::Image {
+        path: spec.into(),
+        max_tiles: None,
+    })
+}
+
+fn parse_bound(s: &str) -> Result<(f64, f64)> {
+    let parse = || -> Option<(f64, f64)> {
+        let (a, b) = s.split_once(',')?;
+        Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+    };
+    match parse() {
+        Some((a, b)) if a.is_finite() && b.is_finite() && a <= b => Ok((a, b)),
+        _ => bail!("--video-bound {s:?}: expected START,END in seconds with START <= END"),
+    }
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Some(Command::Batch(b)) => {
+            let params = sampling_from(&cli.gen)?;
+            let (mut engine, _) = load_engine(&cli.model)?;
+            if let Some(t) = cli.gen.max_tiles {
+                engine.tiles.max_tiles = t as u32;
+            }
+            let mut input: Box<dyn std::io::BufRead> = if b.input == "-" {
+                Box::new(std::io::BufReader::new(std::io::stdin()))
+            } else {
+                let f = std::fs::File::open(&b.input)
+                    .with_context(|| format!("{}: cannot open batch input", b.input))?;
+                Box::new(std::io::BufReader::new(f))
+            };
+            let mut output: Box<dyn Write> = if b.output == "-" {
+                Box::new(std::io::stdout().lock())
+            } else {
+                let f = std::fs::File::create(&b.output)
+                    .with_context(|| format!("{}: cannot create batch output", b.output))?;
+                Box::new(std::io::BufWriter::new(f))
+            };
+            let (_, failed) = batch::run_batch(
+                &mut engine,
+                &mut input,
+                &mut output,
+                &params,
+                cli.gen.system.as_deref(),
+                b.batch_size,
+            )?;
+            output.flush()?;
+            Ok(if failed > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        None => {
+            let prompt = match &cli.prompt {
+                Some(p) => Some(p.clone()),
+                None if !std::io::stdin().is_terminal() => {
+                    let mut s = String::new();
+                    std::io::stdin()
+                        .read_to_string(&mut s)
+                        .context("reading the prompt from stdin")?;
+                    Some(s.trim_end_matches('\n').to_string())
+                }
+                None => None,
+            };
+            match prompt {
+                Some(p) => one_shot(&cli, &p),
+                None => bail!("the full-screen chat is not available yet: pass --prompt"),
+            }
+        }
+    }
+}
+
+fn one_shot(cli: &Cli, prompt: &str) -> Result<ExitCode> {
+    let params = sampling_from(&cli.gen)?;
+    let mut attachments = cli
+        .images
+        .iter()
+        .map(|s| image_attachment(s))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(v) = &cli.video {
+        attachments.push(Attachment::Video {
+            path: v.clone(),
+            segments: cli.segments,
+            bound: cli.video_bound.as_deref().map(parse_bound).transpose()?,
+            max_tiles: cli.video_max_tiles,
+        });
+    }
+    // check attachments before the (slow) model load
+    for a in &attachments {
+        let p = a.path();
+        std::fs::metadata(p).with_context(|| format!("{}: cannot read attachment", p.display()))?;
+    }
+    let (mut engine, _) = load_engine(&cli.model)?;
+    if let Some(t) = cli.gen.max_tiles {
+        engine.tiles.max_tiles = t as u32;
+    }
+    let prepared = engine.prepare(&ChatInput {
+        system: cli.gen.system.as_deref(),
+        history: &[],
+        question: prompt,
+        attachments: &attachments,
+        combine_images: cli.combine_images,
+    })?;
+    let tokenizer = engine.tokenizer.clone();
+    let stops = engine.stop_ids.clone();
+    let mut stream = StreamDecoder::new();
+    let mut out = std::io::stdout().lock();
+    let mut write_err = None;
+    let result = engine.run(&prepared, &params, &mut |t| {
+        if !stops.contains(&t) {
+            if let Some(text) = stream.push(&tokenizer, t) {
+                if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+                    write_err = Some(e);
+                    return Flow::Cancel;
+                }
+            }
+        }
+        Flow::Continue
+    })?;
+    if let Some(e) = write_err {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            return Ok(ExitCode::SUCCESS);
+        }
+        return Err(e).context("writing the answer to stdout");
+    }
+    let _ = result;
+    writeln!(out)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,294 @@
+//! Every golden case of the three tiny checkpoints through the whole pipeline (attachments ->
+//! tiles -> query -> ids -> model -> greedy tokens), f32, under the tolerances of
+//! `../shared/fixtures/README.md`.
+use internvl_chat::engine::chat::{ChatInput, ChatOutput, Engine, Prepared};
+use internvl_chat::engine::generate::Flow;
+use internvl_chat::engine::protocol::{Attachment, Turn};
+use internvl_chat::model::LoadOptions;
+use internvl_chat::sampling::SamplingParams;
+use internvl_chat::testutil::fixture;
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+const MODELS: [&str; 3] = ["tiny-qwen2", "tiny-internlm2", "tiny-vit6b-qwen2"];
+
+fn json(rel: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(rel)).unwrap()).unwrap()
+}
+
+fn i64s(v: &Value) -> Vec<i64> {
+    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
+}
+
+fn engine(model: &str, kind: Kind) -> Engine {
+    Engine::load(
+        &fixture(&format!("models/{model}")),
+        &LoadOptions::single(Device::Cpu, kind),
+    )
+    .unwrap()
+}
+
+fn image_attachments(g: &Value) -> Vec<Attachment> {
+    g["images"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|i| Attachment::Image {
+                    path: fixture(&format!("media/images/{}", i["image"].as_str().unwrap())),
+                    max_tiles: Some(i["max_num"].as_u64().unwrap() as usize),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn attachments(g: &Value) -> Vec<Attachment> {
+    let mut a = image_attachments(g);
+    if let Some(v) = g["video"].as_str() {
+        a.push(Attachment::Video {
+            path: fixture(&format!("media/videos/{v}")),
+            segments: g["num_segments"].as_u64().unwrap() as usize,
+            bound: None,
+            max_tiles: g["max_num"].as_u64().unwrap() as usize,
+        });
+    }
+    a
+}
+
+/// The user's question before the program adds placeholders: the golden question minus the
+/// prefix the model card wrote by hand for videos (the program adds it for video attachments).
+fn typed_question(g: &Value) -> String {
+    let q = g["question"].as_str().unwrap();
+    if g["video"].is_string() {
+        q.rsplit_once("<image>\n").unwrap().1.to_string()
+    } else {
+        q.to_string()
+    }
+}
+
+fn run(engine: &mut Engine, p: &Prepared) -> ChatOutput {
+    engine
+        .run(p, &SamplingParams::greedy(24), &mut |_| Flow::Continue)
+        .unwrap()
+}
+
+/// Query, ids, top-64 first-step logits within 1e-3, greedy ids up to the first near-tie.
+fn check_turn(label: &str, p: &Prepared, out: &ChatOutput, turn: &Value, logits: &Tensor) {
+    assert_eq!(p.query, turn["query"].as_str().unwrap(), "{label}: query");
+    assert_eq!(p.ids, i64s(&turn["input_ids"]), "{label}: input_ids");
+    let ours = out.gen.first_logits.as_ref().unwrap().get(0);
+    let top = &turn["first_logits_top"];
+    let mut worst = 0f64;
+    for (id, v) in top["ids"].as_array().unwrap().iter().zip(top["values"].as_array().unwrap()) {
+        let d = (ours.double_value(&[id.as_i64().unwrap()]) - v.as_f64().unwrap()).abs();
+        worst = worst.max(d);
+    }
+    assert!(worst <= 1e-3, "{label}: top-64 logit diff {worst}");
+    let full = (&ours - logits.view([-1])).abs().max().double_value(&[]);
+    assert!(full <= 1e-3, "{label}: full logit diff {full}");
+    let golden = i64s(&turn["generated_ids"]);
+    let margins: Vec<f64> = turn["step_margins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_f64().unwrap())
+        .collect();
+    let n = margins.iter().position(|m| *m < 0.01).unwrap_or(golden.len());
+    let ours: Vec<i64> = out.tokens.iter().map(|&t| t as i64).collect();
+    assert_eq!(ours[..n], golden[..n], "{label}: generated ids (compared up to step {n})");
+    if n == golden.len() {
+        assert_eq!(out.answer, turn["response"].as_str().unwrap(), "{label}: response");
+    }
+    eprintln!("{label}: max top-64 diff {worst:.2e}, full {full:.2e}, {n}/24 steps compared");
+}
+
+fn golden_logits(model: &str, case: &str, turn: usize) -> Tensor {
+    let st = Tensor::read_safetensors(fixture(&format!("golden/{model}/{case}.safetensors"))).unwrap();
+    st.into_iter()
+        .find(|(n, _)| *n == format!("turn{turn}_first_logits"))
+        .unwrap()
+        .1
+}
+
+fn single_turn_case(case: &str) {
+    for model in MODELS {
+        let g = json(&format!("golden/{model}/{case}.json"));
+        let mut e = engine(model, Kind::Float);
+        let atts = attachments(&g);
+        let q = typed_question(&g);
+        let p = e
+            .prepare(&ChatInput {
+                system: None,
+                history: &[],
+                question: &q,
+                attachments: &atts,
+                combine_images: g["combined"].as_bool().unwrap_or(false),
+            })
+            .unwrap();
+        if let Some(n) = g["num_patches_list"].as_array() {
+            let n: Vec<usize> = n.iter().map(|x| x.as_u64().unwrap() as usize).collect();
+            assert_eq!(p.num_patches, n, "{model} {case}: num_patches_list");
+        }
+        let out = run(&mut e, &p);
+        check_turn(&format!("{model} {case}"), &p, &out, &g["turns"][0], &golden_logits(model, case, 0));
+    }
+}
+
+#[test]
+fn text_hello() {
+    single_turn_case("text_hello");
+}
+
+#[test]
+fn image_single() {
+    single_turn_case("image_single");
+}
+
+#[test]
+fn image_combined() {
+    single_turn_case("image_combined");
+}
+
+#[test]
+fn image_separate() {
+    single_turn_case("image_separate");
+}
+
+#[test]
+fn image_no_tag() {
+    single_turn_case("image_no_tag");
+}
+
+#[test]
+fn video() {
+    single_turn_case("video");
+}
+
+/// Turn 2 with turn 1 as history, twice: on the same engine (KV cache and image features of
+/// turn 1 reused) and on a fresh one (full recomputation, as the reference does). Both match.
+#[test]
+fn multi_turn_with_and_without_cache_reuse() {
+    for model in MODELS {
+        let g = json(&format!("golden/{model}/multi_turn.json"));
+        let atts = attachments(&g);
+        let t0 = &g["turns"][0];
+        let t1 = &g["turns"][1];
+        let mut e = engine(model, Kind::Float);
+        let p0 = e
+            .prepare(&ChatInput {
+                system: None,
+                history: &[],
+                question: t0["question"].as_str().unwrap(),
+                attachments: &atts,
+                combine_images: false,
+            })
+            .unwrap();
+        let out0 = run(&mut e, &p0);
+        check_turn(&format!("{model} turn 1"), &p0, &out0, t0, &golden_logits(model, "multi_turn", 0));
+        let history = vec![Turn {
+            question: p0.question.clone(),
+            attachments: atts.clone(),
+            answer: t0["response"].as_str().unwrap().to_string(),
+        }];
+        let input = ChatInput {
+            system: None,
+            history: &history,
+            question: t1["question"].as_str().unwrap(),
+            attachments: &[],
+            combine_images: false,
+        };
+        let logits1 = golden_logits(model, "multi_turn", 1);
+        let p1 = e.prepare(&input).unwrap();
+        let reused = run(&mut e, &p1);
+        check_turn(&format!("{model} turn 2 (cache reused)"), &p1, &reused, t1, &logits1);
+        assert!(
+            reused.gen.prefill_tokens < p1.ids.len() / 4,
+            "{model}: follow-up prefilled {} of {} tokens",
+            reused.gen.prefill_tokens,
+            p1.ids.len()
+        );
+        let mut fresh = engine(model, Kind::Float);
+        let p1f = fresh.prepare(&input).unwrap();
+        let full = run(&mut fresh, &p1f);
+        check_turn(&format!("{model} turn 2 (fresh)"), &p1f, &full, t1, &logits1);
+        assert_eq!(full.gen.prefill_tokens, p1f.ids.len());
+    }
+}
+
+/// `batch_chat` with two requests of different lengths, left-padded: the reference's answers.
+#[test]
+fn batch_two_images() {
+    for model in MODELS {
+        let g = json(&format!("golden/{model}/batch_two_images.json"));
+        let mut e = engine(model, Kind::Float);
+        let atts = image_attachments(&g);
+        let qs = g["questions"].as_array().unwrap();
+        let prepared: Vec<Prepared> = qs
+            .iter()
+            .zip(&atts)
+            .map(|(q, a)| {
+                e.prepare(&ChatInput {
+                    system: None,
+                    history: &[],
+                    question: q.as_str().unwrap(),
+                    attachments: std::slice::from_ref(a),
+                    combine_images: false,
+                })
+                .unwrap()
+            })
+            .collect();
+        assert_ne!(prepared[0].ids.len(), prepared[1].ids.len(), "padding is exercised");
+        let refs: Vec<&Prepared> = prepared.iter().collect();
+        let params = vec![SamplingParams::greedy(16); 2];
+        let outs = e.run_batch(&refs, &params, &mut |_, _| Flow::Continue).unwrap();
+        for (i, (o, r)) in outs.iter().zip(g["responses"].as_array().unwrap()).enumerate() {
+            assert_eq!(o.answer, r.as_str().unwrap(), "{model} batch row {i}");
+        }
+        // and each alone gives the same answer
+        for (i, p) in prepared.iter().enumerate() {
+            e.reset();
+            let alone = e
+                .run(p, &SamplingParams::greedy(16), &mut |_| Flow::Continue)
+                .unwrap();
+            assert_eq!(alone.tokens, outs[i].tokens, "{model} row {i} alone vs batched");
+        }
+    }
+}
+
+/// bf16 runs: first-step top-1 equal where the reference margin exceeds 0.5, cosine >= 0.995.
+#[test]
+fn bf16_first_step() {
+    for model in MODELS {
+        for case in ["text_hello", "image_single"] {
+            let g = json(&format!("golden/{model}/{case}.json"));
+            let mut e = engine(model, Kind::BFloat16);
+            let atts = attachments(&g);
+            let q = typed_question(&g);
+            let p = e
+                .prepare(&ChatInput {
+                    system: None,
+                    history: &[],
+                    question: &q,
+                    attachments: &atts,
+                    combine_images: false,
+                })
+                .unwrap();
+            let out = e
+                .run(&p, &SamplingParams::greedy(1), &mut |_| Flow::Continue)
+                .unwrap();
+            let ours = out.gen.first_logits.as_ref().unwrap().get(0);
+            let reference = golden_logits(model, case, 0).view([-1]);
+            let cos = Tensor::cosine_similarity(&ours, &reference, 0, 1e-8).double_value(&[]);
+            assert!(cos >= 0.995, "{model} {case} bf16 cosine {cos}");
+            let margin = g["turns"][0]["first_logits_top"]["margin_top2"].as_f64().unwrap();
+            if margin > 0.5 {
+                assert_eq!(
+                    ours.argmax(0, false).int64_value(&[]),
+                    reference.argmax(0, false).int64_value(&[]),
+                    "{model} {case} bf16 top-1"
+                );
+            }
+            eprintln!("{model} {case} bf16: cosine {cos:.6}, margin {margin:.3}");
+        }
+    }
+}
