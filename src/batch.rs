@@ -194,7 +194,7 @@ fn flush(
         let params: Vec<SamplingParams> = batch.iter().map(|b| b.2.clone()).collect();
         match engine.run_batch(&prepared, &params, &mut |_, _| Flow::Continue) {
             Ok(v) => v.into_iter().map(Ok).collect(),
-            Err(e) => vec![Err(e.to_string()); batch.len()],
+            Err(e) => batch.iter().map(|_| Err(e.to_string())).collect(),
         }
     };
     let elapsed = t0.elapsed().as_secs_f64();
@@ -239,7 +239,11 @@ pub fn run_batch(
             Ok(r) => r,
             Err((id, e)) => {
                 flush(engine, &mut pending, output, &mut emit)?;
-                emit(error_json(&id, &format!("line {}: {e}", n + 1)), output, false)?;
+                emit(
+                    error_json(&id, &format!("line {}: {e}", n + 1)),
+                    output,
+                    false,
+                )?;
                 continue;
             }
         };

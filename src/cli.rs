@@ -46,6 +46,45 @@ pub struct Cli {
 pub enum Command {
     /// Answer a JSONL file of requests, one result line per request in the same order.
     Batch(BatchArgs),
+    /// Show, without loading weights, what the model costs on each device.
+    Plan(PlanArgs),
+    /// Measure load, time to first token, decode speed, memory and batch throughput.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// GPUs to plan for (default: the visible ones).
+    #[arg(long, value_name = "N")]
+    pub gpus: Option<usize>,
+    /// Memory of each GPU in GiB (required with --gpus when no GPU is present).
+    #[arg(long, value_name = "GIB")]
+    pub gpu_memory: Option<f64>,
+    /// Context length the KV cache is sized for.
+    #[arg(long, default_value_t = 8192, value_name = "TOKENS")]
+    pub context: usize,
+    /// Print the model card's device_map dict and the costs as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Tile limits to measure (comma-separated).
+    #[arg(long, default_value = "1,6", value_delimiter = ',')]
+    pub tiles: Vec<usize>,
+    /// Forced new tokens per answer.
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Runs per figure (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// The picture to describe (default: fixtures' image1.jpg).
+    #[arg(long, value_name = "PATH")]
+    pub image: Option<PathBuf>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -79,6 +118,10 @@ pub struct ModelArgs {
     /// cpu, cuda, cuda:N or auto (all visible GPUs, else CPU).
     #[arg(long, default_value = "auto", global = true)]
     pub device: String,
+    /// Split decoder layers across devices: auto (the model card's split_model), cpu, counts per
+    /// device (0:12,1:12) or the model card's JSON device_map.
+    #[arg(long, global = true, value_name = "SPEC")]
+    pub device_map: Option<String>,
     /// CPU threads for libtorch (default: all cores).
     #[arg(long, global = true, value_name = "N")]
     pub threads: Option<usize>,

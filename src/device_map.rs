@@ -162,13 +162,14 @@ fn parse_json(spec: &str, num_layers: usize) -> Result<DeviceMap, MapError> {
     })?;
     let target = |v: &Value| -> Result<Target, MapError> {
         match v {
-            Value::Number(n) => n
-                .as_u64()
-                .map(|n| Target::Gpu(n as usize))
-                .ok_or_else(|| MapError::Invalid {
-                    spec: spec.into(),
-                    what: format!("{n} is not a device index"),
-                }),
+            Value::Number(n) => {
+                n.as_u64()
+                    .map(|n| Target::Gpu(n as usize))
+                    .ok_or_else(|| MapError::Invalid {
+                        spec: spec.into(),
+                        what: format!("{n} is not a device index"),
+                    })
+            }
             Value::String(s) => parse_target(s, spec),
             other => Err(MapError::Invalid {
                 spec: spec.into(),
@@ -273,12 +274,19 @@ impl ParamCounts {
         let (d, i) = (v.hidden_size as u64, v.intermediate_size as u64);
         let g = (cfg.image_size() / v.patch_size) as u64;
         let p = v.patch_size as u64;
-        let norm = if v.norm_type == "layer_norm" { 2 * d } else { d };
+        let norm = if v.norm_type == "layer_norm" {
+            2 * d
+        } else {
+            d
+        };
         let qkv_bias = if v.qkv_bias { 3 * d } else { 0 };
         let qk_norm = if v.qk_normalization { 2 * d } else { 0 };
         let vit_layer =
             2 * norm + 3 * d * d + qkv_bias + d * d + d + qk_norm + d * i + i + i * d + d + 2 * d;
-        let vision = d + d * v.num_channels as u64 * p * p + d + (g * g + 1) * d
+        let vision = d
+            + d * v.num_channels as u64 * p * p
+            + d
+            + (g * g + 1) * d
             + vit_layer * v.num_hidden_layers as u64;
         let scale = (1.0 / cfg.downsample_ratio).round() as u64;
         let l = &cfg.llm_config;
@@ -313,7 +321,12 @@ impl ParamCounts {
     }
 
     pub fn total(&self) -> u64 {
-        self.vision + self.mlp1 + self.embed + self.layer * self.layers as u64 + self.norm + self.head
+        self.vision
+            + self.mlp1
+            + self.embed
+            + self.layer * self.layers as u64
+            + self.norm
+            + self.head
     }
 }
 
@@ -328,7 +341,9 @@ mod tests {
     fn split_model_tables() {
         let per_gpu = |n, g| -> Vec<usize> {
             let m = split_model(n, g);
-            (0..g).map(|i| m.layers.iter().filter(|t| **t == Target::Gpu(i)).count()).collect()
+            (0..g)
+                .map(|i| m.layers.iter().filter(|t| **t == Target::Gpu(i)).count())
+                .collect()
         };
         // 24 layers (1B/2B): ceil(24/1.5)=16 -> [8,16]; last layer to 0 -> [9,15]
         assert_eq!(per_gpu(24, 1), vec![24]);
@@ -339,7 +354,10 @@ mod tests {
         assert_eq!(per_gpu(24, 8), vec![3, 4, 4, 4, 4, 4, 1, 0]);
         // 80 layers (78B) on 8 GPUs: ceil(80/7.5)=11 -> [6,11*7] = 83: last GPU gets 8, then -1
         assert_eq!(per_gpu(80, 8), vec![7, 11, 11, 11, 11, 11, 11, 7]);
-        assert_eq!(split_model_counts(80, 8), vec![6, 11, 11, 11, 11, 11, 11, 11]);
+        assert_eq!(
+            split_model_counts(80, 8),
+            vec![6, 11, 11, 11, 11, 11, 11, 11]
+        );
         let m = split_model(48, 2);
         assert_eq!(m.layers[47], Target::Gpu(0));
         assert_eq!(m.first, Target::Gpu(0));
@@ -372,7 +390,10 @@ mod tests {
     #[test]
     fn explicit_maps_and_their_errors() {
         let m = parse("0:12,1:12", 24, 2).unwrap();
-        assert_eq!(m.counts().into_iter().collect::<Vec<_>>(), vec![(Target::Gpu(0), 12), (Target::Gpu(1), 12)]);
+        assert_eq!(
+            m.counts().into_iter().collect::<Vec<_>>(),
+            vec![(Target::Gpu(0), 12), (Target::Gpu(1), 12)]
+        );
         let m = parse("cpu:2", 2, 0).unwrap();
         assert_eq!(m.layers, vec![Target::Cpu; 2]);
         assert_eq!(
@@ -381,31 +402,52 @@ mod tests {
         );
         assert_eq!(
             parse("0:12,3:12", 24, 2).unwrap_err(),
-            MapError::NoSuchGpu { gpu: 3, available: 2 }
+            MapError::NoSuchGpu {
+                gpu: 3,
+                available: 2
+            }
         );
-        assert!(parse("0-12", 24, 2).unwrap_err().to_string().contains("not DEVICE:LAYERS"));
+        assert!(parse("0-12", 24, 2)
+            .unwrap_err()
+            .to_string()
+            .contains("not DEVICE:LAYERS"));
         let json = r#"{"vision_model": 0, "language_model.model.layers.0": 1, "language_model.model.layers.1": "cpu"}"#;
         let m = parse(json, 2, 2).unwrap();
         assert_eq!(m.layers, vec![Target::Gpu(1), Target::Cpu]);
-        assert!(parse(r#"{"vision_model": 0}"#, 2, 1).unwrap_err().to_string().contains("no device for layers 0, 1"));
+        assert!(parse(r#"{"vision_model": 0}"#, 2, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("no device for layers 0, 1"));
         assert_eq!(parse("auto", 3, 0).unwrap().layers, vec![Target::Cpu; 3]);
     }
 
     #[test]
     fn parameter_counts_match_the_published_sizes() {
         // InternVL2_5-1B: 0.94 B parameters (BENCH.md); InternViT-300M: 0.30 B
-        let c = ParamCounts::of(&InternVLConfig::load(&fixture("configs/InternVL2_5-1B.config.json")).unwrap());
-        assert!((c.total() as f64 / 1e9 - 0.94).abs() < 0.01, "{}", c.total());
+        let c = ParamCounts::of(
+            &InternVLConfig::load(&fixture("configs/InternVL2_5-1B.config.json")).unwrap(),
+        );
+        assert!(
+            (c.total() as f64 / 1e9 - 0.94).abs() < 0.01,
+            "{}",
+            c.total()
+        );
         assert!((c.vision as f64 / 1e9 - 0.30).abs() < 0.01, "{}", c.vision);
         // InternVL2_5-8B: 8.1 B
-        let c = ParamCounts::of(&InternVLConfig::load(&fixture("configs/InternVL2_5-8B.config.json")).unwrap());
+        let c = ParamCounts::of(
+            &InternVLConfig::load(&fixture("configs/InternVL2_5-8B.config.json")).unwrap(),
+        );
         assert!((c.total() as f64 / 1e9 - 8.08).abs() < 0.1, "{}", c.total());
         // tiny checkpoint: count equals the tensors in the file
         let dir = fixture("models/tiny-qwen2");
         let c = ParamCounts::of(&InternVLConfig::load(&dir).unwrap());
         let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-        let n: u64 = meta.tensors().values().map(|t| t.shape.iter().product::<usize>() as u64).sum();
+        let n: u64 = meta
+            .tensors()
+            .values()
+            .map(|t| t.shape.iter().product::<usize>() as u64)
+            .sum();
         assert_eq!(c.total(), n);
     }
 }

@@ -1,5 +1,13 @@
 //! internvl-chat: InternVL 2.5 vision-language models in the terminal.
+pub mod batch;
+pub mod bench;
+pub mod cli;
+pub mod device_map;
 pub mod engine;
 pub mod model;
+pub mod plan;
+pub mod preprocess;
+pub mod prompt;
+pub mod run;
 pub mod sampling;
 pub mod testutil;

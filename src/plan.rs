@@ -182,7 +182,11 @@ mod tests {
         let plan = Plan::new(&cfg, &map, 2, 8192);
         let total: u64 = plan.devices.values().map(|d| d.weight_bytes).sum();
         assert_eq!(total, plan.params.total() * 2);
-        assert!((plan.params.total() as f64 / 1e9 - 78.4).abs() < 1.0, "{}", plan.params.total());
+        assert!(
+            (plan.params.total() as f64 / 1e9 - 78.4).abs() < 1.0,
+            "{}",
+            plan.params.total()
+        );
         assert_eq!(plan.devices[&Target::Gpu(0)].layers, 7);
         // 80 GiB cards hold it; 24 GiB cards do not, and the message quotes the numbers
         assert!(plan.check(&|_| Some(80 << 30)).is_ok());
@@ -202,6 +206,9 @@ mod tests {
         let map = parse("cpu", 24, 0).unwrap();
         let t = Plan::new(&cfg, &map, 2, 4096).table();
         assert!(t.contains("decoder layers (24 x "), "{t}");
-        assert!(t.lines().any(|l| l.starts_with("cpu") && l.contains("24")), "{t}");
+        assert!(
+            t.lines().any(|l| l.starts_with("cpu") && l.contains("24")),
+            "{t}"
+        );
     }
 }

@@ -1,11 +1,14 @@
 //! What each command does, between the parsed flags and the engine.
 use crate::batch;
-use crate::cli::{Cli, Command, DType, GenArgs, ModelArgs};
+use crate::cli::{BenchArgs, Cli, Command, DType, GenArgs, ModelArgs, PlanArgs};
+use crate::device_map::{self, Target};
 use crate::engine::chat::{ChatInput, Engine};
 use crate::engine::generate::Flow;
 use crate::engine::protocol::Attachment;
-use crate::engine::stream::StreamDecoder;
+use crate::engine::stream::{StreamDecoder, Trimmed};
+use crate::model::config::InternVLConfig;
 use crate::model::LoadOptions;
+use crate::plan::Plan;
 use crate::sampling::SamplingParams;
 use anyhow::{bail, Context, Result};
 use std::io::{IsTerminal, Read, Write};
@@ -85,15 +88,91 @@ fn model_dir(args: &ModelArgs) -> Result<PathBuf> {
     }
 }
 
+fn torch_device(t: Target) -> Device {
+    match t {
+        Target::Cpu => Device::Cpu,
+        Target::Gpu(i) => Device::Cuda(i),
+    }
+}
+
+/// Where everything goes, from --device and --device-map.
+pub fn load_options(args: &ModelArgs, dir: &std::path::Path) -> Result<LoadOptions> {
+    let kind = kind_of(args.dtype);
+    let Some(spec) = &args.device_map else {
+        return Ok(LoadOptions::single(parse_device(&args.device)?, kind));
+    };
+    let cfg = InternVLConfig::load(dir)?;
+    let gpus = tch::Cuda::device_count() as usize;
+    let map = device_map::parse(spec, cfg.llm_config.num_hidden_layers, gpus)?;
+    Ok(LoadOptions {
+        kind,
+        first: torch_device(map.first),
+        layers: map.layers.into_iter().map(torch_device).collect(),
+    })
+}
+
 pub fn load_engine(args: &ModelArgs) -> Result<(Engine, Device)> {
     if let Some(n) = args.threads {
         tch::set_num_threads(n as i32);
     }
-    let dev = parse_device(&args.device)?;
     let dir = model_dir(args)?;
-    let engine = Engine::load(&dir, &LoadOptions::single(dev, kind_of(args.dtype)))
-        .with_context(|| format!("loading {}", dir.display()))?;
+    let opts = load_options(args, &dir)?;
+    let dev = opts.first;
+    let engine = Engine::load(&dir, &opts).with_context(|| format!("loading {}", dir.display()))?;
     Ok((engine, dev))
+}
+
+fn plan(args: &ModelArgs, p: &PlanArgs) -> Result<ExitCode> {
+    let path = model_dir(args)?;
+    let cfg = InternVLConfig::load(&path)?;
+    let gpus = p.gpus.unwrap_or_else(|| tch::Cuda::device_count() as usize);
+    let spec = args.device_map.clone().unwrap_or_else(|| "auto".into());
+    let map = device_map::parse(&spec, cfg.llm_config.num_hidden_layers, gpus)?;
+    let bytes = kind_of(args.dtype).elt_size_in_bytes() as u64;
+    let plan = Plan::new(&cfg, &map, bytes, p.context);
+    let gpu_mem = p.gpu_memory.map(|g| (g * (1u64 << 30) as f64) as u64);
+    if gpus > 0 && gpu_mem.is_none() && p.gpus.is_some() && tch::Cuda::device_count() == 0 {
+        bail!("--gpus {gpus} without GPUs present needs --gpu-memory GIB");
+    }
+    let ram = crate::plan::available_ram();
+    let fits = plan.check(&|t| match t {
+        Target::Cpu => ram,
+        Target::Gpu(_) => gpu_mem,
+    });
+    if p.json {
+        let mut j = plan.json(map.to_json(cfg.llm_arch()));
+        j["fits"] = serde_json::Value::from(fits.is_ok());
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        print!("{}", plan.table());
+    }
+    match fits {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => bail!(e),
+    }
+}
+
+fn bench(args: &ModelArgs, b: &BenchArgs) -> Result<ExitCode> {
+    if let Some(n) = args.threads {
+        tch::set_num_threads(n as i32);
+    }
+    let dir = model_dir(args)?;
+    let cfg = crate::bench::BenchConfig {
+        opts: load_options(args, &dir)?,
+        model: dir,
+        image: crate::bench::default_image(b.image.as_deref()),
+        tiles: b.tiles.clone(),
+        new_tokens: b.new_tokens,
+        runs: b.runs.max(1),
+    };
+    let v = crate::bench::run(&cfg)?;
+    if b.json {
+        println!("{v}");
+    } else {
+        print!("{}", crate::bench::table(&v));
+        println!("{v}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `PATH` or `PATH:MAX_TILES`.
@@ -125,6 +204,8 @@ fn parse_bound(s: &str) -> Result<(f64, f64)> {
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
+        Some(Command::Plan(p)) => plan(&cli.model, p),
+        Some(Command::Bench(b)) => bench(&cli.model, b),
         Some(Command::Batch(b)) => {
             let params = sampling_from(&cli.gen)?;
             let (mut engine, _) = load_engine(&cli.model)?;
@@ -214,26 +295,34 @@ fn one_shot(cli: &Cli, prompt: &str) -> Result<ExitCode> {
     let tokenizer = engine.tokenizer.clone();
     let stops = engine.stop_ids.clone();
     let mut stream = StreamDecoder::new();
+    let mut trim = Trimmed::default();
     let mut out = std::io::stdout().lock();
+    let mut sink = |text: Option<String>| -> std::io::Result<()> {
+        if let Some(text) = text.and_then(|t| trim.push(&t)) {
+            out.write_all(text.as_bytes())?;
+            out.flush()?;
+        }
+        Ok(())
+    };
     let mut write_err = None;
-    let result = engine.run(&prepared, &params, &mut |t| {
+    engine.run(&prepared, &params, &mut |t| {
         if !stops.contains(&t) {
-            if let Some(text) = stream.push(&tokenizer, t) {
-                if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-                    write_err = Some(e);
-                    return Flow::Cancel;
-                }
+            if let Err(e) = sink(stream.push(&tokenizer, t)) {
+                write_err = Some(e);
+                return Flow::Cancel;
             }
         }
         Flow::Continue
     })?;
+    if write_err.is_none() {
+        write_err = sink(stream.finish(&tokenizer)).err();
+    }
     if let Some(e) = write_err {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             return Ok(ExitCode::SUCCESS);
         }
         return Err(e).context("writing the answer to stdout");
     }
-    let _ = result;
     writeln!(out)?;
     Ok(ExitCode::SUCCESS)
 }

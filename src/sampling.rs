@@ -51,7 +51,10 @@ impl SamplingParams {
     /// Checks ranges; the message names the field and the value.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -255,7 +258,11 @@ mod tests {
         assert!(l[2] == f32::NEG_INFINITY && l[3] == f32::NEG_INFINITY);
         let mut l = base.to_vec();
         top_p_mask(&mut l, 0.01);
-        assert_eq!(l.iter().filter(|x| x.is_finite()).count(), 1, "top-1 always kept");
+        assert_eq!(
+            l.iter().filter(|x| x.is_finite()).count(),
+            1,
+            "top-1 always kept"
+        );
     }
 
     #[test]
@@ -289,8 +296,8 @@ mod tests {
             repetition_penalty: 1.0,
             ..Default::default()
         });
-        assert_eq!(s.next(&mut vec![0.0, 9.0, 1.0], &[], &[1]), 2);
-        assert_eq!(s.next(&mut vec![0.0, 9.0, 1.0], &[5, 6], &[1]), 1);
+        assert_eq!(s.next(&mut [0.0, 9.0, 1.0], &[], &[1]), 2);
+        assert_eq!(s.next(&mut [0.0, 9.0, 1.0], &[5, 6], &[1]), 1);
     }
 
     #[test]

@@ -3,12 +3,18 @@
 //! Missing fixtures are a loud failure, never a silent pass.
 use std::path::PathBuf;
 
-/// The fixtures folder: `$INTERNVL_FIXTURES`, else `../shared/fixtures` beside the project root.
-pub fn fixtures() -> PathBuf {
-    let dir = match std::env::var_os("INTERNVL_FIXTURES") {
+/// Where the fixtures should be: `$INTERNVL_FIXTURES`, else `../shared/fixtures` beside the
+/// project root (not checked).
+pub fn fixtures_dir() -> PathBuf {
+    match std::env::var_os("INTERNVL_FIXTURES") {
         Some(p) => PathBuf::from(p),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
-    };
+    }
+}
+
+/// The fixtures folder, asserted to exist.
+pub fn fixtures() -> PathBuf {
+    let dir = fixtures_dir();
     assert!(
         dir.join("README.md").is_file(),
         "fixtures not found at {} (set INTERNVL_FIXTURES or put shared/ beside the project)",

@@ -17,7 +17,11 @@ fn json(rel: &str) -> Value {
 }
 
 fn i64s(v: &Value) -> Vec<i64> {
-    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
 }
 
 fn engine(model: &str, kind: Kind) -> Engine {
@@ -79,7 +83,12 @@ fn check_turn(label: &str, p: &Prepared, out: &ChatOutput, turn: &Value, logits:
     let ours = out.gen.first_logits.as_ref().unwrap().get(0);
     let top = &turn["first_logits_top"];
     let mut worst = 0f64;
-    for (id, v) in top["ids"].as_array().unwrap().iter().zip(top["values"].as_array().unwrap()) {
+    for (id, v) in top["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(top["values"].as_array().unwrap())
+    {
         let d = (ours.double_value(&[id.as_i64().unwrap()]) - v.as_f64().unwrap()).abs();
         worst = worst.max(d);
     }
@@ -93,17 +102,29 @@ fn check_turn(label: &str, p: &Prepared, out: &ChatOutput, turn: &Value, logits:
         .iter()
         .map(|m| m.as_f64().unwrap())
         .collect();
-    let n = margins.iter().position(|m| *m < 0.01).unwrap_or(golden.len());
+    let n = margins
+        .iter()
+        .position(|m| *m < 0.01)
+        .unwrap_or(golden.len());
     let ours: Vec<i64> = out.tokens.iter().map(|&t| t as i64).collect();
-    assert_eq!(ours[..n], golden[..n], "{label}: generated ids (compared up to step {n})");
+    assert_eq!(
+        ours[..n],
+        golden[..n],
+        "{label}: generated ids (compared up to step {n})"
+    );
     if n == golden.len() {
-        assert_eq!(out.answer, turn["response"].as_str().unwrap(), "{label}: response");
+        assert_eq!(
+            out.answer,
+            turn["response"].as_str().unwrap(),
+            "{label}: response"
+        );
     }
     eprintln!("{label}: max top-64 diff {worst:.2e}, full {full:.2e}, {n}/24 steps compared");
 }
 
 fn golden_logits(model: &str, case: &str, turn: usize) -> Tensor {
-    let st = Tensor::read_safetensors(fixture(&format!("golden/{model}/{case}.safetensors"))).unwrap();
+    let st =
+        Tensor::read_safetensors(fixture(&format!("golden/{model}/{case}.safetensors"))).unwrap();
     st.into_iter()
         .find(|(n, _)| *n == format!("turn{turn}_first_logits"))
         .unwrap()
@@ -130,7 +151,13 @@ fn single_turn_case(case: &str) {
             assert_eq!(p.num_patches, n, "{model} {case}: num_patches_list");
         }
         let out = run(&mut e, &p);
-        check_turn(&format!("{model} {case}"), &p, &out, &g["turns"][0], &golden_logits(model, case, 0));
+        check_turn(
+            &format!("{model} {case}"),
+            &p,
+            &out,
+            &g["turns"][0],
+            &golden_logits(model, case, 0),
+        );
     }
 }
 
@@ -184,7 +211,13 @@ fn multi_turn_with_and_without_cache_reuse() {
             })
             .unwrap();
         let out0 = run(&mut e, &p0);
-        check_turn(&format!("{model} turn 1"), &p0, &out0, t0, &golden_logits(model, "multi_turn", 0));
+        check_turn(
+            &format!("{model} turn 1"),
+            &p0,
+            &out0,
+            t0,
+            &golden_logits(model, "multi_turn", 0),
+        );
         let history = vec![Turn {
             question: p0.question.clone(),
             attachments: atts.clone(),
@@ -200,7 +233,13 @@ fn multi_turn_with_and_without_cache_reuse() {
         let logits1 = golden_logits(model, "multi_turn", 1);
         let p1 = e.prepare(&input).unwrap();
         let reused = run(&mut e, &p1);
-        check_turn(&format!("{model} turn 2 (cache reused)"), &p1, &reused, t1, &logits1);
+        check_turn(
+            &format!("{model} turn 2 (cache reused)"),
+            &p1,
+            &reused,
+            t1,
+            &logits1,
+        );
         assert!(
             reused.gen.prefill_tokens < p1.ids.len() / 4,
             "{model}: follow-up prefilled {} of {} tokens",
@@ -210,7 +249,13 @@ fn multi_turn_with_and_without_cache_reuse() {
         let mut fresh = engine(model, Kind::Float);
         let p1f = fresh.prepare(&input).unwrap();
         let full = run(&mut fresh, &p1f);
-        check_turn(&format!("{model} turn 2 (fresh)"), &p1f, &full, t1, &logits1);
+        check_turn(
+            &format!("{model} turn 2 (fresh)"),
+            &p1f,
+            &full,
+            t1,
+            &logits1,
+        );
         assert_eq!(full.gen.prefill_tokens, p1f.ids.len());
     }
 }
@@ -237,11 +282,16 @@ fn batch_two_images() {
                 .unwrap()
             })
             .collect();
-        assert_ne!(prepared[0].ids.len(), prepared[1].ids.len(), "padding is exercised");
         let refs: Vec<&Prepared> = prepared.iter().collect();
         let params = vec![SamplingParams::greedy(16); 2];
-        let outs = e.run_batch(&refs, &params, &mut |_, _| Flow::Continue).unwrap();
-        for (i, (o, r)) in outs.iter().zip(g["responses"].as_array().unwrap()).enumerate() {
+        let outs = e
+            .run_batch(&refs, &params, &mut |_, _| Flow::Continue)
+            .unwrap();
+        for (i, (o, r)) in outs
+            .iter()
+            .zip(g["responses"].as_array().unwrap())
+            .enumerate()
+        {
             assert_eq!(o.answer, r.as_str().unwrap(), "{model} batch row {i}");
         }
         // and each alone gives the same answer
@@ -250,7 +300,56 @@ fn batch_two_images() {
             let alone = e
                 .run(p, &SamplingParams::greedy(16), &mut |_| Flow::Continue)
                 .unwrap();
-            assert_eq!(alone.tokens, outs[i].tokens, "{model} row {i} alone vs batched");
+            assert_eq!(
+                alone.tokens, outs[i].tokens,
+                "{model} row {i} alone vs batched"
+            );
+        }
+    }
+}
+
+/// Rows of different lengths (left padding, positions from the mask): each row still gives
+/// its own golden answer.
+#[test]
+fn batch_with_left_padding_matches_single_goldens() {
+    for model in MODELS {
+        let mut e = engine(model, Kind::Float);
+        let cases = ["text_hello", "image_single", "image_no_tag"];
+        let goldens: Vec<Value> = cases
+            .iter()
+            .map(|c| json(&format!("golden/{model}/{c}.json")))
+            .collect();
+        let prepared: Vec<Prepared> = goldens
+            .iter()
+            .map(|g| {
+                e.prepare(&ChatInput {
+                    system: None,
+                    history: &[],
+                    question: &typed_question(g),
+                    attachments: &attachments(g),
+                    combine_images: false,
+                })
+                .unwrap()
+            })
+            .collect();
+        assert!(prepared[0].ids.len() < prepared[1].ids.len());
+        let refs: Vec<&Prepared> = prepared.iter().collect();
+        let outs = e
+            .run_batch(&refs, &vec![SamplingParams::greedy(24); 3], &mut |_, _| {
+                Flow::Continue
+            })
+            .unwrap();
+        for ((o, g), c) in outs.iter().zip(&goldens).zip(cases) {
+            let turn = &g["turns"][0];
+            let golden = i64s(&turn["generated_ids"]);
+            let n = turn["step_margins"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .position(|m| m.as_f64().unwrap() < 0.01)
+                .unwrap_or(golden.len());
+            let ours: Vec<i64> = o.tokens.iter().map(|&t| t as i64).collect();
+            assert_eq!(ours[..n], golden[..n], "{model} {c} batched");
         }
     }
 }
@@ -280,7 +379,9 @@ fn bf16_first_step() {
             let reference = golden_logits(model, case, 0).view([-1]);
             let cos = Tensor::cosine_similarity(&ours, &reference, 0, 1e-8).double_value(&[]);
             assert!(cos >= 0.995, "{model} {case} bf16 cosine {cos}");
-            let margin = g["turns"][0]["first_logits_top"]["margin_top2"].as_f64().unwrap();
+            let margin = g["turns"][0]["first_logits_top"]["margin_top2"]
+                .as_f64()
+                .unwrap();
             if margin > 0.5 {
                 assert_eq!(
                     ours.argmax(0, false).int64_value(&[]),

@@ -10,7 +10,7 @@ use crate::prompt::tokenizer::Tokenizer;
 use crate::prompt::{build_query, PromptError};
 use crate::sampling::{Sampler, SamplingParams};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +21,8 @@ pub enum ChatError {
     Visual(#[from] VisualError),
     #[error(transparent)]
     Prompt(#[from] PromptError),
+    #[error(transparent)]
+    Template(#[from] crate::prompt::template::TemplateError),
     #[error("{0}")]
     Tokenizer(String),
     #[error("{0}")]
@@ -70,7 +72,7 @@ pub struct ChatOutput {
 
 pub struct Engine {
     pub model: InternVL,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: Arc<Tokenizer>,
     pub template: Template,
     pub dir: PathBuf,
     pub img_context_id: i64,
@@ -100,9 +102,7 @@ pub fn with_placeholders(
     if n_images == 1 || (combine && n_images > 1) {
         prefix.push_str("<image>\n");
     } else if n_images > 1 {
-        for i in 1..=n_images {
-            prefix.push_str(&format!("Image-{i}: <image>\n"));
-        }
+        prefix.push_str(&crate::prompt::image_list_prefix(n_images));
     }
     for (a, frames) in visuals {
         if matches!(a, Attachment::Video { .. }) {
@@ -115,7 +115,8 @@ pub fn with_placeholders(
 impl Engine {
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self, ChatError> {
         let model = InternVL::load(dir, opts)?;
-        let tokenizer = Tokenizer::from_dir(dir).map_err(|e| ChatError::Tokenizer(e.to_string()))?;
+        let tokenizer =
+            Tokenizer::from_dir(dir).map_err(|e| ChatError::Tokenizer(e.to_string()))?;
         let template = get_template(model.cfg.template_name())?;
         let need = |tok: &str| {
             tokenizer.token_to_id(tok).ok_or_else(|| {
@@ -155,7 +156,7 @@ impl Engine {
         let cache = model.llm.new_cache();
         Ok(Self {
             model,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             template,
             dir: dir.into(),
             img_context_id,
@@ -368,13 +369,7 @@ impl Engine {
     /// `batch_decode(ids, skip_special_tokens=True)[0].split(sep.strip())[0].strip()`.
     pub fn answer_text(&self, tokens: &[u32]) -> String {
         let text = self.tokenizer.decode(tokens, true);
-        let sep = self.template.stop_token();
-        let text = if sep.is_empty() {
-            text.as_str()
-        } else {
-            text.split(sep).next().unwrap_or("")
-        };
-        text.trim().to_string()
+        self.template.response_text(&text).to_string()
     }
 
     /// The KV cache length in tokens (for tests and the soak test).
@@ -404,8 +399,8 @@ impl Engine {
             .iter()
             .filter_map(|p| self.pixel_values(p, 0))
             .collect();
-        let image_embeds = (!pixels.is_empty())
-            .then(|| self.model.extract_feature(&Tensor::cat(&pixels, 0)));
+        let image_embeds =
+            (!pixels.is_empty()).then(|| self.model.extract_feature(&Tensor::cat(&pixels, 0)));
         let rows: Vec<Vec<i64>> = prepared.iter().map(|p| p.ids.clone()).collect();
         let mut samplers: Vec<Sampler> = params.iter().cloned().map(Sampler::new).collect();
         let mut cache = self.model.llm.new_cache();

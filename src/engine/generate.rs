@@ -90,7 +90,9 @@ pub fn generate(
     };
     let hidden = model.llm.forward(&embeds, &positions, cache, &mask);
     let mut logits = model.llm.last_logits(&hidden);
-    let first_logits = input.keep_first_logits.then(|| logits.to_device(tch::Device::Cpu));
+    let first_logits = input
+        .keep_first_logits
+        .then(|| logits.to_device(tch::Device::Cpu));
     let prefill = t0.elapsed();
     let t1 = Instant::now();
 
@@ -101,11 +103,7 @@ pub fn generate(
         })
         .collect();
     let mut done = vec![false; b];
-    let mut next_pos: Vec<i64> = input
-        .rows
-        .iter()
-        .map(|r| r.len() as i64)
-        .collect();
+    let mut next_pos: Vec<i64> = input.rows.iter().map(|r| r.len() as i64).collect();
     let max_new = samplers
         .iter()
         .map(|s| s.params().max_new_tokens)
@@ -150,12 +148,20 @@ pub fn generate(
             *p += 1;
         }
         let mask = if padded {
-            valid = Tensor::cat(&[&valid, &Tensor::ones([b as i64, 1], (Kind::Bool, valid.device()))], 1);
+            valid = Tensor::cat(
+                &[
+                    &valid,
+                    &Tensor::ones([b as i64, 1], (Kind::Bool, valid.device())),
+                ],
+                1,
+            );
             Mask::Explicit(padded_mask(&valid, 1))
         } else {
             Mask::Causal
         };
-        let hidden = model.llm.forward(&embeds.to_device(dev), &pos, cache, &mask);
+        let hidden = model
+            .llm
+            .forward(&embeds.to_device(dev), &pos, cache, &mask);
         logits = model.llm.last_logits(&hidden);
     }
     Ok(GenOutput {

@@ -99,7 +99,10 @@ pub struct DoneStats {
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
     /// Loading progress in 0..=1.
-    Loading { progress: f32, what: String },
+    Loading {
+        progress: f32,
+        what: String,
+    },
     Ready(ModelInfo),
     /// The model could not be loaded; the worker has stopped.
     LoadFailed(String),
@@ -110,7 +113,10 @@ pub enum EngineEvent {
         prompt_tokens: usize,
     },
     /// Newly decoded text (never a partial UTF-8 character).
-    Token { id: RequestId, text: String },
+    Token {
+        id: RequestId,
+        text: String,
+    },
     /// Generation ended; `answer` is the whole answer as the reference post-processes it.
     Done {
         id: RequestId,
@@ -118,5 +124,8 @@ pub enum EngineEvent {
         stats: DoneStats,
     },
     /// The request failed; the engine is ready for the next one.
-    Error { id: RequestId, message: String },
+    Error {
+        id: RequestId,
+        message: String,
+    },
 }

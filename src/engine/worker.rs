@@ -2,10 +2,8 @@
 //! error or a panic in libtorch) becomes an `Error` event and the next request still works.
 use super::chat::{ChatInput, Engine};
 use super::generate::Flow;
-use super::protocol::{
-    DoneStats, EngineCmd, EngineEvent, GenerateRequest, ModelInfo,
-};
-use super::stream::StreamDecoder;
+use super::protocol::{DoneStats, EngineCmd, EngineEvent, GenerateRequest, ModelInfo};
+use super::stream::{StreamDecoder, Trimmed};
 use super::EngineHandle;
 use crate::model::LoadOptions;
 use crossbeam_channel::{unbounded, Receiver, Sender};
@@ -53,7 +51,12 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-fn run(cfg: WorkerConfig, rx: Receiver<EngineCmd>, tx: Sender<EngineEvent>, cancel: Arc<AtomicBool>) {
+fn run(
+    cfg: WorkerConfig,
+    rx: Receiver<EngineCmd>,
+    tx: Sender<EngineEvent>,
+    cancel: Arc<AtomicBool>,
+) {
     let _ = tx.send(EngineEvent::Loading {
         progress: 0.0,
         what: format!("loading {}", cfg.dir.display()),
@@ -133,15 +136,19 @@ fn serve(
     });
     let mut first_token = None;
     let mut stream = StreamDecoder::new();
+    let mut trim = Trimmed::default();
     let tokenizer = engine.tokenizer.clone();
     let stops = engine.stop_ids.clone();
+    let send = |text: Option<String>, trim: &mut Trimmed| {
+        if let Some(text) = text.and_then(|t| trim.push(&t)) {
+            let _ = tx.send(EngineEvent::Token { id: req.id, text });
+        }
+    };
     let out = engine
         .run(&prepared, &req.params, &mut |t| {
             first_token.get_or_insert_with(Instant::now);
             if !stops.contains(&t) {
-                if let Some(text) = stream.push(&tokenizer, t) {
-                    let _ = tx.send(EngineEvent::Token { id: req.id, text });
-                }
+                send(stream.push(&tokenizer, t), &mut trim);
             }
             if cancel.load(Ordering::SeqCst) {
                 Flow::Cancel
@@ -150,6 +157,7 @@ fn serve(
             }
         })
         .map_err(|e| e.to_string())?;
+    send(stream.finish(&tokenizer), &mut trim);
     let first = first_token.unwrap_or_else(Instant::now);
     let n = out.tokens.len();
     let decode_s = first.elapsed().as_secs_f64();

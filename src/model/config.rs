@@ -234,14 +234,14 @@ impl InternVLConfig {
             what,
         };
         let v = &cfg.vision_config;
-        if v.patch_size == 0 || cfg.image_size() % v.patch_size != 0 {
+        if v.patch_size == 0 || !cfg.image_size().is_multiple_of(v.patch_size) {
             return Err(invalid(format!(
                 "image size {} is not a multiple of patch size {}",
                 cfg.image_size(),
                 v.patch_size
             )));
         }
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(invalid(format!(
                 "vision hidden_size {} not divisible by {} heads",
                 v.hidden_size, v.num_attention_heads
@@ -250,7 +250,7 @@ impl InternVLConfig {
         let l = &cfg.llm_config;
         if l.num_attention_heads == 0
             || l.num_kv_heads() == 0
-            || l.num_attention_heads % l.num_kv_heads() != 0
+            || !l.num_attention_heads.is_multiple_of(l.num_kv_heads())
         {
             return Err(invalid(format!(
                 "llm num_attention_heads {} not a multiple of num_key_value_heads {}",
@@ -368,7 +368,10 @@ mod tests {
             .unwrap()
             .replace("Qwen2ForCausalLM", "MambaForCausalLM");
         let e = InternVLConfig::parse(&text, p).unwrap_err().to_string();
-        assert!(e.contains("\"MambaForCausalLM\"") && e.contains("InternLM2ForCausalLM"), "{e}");
+        assert!(
+            e.contains("\"MambaForCausalLM\"") && e.contains("InternLM2ForCausalLM"),
+            "{e}"
+        );
         let e = InternVLConfig::parse("{", p).unwrap_err().to_string();
         assert!(e.starts_with("/x/config.json: invalid config.json"), "{e}");
     }

@@ -96,7 +96,11 @@ impl InternVL {
     /// Every tensor (name, shape) a checkpoint of `cfg` holds, in load order.
     pub fn expected_tensors(cfg: &InternVLConfig) -> Vec<(String, Vec<i64>)> {
         let mut w = Weights::recording();
-        let _ = Self::build(cfg.clone(), &mut w, &LoadOptions::single(Device::Cpu, Kind::BFloat16));
+        let _ = Self::build(
+            cfg.clone(),
+            &mut w,
+            &LoadOptions::single(Device::Cpu, Kind::BFloat16),
+        );
         w.recorded().to_vec()
     }
 
@@ -145,7 +149,8 @@ impl InternVL {
         let (n, p, c) = xs.size3().expect("vit output is 3-d");
         let hw = (p as f64).sqrt() as i64;
         let xs = xs.reshape([n, hw, hw, c]);
-        let xs = projector::pixel_shuffle(&xs, self.cfg.downsample_ratio, self.cfg.ps_version == "v2");
+        let xs =
+            projector::pixel_shuffle(&xs, self.cfg.downsample_ratio, self.cfg.ps_version == "v2");
         let (n, _, _, c) = xs.size4().expect("pixel shuffle output is 4-d");
         self.mlp1.forward(&xs.reshape([n, -1, c]))
     }
@@ -163,7 +168,10 @@ impl InternVL {
             return Ok(embeds);
         };
         let (b, n, c) = embeds.size3().expect("embeddings are 3-d");
-        let sel = ids.to_device(embeds.device()).eq(img_context_id).view([b * n]);
+        let sel = ids
+            .to_device(embeds.device())
+            .eq(img_context_id)
+            .view([b * n]);
         let found = sel.sum(Kind::Int64).int64_value(&[]);
         let (tiles, per_tile, _) = img.size3().expect("image features are 3-d");
         if found != tiles * per_tile {
@@ -175,7 +183,10 @@ impl InternVL {
             });
         }
         let flat = embeds.view([b * n, c]);
-        let src = img.reshape([-1, c]).to_device(flat.device()).to_kind(flat.kind());
+        let src = img
+            .reshape([-1, c])
+            .to_device(flat.device())
+            .to_kind(flat.kind());
         let flat = flat.masked_scatter(&sel.unsqueeze(1), &src);
         Ok(flat.view([b, n, c]))
     }
@@ -223,17 +234,29 @@ mod tests {
         std::fs::write(tmp.join("model.safetensors"), &bytes).unwrap();
         let cfg = std::fs::read_to_string(src.join("config.json"))
             .unwrap()
-            .replace("\"num_hidden_layers\": 2,\n    \"num_key_value_heads\"", "\"num_hidden_layers\": 3,\n    \"num_key_value_heads\"");
+            .replace(
+                "\"num_hidden_layers\": 2,\n    \"num_key_value_heads\"",
+                "\"num_hidden_layers\": 3,\n    \"num_key_value_heads\"",
+            );
         std::fs::write(tmp.join("config.json"), cfg).unwrap();
         let e = InternVL::load(&tmp, &opts).err().unwrap().to_string();
-        assert!(e.contains("missing tensor language_model.model.layers.2.self_attn.q_proj.weight"), "{e}");
+        assert!(
+            e.contains("missing tensor language_model.model.layers.2.self_attn.q_proj.weight"),
+            "{e}"
+        );
         // a wrong hidden size: shapes quoted
         let cfg = std::fs::read_to_string(src.join("config.json"))
             .unwrap()
-            .replace("\"intermediate_size\": 64,\n    \"max_position", "\"intermediate_size\": 65,\n    \"max_position");
+            .replace(
+                "\"intermediate_size\": 64,\n    \"max_position",
+                "\"intermediate_size\": 65,\n    \"max_position",
+            );
         std::fs::write(tmp.join("config.json"), cfg).unwrap();
         let e = InternVL::load(&tmp, &opts).err().unwrap().to_string();
-        assert!(e.contains("mlp.gate_proj.weight has shape [64, 32], expected [65, 32]"), "{e}");
+        assert!(
+            e.contains("mlp.gate_proj.weight has shape [64, 32], expected [65, 32]"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 }

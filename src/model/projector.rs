@@ -60,7 +60,10 @@ mod tests {
         let v1: Vec<f32> = Vec::try_from(pixel_shuffle(&xs, 0.5, false).flatten(0, -1)).unwrap();
         let v2: Vec<f32> = Vec::try_from(pixel_shuffle(&xs, 0.5, true).flatten(0, -1)).unwrap();
         assert_eq!(v1.len(), 16);
-        assert_eq!(v1, v2, "with a 1x1 output grid the final transpose is a no-op");
+        assert_eq!(
+            v1, v2,
+            "with a 1x1 output grid the final transpose is a no-op"
+        );
         let xs = Tensor::arange(16, (tch::Kind::Float, tch::Device::Cpu)).view([1, 4, 4, 1]);
         let a: Vec<f32> = Vec::try_from(pixel_shuffle(&xs, 0.5, false).flatten(0, -1)).unwrap();
         let b: Vec<f32> = Vec::try_from(pixel_shuffle(&xs, 0.5, true).flatten(0, -1)).unwrap();

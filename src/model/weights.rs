@@ -23,7 +23,9 @@ pub enum WeightsError {
     Index { path: PathBuf, what: String },
     #[error("{path}: truncated or corrupt safetensors file ({what})")]
     Corrupt { path: PathBuf, what: String },
-    #[error("{path}: tensor {name} has unsupported dtype {dtype} (bf16, f16 and f32 are supported)")]
+    #[error(
+        "{path}: tensor {name} has unsupported dtype {dtype} (bf16, f16 and f32 are supported)"
+    )]
     Dtype {
         path: PathBuf,
         name: String,
@@ -207,13 +209,15 @@ impl Weights {
         }
         let bytes = &self.files[e.file].1[e.start..e.end];
         let elt = e.kind.elt_size_in_bytes();
-        if dev == Device::Cpu && kind == e.kind && (bytes.as_ptr() as usize) % elt == 0 {
+        if dev == Device::Cpu && kind == e.kind && (bytes.as_ptr() as usize).is_multiple_of(elt) {
             // Zero-copy: the tensor views the memory map, which `Weights` keeps alive through
             // the model holding `mmaps()`.
             // SAFETY: bounds come from the validated header; the map outlives the model.
             unsafe { Tensor::from_blob(bytes.as_ptr(), shape, &[], e.kind, Device::Cpu) }
         } else {
-            Tensor::from_data_size(bytes, shape, e.kind).to_device(dev).to_kind(kind)
+            Tensor::from_data_size(bytes, shape, e.kind)
+                .to_device(dev)
+                .to_kind(kind)
         }
     }
 

@@ -54,9 +54,19 @@ pub fn load(w: &mut Weights, places: &LayerPlaces, cfg: &LlmConfig) -> Llm {
         })
         .collect();
     Llm {
-        embed_tokens: first.get(w, &format!("{pre}.tok_embeddings.weight"), &[d.vocab, d.hidden]),
+        embed_tokens: first.get(
+            w,
+            &format!("{pre}.tok_embeddings.weight"),
+            &[d.vocab, d.hidden],
+        ),
         layers,
-        norm: RmsNorm::load(w, first, &format!("{pre}.norm.weight"), d.hidden, cfg.rms_norm_eps),
+        norm: RmsNorm::load(
+            w,
+            first,
+            &format!("{pre}.norm.weight"),
+            d.hidden,
+            cfg.rms_norm_eps,
+        ),
         lm_head: Linear::load(w, first, "language_model.output", d.hidden, d.vocab, false),
         rope: Rope::new(
             d.head_dim as usize,

@@ -114,6 +114,8 @@ mod tests {
         let k = Tensor::ones([1, 2, 1, 4], (Kind::Float, Device::Cpu));
         let (ka, _) = c.append(&k, &k);
         assert_eq!(ka.size(), [1, 2, 11, 4]);
-        assert!(ka.narrow(2, 0, 10).equal(&Tensor::cat(&all, 2).narrow(2, 0, 10)));
+        assert!(ka
+            .narrow(2, 0, 10)
+            .equal(&Tensor::cat(&all, 2).narrow(2, 0, 10)));
     }
 }

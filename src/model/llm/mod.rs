@@ -74,6 +74,27 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
 }
 
+impl DecoderLayer {
+    /// Every weight of the layer.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.input_norm.weight, &self.post_attn_norm.weight];
+        let linears: Vec<&Linear> = match &self.attn.qkv {
+            Qkv::Separate { q, k, v } => vec![q, k, v],
+            Qkv::Fused(l) => vec![l],
+        }
+        .into_iter()
+        .chain([&self.attn.o, &self.mlp.gate, &self.mlp.up, &self.mlp.down])
+        .collect();
+        for l in linears {
+            v.push(&l.weight);
+            if let Some(b) = &l.bias {
+                v.push(b);
+            }
+        }
+        v
+    }
+}
+
 /// Which keys may be attended to, for one forward pass.
 pub enum Mask {
     /// Every query sees every cached key and the keys before it (a single sequence).
@@ -156,12 +177,11 @@ impl Llm {
             let o = o
                 .transpose(1, 2)
                 .reshape([b, q_len, a.num_heads * a.head_dim]);
-            xs = xs + a.o.forward(&o);
+            xs += a.o.forward(&o);
             let h = layer.post_attn_norm.forward(&xs);
             xs = &xs + layer.mlp.forward(&h);
         }
-        self.norm
-            .forward(&xs.to_device(self.norm.weight.device()))
+        self.norm.forward(&xs.to_device(self.norm.weight.device()))
     }
 
     /// Logits (f32) of the last position of each row: [b, vocab].

@@ -7,7 +7,13 @@ use crate::model::nn::{Linear, RmsNorm};
 use crate::model::weights::Weights;
 
 /// `qkv_bias`: true for Qwen2, `attention_bias` for Llama.
-pub fn load(w: &mut Weights, places: &LayerPlaces, cfg: &LlmConfig, qkv_bias: bool, o_bias: bool) -> Llm {
+pub fn load(
+    w: &mut Weights,
+    places: &LayerPlaces,
+    cfg: &LlmConfig,
+    qkv_bias: bool,
+    o_bias: bool,
+) -> Llm {
     let d = Dims::of(cfg);
     let pre = "language_model.model";
     let first = places.first;
@@ -20,11 +26,35 @@ pub fn load(w: &mut Weights, places: &LayerPlaces, cfg: &LlmConfig, qkv_bias: bo
             };
             let attn = Attention {
                 qkv: Qkv::Separate {
-                    q: lin(w, "self_attn.q_proj", d.hidden, d.heads * d.head_dim, qkv_bias),
-                    k: lin(w, "self_attn.k_proj", d.hidden, d.kv_heads * d.head_dim, qkv_bias),
-                    v: lin(w, "self_attn.v_proj", d.hidden, d.kv_heads * d.head_dim, qkv_bias),
+                    q: lin(
+                        w,
+                        "self_attn.q_proj",
+                        d.hidden,
+                        d.heads * d.head_dim,
+                        qkv_bias,
+                    ),
+                    k: lin(
+                        w,
+                        "self_attn.k_proj",
+                        d.hidden,
+                        d.kv_heads * d.head_dim,
+                        qkv_bias,
+                    ),
+                    v: lin(
+                        w,
+                        "self_attn.v_proj",
+                        d.hidden,
+                        d.kv_heads * d.head_dim,
+                        qkv_bias,
+                    ),
                 },
-                o: lin(w, "self_attn.o_proj", d.heads * d.head_dim, d.hidden, o_bias),
+                o: lin(
+                    w,
+                    "self_attn.o_proj",
+                    d.heads * d.head_dim,
+                    d.hidden,
+                    o_bias,
+                ),
                 num_heads: d.heads,
                 num_kv_heads: d.kv_heads,
                 head_dim: d.head_dim,
@@ -51,7 +81,11 @@ pub fn load(w: &mut Weights, places: &LayerPlaces, cfg: &LlmConfig, qkv_bias: bo
             }
         })
         .collect();
-    let embed_tokens = first.get(w, &format!("{pre}.embed_tokens.weight"), &[d.vocab, d.hidden]);
+    let embed_tokens = first.get(
+        w,
+        &format!("{pre}.embed_tokens.weight"),
+        &[d.vocab, d.hidden],
+    );
     let lm_head = if cfg.tie_word_embeddings && !w.contains("language_model.lm_head.weight") {
         Linear {
             weight: embed_tokens.shallow_clone(),
@@ -63,7 +97,13 @@ pub fn load(w: &mut Weights, places: &LayerPlaces, cfg: &LlmConfig, qkv_bias: bo
     Llm {
         embed_tokens,
         layers,
-        norm: RmsNorm::load(w, first, &format!("{pre}.norm.weight"), d.hidden, cfg.rms_norm_eps),
+        norm: RmsNorm::load(
+            w,
+            first,
+            &format!("{pre}.norm.weight"),
+            d.hidden,
+            cfg.rms_norm_eps,
+        ),
         lm_head,
         rope: Rope::new(
             d.head_dim as usize,

@@ -78,23 +78,32 @@ impl Rope {
     }
 
     /// cos and sin for `positions` [b, q] (int64), shaped [b, 1, q, dim], in `kind` on `dev`.
-    pub fn cos_sin(&self, positions: &Tensor, kv_len: i64, kind: Kind, dev: Device) -> (Tensor, Tensor) {
+    pub fn cos_sin(
+        &self,
+        positions: &Tensor,
+        kv_len: i64,
+        kind: Kind,
+        dev: Device,
+    ) -> (Tensor, Tensor) {
         let base = self.base_for(kv_len);
-        let exps = Tensor::arange_start_step(0, self.dim, 2, (Kind::Int64, dev)).to_kind(Kind::Float)
+        let exps = Tensor::arange_start_step(0, self.dim, 2, (Kind::Int64, dev))
+            .to_kind(Kind::Float)
             / self.dim as f64;
         let inv_freq = Tensor::pow_scalar(base, &exps).reciprocal();
-        let freqs = positions
-            .to_device(dev)
-            .to_kind(Kind::Float)
-            .unsqueeze(-1)
-            * inv_freq.view([1, 1, -1]);
+        let freqs =
+            positions.to_device(dev).to_kind(Kind::Float).unsqueeze(-1) * inv_freq.view([1, 1, -1]);
         let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
         (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
     }
 }
 
 fn rotate_half(xs: &Tensor) -> Tensor {
-    let half = xs.size().last().copied().expect("rope input has a last dim") / 2;
+    let half = xs
+        .size()
+        .last()
+        .copied()
+        .expect("rope input has a last dim")
+        / 2;
     let x1 = xs.narrow(-1, 0, half);
     let x2 = xs.narrow(-1, half, half);
     Tensor::cat(&[x2.neg(), x1], -1)
@@ -116,7 +125,10 @@ mod tests {
         let (cos, sin) = rope.cos_sin(&pos, 2, Kind::Float, Device::Cpu);
         let q = Tensor::randn([1, 1, 2, 8], (Kind::Float, Device::Cpu));
         let r = apply(&q, &cos, &sin);
-        let d0 = (r.narrow(2, 0, 1) - q.narrow(2, 0, 1)).abs().max().double_value(&[]);
+        let d0 = (r.narrow(2, 0, 1) - q.narrow(2, 0, 1))
+            .abs()
+            .max()
+            .double_value(&[]);
         assert!(d0 < 1e-7, "{d0}");
         let n_q = q.narrow(2, 1, 1).norm().double_value(&[]);
         let n_r = r.narrow(2, 1, 1).norm().double_value(&[]);

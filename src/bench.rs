@@ -1,0 +1,275 @@
+//! `internvl-chat bench`: the figures of BENCH.md, measured on this machine next to its own
+//! roofline (memory read bandwidth and bf16 matmul throughput, measured in the same run).
+use crate::engine::chat::{ChatInput, Engine};
+use crate::engine::generate::Flow;
+use crate::engine::protocol::{Attachment, Turn};
+use crate::model::LoadOptions;
+use crate::sampling::SamplingParams;
+use anyhow::Result;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+pub struct BenchConfig {
+    pub model: PathBuf,
+    pub image: PathBuf,
+    pub tiles: Vec<usize>,
+    pub new_tokens: usize,
+    pub runs: usize,
+    pub opts: LoadOptions,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// Peak resident set size of this process (VmHWM), in GiB.
+pub fn peak_rss_gib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / (1024.0 * 1024.0))
+        .unwrap_or(0.0)
+}
+
+/// (memory read GB/s over a 512 MB tensor, bf16 GFLOP/s of a 2048^3 matmul), medians of 3.
+pub fn roofline(dev: Device) -> (f64, f64) {
+    let _g = tch::no_grad_guard();
+    let big = Tensor::ones([128 << 20], (Kind::Float, dev));
+    let mut bw = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let _ = big.sum(Kind::Float).double_value(&[]);
+        bw.push(512.0 * 1.048576e6 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    drop(big);
+    let a = Tensor::randn([2048, 2048], (Kind::BFloat16, dev));
+    let b = Tensor::randn([2048, 2048], (Kind::BFloat16, dev));
+    let _ = a.matmul(&b);
+    let mut fl = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let c = a.matmul(&b);
+        let _ = c.double_value(&[0, 0]);
+        fl.push(2.0 * 2048f64.powi(3) / t.elapsed().as_secs_f64() / 1e9);
+    }
+    (median(bw), median(fl))
+}
+
+fn forced(n: usize) -> SamplingParams {
+    SamplingParams {
+        min_new_tokens: n,
+        ..SamplingParams::greedy(n)
+    }
+}
+
+struct TurnTimes {
+    ttft: f64,
+    decode_tok_s: f64,
+    prefill_tok_s: f64,
+    prompt_tokens: usize,
+}
+
+/// One question: time to first token (preprocessing included) and decode speed.
+fn timed_turn(
+    engine: &mut Engine,
+    history: &[Turn],
+    q: &str,
+    atts: &[Attachment],
+    n: usize,
+) -> Result<(TurnTimes, String)> {
+    let t0 = Instant::now();
+    let p = engine.prepare(&ChatInput {
+        system: None,
+        history,
+        question: q,
+        attachments: atts,
+        combine_images: false,
+    })?;
+    let mut first = None;
+    let out = engine.run(&p, &forced(n), &mut |_| {
+        first.get_or_insert_with(Instant::now);
+        Flow::Continue
+    })?;
+    let first = first.unwrap_or_else(Instant::now);
+    let decode = first.elapsed().as_secs_f64();
+    Ok((
+        TurnTimes {
+            ttft: (first - t0).as_secs_f64(),
+            decode_tok_s: (out.tokens.len().saturating_sub(1)) as f64 / decode.max(1e-9),
+            prefill_tok_s: out.gen.prefill_tokens as f64 / out.gen.prefill.as_secs_f64().max(1e-9),
+            prompt_tokens: p.prompt_tokens(),
+        },
+        p.question,
+    ))
+}
+
+pub fn run(cfg: &BenchConfig) -> Result<Value> {
+    let t = Instant::now();
+    let mut engine = Engine::load(&cfg.model, &cfg.opts)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let question = "Please describe the image in detail.";
+    let mut shapes = Vec::new();
+    let mut headline = json!({});
+    for &tiles in &cfg.tiles {
+        let atts = vec![Attachment::Image {
+            path: cfg.image.clone(),
+            max_tiles: Some(tiles),
+        }];
+        let (mut ttft, mut dec, mut pre, mut follow) = (vec![], vec![], vec![], vec![]);
+        let mut prompt_tokens = 0;
+        for _ in 0..cfg.runs {
+            engine.reset();
+            let (t1, q1) = timed_turn(&mut engine, &[], question, &atts, cfg.new_tokens)?;
+            let history = vec![Turn {
+                question: q1,
+                attachments: atts.clone(),
+                answer: "A picture.".into(),
+            }];
+            let (t2, _) = timed_turn(
+                &mut engine,
+                &history,
+                "What colours dominate?",
+                &[],
+                cfg.new_tokens,
+            )?;
+            ttft.push(t1.ttft);
+            dec.push(t1.decode_tok_s);
+            pre.push(t1.prefill_tok_s);
+            follow.push(t2.ttft);
+            prompt_tokens = t1.prompt_tokens;
+        }
+        let shape = json!({
+            "max_tiles": tiles,
+            "prompt_tokens": prompt_tokens,
+            "ttft_s": median(ttft),
+            "prefill_tok_s": median(pre),
+            "decode_tok_s": median(dec),
+            "followup_ttft_s": median(follow),
+        });
+        if shapes.is_empty() {
+            headline = shape.clone();
+        }
+        shapes.push(shape);
+    }
+    // 8 requests one by one, then as one batch
+    let atts = vec![Attachment::Image {
+        path: cfg.image.clone(),
+        max_tiles: Some(1),
+    }];
+    let prepared: Vec<_> = (0..8)
+        .map(|i| {
+            engine.prepare(&ChatInput {
+                system: None,
+                history: &[],
+                question: &format!("{question} ({i})"),
+                attachments: &atts,
+                combine_images: false,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let t = Instant::now();
+    for p in &prepared {
+        engine.reset();
+        engine.run(p, &forced(cfg.new_tokens), &mut |_| Flow::Continue)?;
+    }
+    let single8_s = t.elapsed().as_secs_f64();
+    let refs: Vec<_> = prepared.iter().collect();
+    let t = Instant::now();
+    engine.run_batch(&refs, &vec![forced(cfg.new_tokens); 8], &mut |_, _| {
+        Flow::Continue
+    })?;
+    let batch8_s = t.elapsed().as_secs_f64();
+    let (read_gb_s, bf16_gflop_s) = roofline(cfg.opts.first);
+    let weights_gb = llm_weight_bytes(&engine) as f64 / 1e9;
+    let decode_bound = read_gb_s / weights_gb.max(1e-9);
+    Ok(json!({
+        "model": cfg.model.display().to_string(),
+        "dtype": format!("{:?}", cfg.opts.kind),
+        "threads": tch::get_num_threads(),
+        "load_s": load_s,
+        "ttft_s": headline["ttft_s"],
+        "prefill_tok_s": headline["prefill_tok_s"],
+        "decode_tok_s": headline["decode_tok_s"],
+        "followup_ttft_s": headline["followup_ttft_s"],
+        "shapes": shapes,
+        "single8_s": single8_s,
+        "batch8_s": batch8_s,
+        "peak_rss_gib": peak_rss_gib(),
+        "roofline": {
+            "read_gb_s": read_gb_s,
+            "bf16_gflop_s": bf16_gflop_s,
+            "llm_weights_gb_per_token": weights_gb,
+            "decode_bound_tok_s": decode_bound,
+            "decode_fraction": headline["decode_tok_s"].as_f64().unwrap_or(0.0) / decode_bound,
+        },
+    }))
+}
+
+/// Bytes of LLM weights read per decoded token (layers + head; embeddings are gathered).
+fn llm_weight_bytes(engine: &Engine) -> u64 {
+    let llm = &engine.model.llm;
+    let mut n: u64 = 0;
+    let mut add = |t: &Tensor| n += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+    for l in &llm.layers {
+        for t in l.tensors() {
+            add(t);
+        }
+    }
+    add(&llm.lm_head.weight);
+    n
+}
+
+pub fn table(v: &Value) -> String {
+    let mut s = format!(
+        "model {}  dtype {}  threads {}\nload {:.2} s   peak RSS {:.2} GiB\n\n",
+        v["model"].as_str().unwrap_or(""),
+        v["dtype"].as_str().unwrap_or(""),
+        v["threads"],
+        v["load_s"].as_f64().unwrap_or(0.0),
+        v["peak_rss_gib"].as_f64().unwrap_or(0.0)
+    );
+    s.push_str(&format!(
+        "{:>9} {:>8} {:>9} {:>13} {:>12} {:>14}\n",
+        "max_tiles", "prompt", "TTFT s", "prefill tok/s", "decode tok/s", "follow-up s"
+    ));
+    for sh in v["shapes"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "{:>9} {:>8} {:>9.3} {:>13.1} {:>12.2} {:>14.3}\n",
+            sh["max_tiles"],
+            sh["prompt_tokens"],
+            sh["ttft_s"].as_f64().unwrap_or(0.0),
+            sh["prefill_tok_s"].as_f64().unwrap_or(0.0),
+            sh["decode_tok_s"].as_f64().unwrap_or(0.0),
+            sh["followup_ttft_s"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    let r = &v["roofline"];
+    s.push_str(&format!(
+        "\n8 requests: one by one {:.2} s, batched {:.2} s\nroofline: read {:.1} GB/s, bf16 matmul {:.0} GFLOP/s; decode bound {:.1} tok/s ({:.0}% reached)\n",
+        v["single8_s"].as_f64().unwrap_or(0.0),
+        v["batch8_s"].as_f64().unwrap_or(0.0),
+        r["read_gb_s"].as_f64().unwrap_or(0.0),
+        r["bf16_gflop_s"].as_f64().unwrap_or(0.0),
+        r["decode_bound_tok_s"].as_f64().unwrap_or(0.0),
+        100.0 * r["decode_fraction"].as_f64().unwrap_or(0.0)
+    ));
+    s
+}
+
+/// The default benchmark image: fixtures' image1.jpg when present.
+pub fn default_image(explicit: Option<&Path>) -> PathBuf {
+    explicit
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| crate::testutil::fixtures_dir().join("media/images/image1.jpg"))
+}
