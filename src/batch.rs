@@ -81,6 +81,10 @@ impl Request {
         if let Some(v) = self.do_sample {
             p.do_sample = v;
         }
+        if p.is_greedy() && self.repetition_penalty.is_none() {
+            // `do_sample=False` as model.chat takes it: no penalty unless asked for
+            p.repetition_penalty = 1.0;
+        }
         if let Some(v) = self.temperature {
             p.temperature = v;
         }
@@ -140,12 +144,21 @@ impl Request {
 
 /// Parses one line; on failure the error carries whatever `id` could be read.
 pub fn parse_line(line: &str) -> Result<Request, (Value, String)> {
-    serde_json::from_str::<Request>(line).map_err(|e| {
-        let id = serde_json::from_str::<Value>(line)
-            .ok()
-            .and_then(|v| v.get("id").cloned())
-            .unwrap_or(Value::Null);
-        (id, format!("invalid request: {e}"))
+    let v: Value =
+        serde_json::from_str(line).map_err(|e| (Value::Null, format!("invalid JSON: {e}")))?;
+    let id = v.get("id").cloned().unwrap_or(Value::Null);
+    if !v.is_object() {
+        return Err((id, "a request must be a JSON object".into()));
+    }
+    // the error names the field: "max_new_tokens: invalid value: integer `-3`, expected usize"
+    serde_path_to_error::deserialize::<_, Request>(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            (id, format!("invalid request: {inner}"))
+        } else {
+            (id, format!("invalid request: {path}: {inner}"))
+        }
     })
 }
 

@@ -8,12 +8,20 @@ fn main() -> ExitCode {
     match internvl_chat::run::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            // one line: the context chain joined, libtorch backtraces cut
-            let msg = e
-                .chain()
-                .map(|c| c.to_string().lines().next().unwrap_or("").to_string())
-                .collect::<Vec<_>>()
-                .join(": ");
+            // one line: the context chain joined (causes already quoted by their parent left
+            // out), libtorch backtraces cut
+            let mut msg = String::new();
+            for c in e.chain() {
+                let s = c.to_string();
+                let s = s.lines().next().unwrap_or("");
+                if msg.contains(s) {
+                    continue;
+                }
+                if !msg.is_empty() {
+                    msg.push_str(": ");
+                }
+                msg.push_str(s);
+            }
             eprintln!("internvl-chat: error: {msg}");
             ExitCode::from(1)
         }

@@ -43,6 +43,10 @@ pub fn sampling_from(args: &GenArgs) -> Result<SamplingParams> {
     if args.greedy {
         p.do_sample = false;
     }
+    if p.is_greedy() && args.repetition_penalty.is_none() {
+        // greedy as model.chat's `do_sample=False`: no penalty unless asked for
+        p.repetition_penalty = 1.0;
+    }
     p.validate().map_err(|e| anyhow::anyhow!(e))?;
     Ok(p)
 }

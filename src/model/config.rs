@@ -10,6 +10,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path}: not found (is this an InternVL checkpoint folder?)")]
+    Missing { path: PathBuf },
     #[error("{path}: invalid config.json: {source}")]
     Parse {
         path: PathBuf,
@@ -199,6 +201,9 @@ impl InternVLConfig {
         } else {
             path.to_path_buf()
         };
+        if !path.exists() {
+            return Err(ConfigError::Missing { path });
+        }
         let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
             path: path.clone(),
             source,

@@ -1,0 +1,432 @@
+//! The real binary, as a shell script would use it: answers on stdout, one-line errors on
+//! stderr, exit codes.
+use internvl_chat::testutil::{fixture, fixtures};
+use serde_json::Value;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_internvl-chat"))
+}
+
+fn model(name: &str) -> String {
+    fixture(&format!("models/{name}")).display().to_string()
+}
+
+fn golden(model: &str, case: &str) -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixture(&format!("golden/{model}/{case}.json"))).unwrap(),
+    )
+    .unwrap()
+}
+
+fn run(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut c = bin();
+    c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = c.spawn().unwrap();
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+const GREEDY: [&str; 6] = [
+    "--dtype",
+    "f32",
+    "--greedy",
+    "--max-new-tokens",
+    "24",
+    "--device",
+];
+
+fn greedy_args<'a>(m: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["--model", m];
+    v.extend(GREEDY);
+    v.push("cpu");
+    v.extend(extra);
+    v
+}
+
+/// A failure: exit code 1 and exactly one line on stderr that says `what`.
+fn assert_one_line_error(o: &Output, what: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(err.starts_with("internvl-chat: error: "), "{err}");
+    for w in what {
+        assert!(err.contains(w), "{err:?} should mention {w:?}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn one_shot_text_prints_the_reference_answer() {
+    let m = model("tiny-internlm2");
+    let o = run(&greedy_args(&m, &["--prompt", "Hello, who are you?"]), None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g = golden("tiny-internlm2", "text_hello");
+    assert_eq!(
+        stdout(&o),
+        format!("{}\n", g["turns"][0]["response"].as_str().unwrap())
+    );
+}
+
+#[test]
+fn prompt_from_stdin_when_not_a_terminal() {
+    let m = model("tiny-internlm2");
+    let o = run(&greedy_args(&m, &[]), Some("Hello, who are you?\n"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g = golden("tiny-internlm2", "text_hello");
+    assert_eq!(
+        stdout(&o).trim_end(),
+        g["turns"][0]["response"].as_str().unwrap()
+    );
+}
+
+#[test]
+fn one_shot_image_and_video() {
+    let m = model("tiny-internlm2");
+    let img = format!("{}:6", fixture("media/images/image1.jpg").display());
+    let o = run(
+        &greedy_args(
+            &m,
+            &[
+                "--image",
+                &img,
+                "--prompt",
+                "<image>\nPlease describe the image shortly.",
+            ],
+        ),
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g = golden("tiny-internlm2", "image_single");
+    assert_eq!(
+        stdout(&o).trim_end(),
+        g["turns"][0]["response"].as_str().unwrap()
+    );
+
+    let m = model("tiny-qwen2");
+    let v = fixture("media/videos/flipping_a_pancake.mkv")
+        .display()
+        .to_string();
+    let o = run(
+        &greedy_args(
+            &m,
+            &[
+                "--video",
+                &v,
+                "--prompt",
+                "What is happening in this video?",
+            ],
+        ),
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g = golden("tiny-qwen2", "video");
+    assert_eq!(
+        stdout(&o).trim_end(),
+        g["turns"][0]["response"].as_str().unwrap()
+    );
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ivl-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn bad_attachments_give_one_line_errors() {
+    let m = model("tiny-qwen2");
+    let corrupt = fixture("media/videos/corrupted.mp4").display().to_string();
+    let o = run(
+        &["--model", &m, "--video", &corrupt, "--prompt", "hi"],
+        None,
+    );
+    assert_one_line_error(&o, &["corrupted.mp4"]);
+    let o = run(
+        &[
+            "--model",
+            &m,
+            "--image",
+            "/no/such/file.jpg",
+            "--prompt",
+            "hi",
+        ],
+        None,
+    );
+    assert_one_line_error(&o, &["/no/such/file.jpg", "No such file"]);
+    let d = tmpdir("att");
+    let txt = d.join("notes.jpg");
+    std::fs::write(&txt, "just text\n").unwrap();
+    let o = run(
+        &[
+            "--model",
+            &m,
+            "--image",
+            txt.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        None,
+    );
+    assert_one_line_error(&o, &["notes.jpg", "not an image"]);
+    let o = run(
+        &[
+            "--model",
+            &m,
+            "--image",
+            d.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        None,
+    );
+    assert_one_line_error(&o, &[d.to_str().unwrap(), "directory"]);
+}
+
+#[test]
+fn bad_model_folders_give_one_line_errors() {
+    let d = tmpdir("model");
+    let o = run(&["--model", d.to_str().unwrap(), "--prompt", "hi"], None);
+    assert_one_line_error(&o, &["config.json", "not found"]);
+    std::fs::write(d.join("config.json"), r#"{"model_type": "llava"}"#).unwrap();
+    let o = run(&["--model", d.to_str().unwrap(), "--prompt", "hi"], None);
+    assert_one_line_error(&o, &["config.json", "llava", "internvl_chat"]);
+    // truncated shard of a sharded checkpoint
+    let src = fixture("models/tiny-internlm2");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
+    }
+    let shard = d.join("model-00002-of-00002.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() - 100]).unwrap();
+    let o = run(&["--model", d.to_str().unwrap(), "--prompt", "hi"], None);
+    assert_one_line_error(&o, &["model-00002-of-00002.safetensors", "truncated"]);
+    // index naming a missing shard
+    std::fs::remove_file(&shard).unwrap();
+    let o = run(&["--model", d.to_str().unwrap(), "--prompt", "hi"], None);
+    assert_one_line_error(
+        &o,
+        &[
+            "model.safetensors.index.json",
+            "model-00002-of-00002.safetensors",
+        ],
+    );
+    // tokenizer files absent
+    std::fs::write(&shard, &bytes).unwrap();
+    std::fs::remove_file(d.join("tokenizer.model")).unwrap();
+    let o = run(&["--model", d.to_str().unwrap(), "--prompt", "hi"], None);
+    assert_one_line_error(&o, &["tokenizer"]);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let o = run(&["--bogus"], None);
+    assert_eq!(o.status.code(), Some(2));
+    let o = run(&["--prompt", "hi", "--dtype", "f8"], None);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn batch_keeps_order_reports_bad_lines_and_matches_goldens() {
+    let d = tmpdir("batch");
+    let img1 = fixture("media/images/image1.jpg").display().to_string();
+    let water = fixture("media/images/waterview.jpg").display().to_string();
+    let lines = [
+        serde_json::json!({"id": "hello", "question": "Hello, who are you?", "do_sample": false, "max_new_tokens": 24}).to_string(),
+        "{not json".to_string(),
+        serde_json::json!({"id": 7, "question": "x", "colour": "red"}).to_string(),
+        serde_json::json!({"id": 8, "question": "x", "max_new_tokens": -3}).to_string(),
+        serde_json::json!({"id": 9, "question": "x", "images": [{"path": "/no/such.png"}]}).to_string(),
+        serde_json::json!({"id": "b1", "question": "<image>\nDescribe the image in detail.", "do_sample": false,
+            "max_new_tokens": 16, "images": [{"path": img1, "max_tiles": 2}]}).to_string(),
+        serde_json::json!({"id": "b2", "question": "<image>\nDescribe the image in detail.", "do_sample": false,
+            "max_new_tokens": 16, "images": [{"path": water, "max_tiles": 1}]}).to_string(),
+    ];
+    let input = d.join("in.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let out = d.join("out.jsonl");
+    let m = model("tiny-qwen2");
+    let o = run(
+        &[
+            "batch",
+            "--model",
+            &m,
+            "--dtype",
+            "f32",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "some lines failed: {}",
+        stderr(&o)
+    );
+    let results: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: Vec<Value> = results.iter().map(|r| r["id"].clone()).collect();
+    assert_eq!(
+        ids,
+        vec![
+            "hello".into(),
+            Value::Null,
+            7.into(),
+            8.into(),
+            9.into(),
+            "b1".into(),
+            "b2".into()
+        ]
+    );
+    let g = golden("tiny-qwen2", "text_hello");
+    let t = &g["turns"][0];
+    let n = t["step_margins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|m| m.as_f64().unwrap() < 0.01)
+        .unwrap();
+    assert_eq!(
+        results[0]["generated_ids"].as_array().unwrap()[..n],
+        t["generated_ids"].as_array().unwrap()[..n]
+    );
+    assert_eq!(
+        results[0]["prompt_tokens"],
+        t["input_ids"].as_array().unwrap().len()
+    );
+    assert_eq!(results[0]["completion_tokens"], 24);
+    assert_eq!(results[0]["finish_reason"], "length");
+    assert!(results[1]["error"].as_str().unwrap().contains("line 2"));
+    assert!(results[2]["error"].as_str().unwrap().contains("colour"));
+    assert!(results[3]["error"]
+        .as_str()
+        .unwrap()
+        .contains("max_new_tokens"));
+    assert!(results[4]["error"]
+        .as_str()
+        .unwrap()
+        .contains("/no/such.png"));
+    let gb = golden("tiny-qwen2", "batch_two_images");
+    assert_eq!(results[5]["response"], gb["responses"][0]);
+    assert_eq!(results[6]["response"], gb["responses"][1]);
+}
+
+#[test]
+fn batch_from_stdin_to_stdout_exits_0_when_all_succeed() {
+    let m = model("tiny-qwen2");
+    let input = serde_json::json!({"id": 1, "question": "Hi", "max_new_tokens": 3, "min_new_tokens": 3, "seed": 5}).to_string()
+        + "\n"
+        + &serde_json::json!({"id": 2, "question": "Hi", "max_new_tokens": 3, "min_new_tokens": 3, "seed": 5}).to_string();
+    let o = run(
+        &["batch", "--model", &m, "--device", "cpu", "--input", "-"],
+        Some(&input),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(r.len(), 2);
+    // seeded sampling: the same request gives the same tokens
+    assert_eq!(r[0]["generated_ids"], r[1]["generated_ids"]);
+    assert_eq!(r[0]["completion_tokens"], 3);
+}
+
+#[test]
+fn plan_prints_the_model_card_device_map_and_refuses_what_does_not_fit() {
+    let cfg = fixtures().join("configs/InternVL2_5-78B.config.json");
+    let c = cfg.to_str().unwrap();
+    let o = run(
+        &[
+            "plan",
+            "--model",
+            c,
+            "--gpus",
+            "8",
+            "--gpu-memory",
+            "80",
+            "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(j["device_map"]["language_model.model.layers.79"], 0);
+    assert_eq!(j["device_map"]["language_model.model.layers.72"], 7);
+    assert_eq!(j["device_map"]["vision_model"], 0);
+    assert_eq!(j["fits"], true);
+    let o = run(
+        &["plan", "--model", c, "--gpus", "2", "--gpu-memory", "24"],
+        None,
+    );
+    assert!(
+        stdout(&o).contains("decoder layers (80 x"),
+        "{}",
+        stdout(&o)
+    );
+    assert_one_line_error(&o, &["does not fit", "cuda:0 needs", "but has 24.00 GiB"]);
+    let o = run(
+        &[
+            "plan",
+            "--model",
+            c,
+            "--gpus",
+            "2",
+            "--gpu-memory",
+            "80",
+            "--device-map",
+            "0:40,1:30",
+        ],
+        None,
+    );
+    assert_one_line_error(&o, &["70 layers", "cuda:0: 40, cuda:1: 30", "80"]);
+}
+
+#[test]
+fn a_map_whose_devices_are_all_cpu_gives_the_same_tokens() {
+    let m = model("tiny-internlm2");
+    let a = run(&greedy_args(&m, &["--prompt", "Hello, who are you?"]), None);
+    let b = run(
+        &greedy_args(
+            &m,
+            &[
+                "--device-map",
+                "cpu:1,cpu:1",
+                "--prompt",
+                "Hello, who are you?",
+            ],
+        ),
+        None,
+    );
+    assert!(a.status.success() && b.status.success(), "{}", stderr(&b));
+    assert_eq!(stdout(&a), stdout(&b));
+}
