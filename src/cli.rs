@@ -37,6 +37,9 @@ pub struct Cli {
     /// Only sample the video between START and END seconds.
     #[arg(long, value_name = "START,END")]
     pub video_bound: Option<String>,
+    /// Open a saved chat session (see /sessions in the chat).
+    #[arg(long, value_name = "NAME")]
+    pub session: Option<String>,
     /// Tiles per video frame.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub video_max_tiles: usize,

@@ -1,9 +1,11 @@
 //! internvl-chat: InternVL 2.5 vision-language models in the terminal.
+pub mod app;
 pub mod batch;
 pub mod bench;
 pub mod cli;
 pub mod device_map;
 pub mod engine;
+pub mod logging;
 pub mod model;
 pub mod plan;
 pub mod preprocess;

@@ -259,14 +259,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             match prompt {
                 Some(p) => one_shot(&cli, &p),
-                None => bail!("the full-screen chat is not available yet: pass --prompt"),
+                None => tui(&cli),
             }
         }
     }
 }
 
-fn one_shot(cli: &Cli, prompt: &str) -> Result<ExitCode> {
-    let params = sampling_from(&cli.gen)?;
+fn attachments_from(cli: &Cli) -> Result<Vec<Attachment>> {
     let mut attachments = cli
         .images
         .iter()
@@ -280,6 +279,87 @@ fn one_shot(cli: &Cli, prompt: &str) -> Result<ExitCode> {
             max_tiles: cli.video_max_tiles,
         });
     }
+    Ok(attachments)
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::Bf16 => "bf16",
+        DType::F16 => "f16",
+        DType::F32 => "f32",
+    }
+}
+
+/// The full-screen chat: the model loads on the worker thread while the UI is already up.
+fn tui(cli: &Cli) -> Result<ExitCode> {
+    use crate::app::{self, AppOptions, AttachmentInfo, Overrides};
+    use crate::engine::protocol::EngineCmd;
+    use crate::engine::worker::{self, WorkerConfig};
+    let dir = model_dir(&cli.model)?;
+    let cfg = InternVLConfig::load(&dir)?;
+    if let Some(n) = cli.model.threads {
+        tch::set_num_threads(n as i32);
+    }
+    let attachments = attachments_from(cli)?;
+    let opts = load_options(&cli.model, &dir)?;
+    let device_name = format!("{:?}", opts.first).to_lowercase();
+    crate::logging::init(cli.model.verbose);
+    let mut tiles = cfg.tile_config();
+    if let Some(t) = cli.gen.max_tiles {
+        tiles.max_tiles = t as u32;
+    }
+    let (handle, join) = worker::spawn(WorkerConfig {
+        dir,
+        opts,
+        device_name,
+        dtype_name: dtype_name(cli.model.dtype).into(),
+    });
+    let probe: app::Probe = std::sync::Arc::new(move |a: &Attachment| {
+        let p = crate::preprocess::probe(a, &tiles).map_err(|e| e.to_string())?;
+        let path = a.path();
+        Ok(AttachmentInfo {
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| path.display().to_string()),
+            bytes: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+            grid: p.grid,
+            tiles: p.tiles,
+            tokens: p.tokens,
+            preview: p.preview,
+            frames: p.frames,
+        })
+    });
+    let g = &cli.gen;
+    let mut options = AppOptions::new(probe);
+    options.overrides = Overrides {
+        system: g.system.clone(),
+        max_tiles: g.max_tiles,
+        max_new_tokens: g.max_new_tokens,
+        min_new_tokens: g.min_new_tokens,
+        temperature: g.temperature,
+        top_p: g.top_p,
+        top_k: g.top_k,
+        repetition_penalty: g.repetition_penalty,
+        seed: g.seed,
+        greedy: g.greedy,
+        combine_images: cli.combine_images,
+    };
+    options.attachments = attachments;
+    options.resume = cli.session.clone();
+    let cancel = handle.cancel.clone();
+    let tx = handle.tx.clone();
+    let result = app::run(handle, options);
+    cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = tx.send(EngineCmd::Shutdown);
+    drop(tx);
+    let _ = join.join();
+    result.map(|_| ExitCode::SUCCESS)
+}
+
+fn one_shot(cli: &Cli, prompt: &str) -> Result<ExitCode> {
+    let params = sampling_from(&cli.gen)?;
+    let attachments = attachments_from(cli)?;
     // check attachments before the (slow) model load
     for a in &attachments {
         let p = a.path();

@@ -141,18 +141,7 @@ impl Engine {
                 model.cfg.llm_config.vocab_size
             )));
         }
-        let c = &model.cfg;
-        let tiles = TileConfig {
-            image_size: c.image_size() as u32,
-            min_tiles: c.min_dynamic_patch as u32,
-            max_tiles: if c.dynamic_image_size {
-                c.max_dynamic_patch as u32
-            } else {
-                1
-            },
-            use_thumbnail: c.use_thumbnail,
-            tokens_per_tile: c.num_image_token(),
-        };
+        let tiles = model.cfg.tile_config();
         let cache = model.llm.new_cache();
         Ok(Self {
             model,

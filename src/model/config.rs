@@ -322,6 +322,21 @@ impl InternVLConfig {
         ((grid * grid) as f64 * self.downsample_ratio * self.downsample_ratio) as usize
     }
 
+    /// Tiling settings for the preprocessor.
+    pub fn tile_config(&self) -> crate::preprocess::TileConfig {
+        crate::preprocess::TileConfig {
+            image_size: self.image_size() as u32,
+            min_tiles: self.min_dynamic_patch as u32,
+            max_tiles: if self.dynamic_image_size {
+                self.max_dynamic_patch as u32
+            } else {
+                1
+            },
+            use_thumbnail: self.use_thumbnail,
+            tokens_per_tile: self.num_image_token(),
+        }
+    }
+
     pub fn template_name(&self) -> &str {
         self.template.as_deref().unwrap_or("internvl2_5")
     }

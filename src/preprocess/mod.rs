@@ -102,3 +102,65 @@ pub fn load_visual(att: &Attachment, cfg: &TileConfig) -> Result<Visual, VisualE
         }
     }
 }
+
+/// What staging an attachment shows before anything is sent: its tile grid and token cost,
+/// and small pictures (the image, or the sampled video frames).
+#[derive(Debug)]
+pub struct Probe {
+    pub grid: (u32, u32),
+    pub tiles: usize,
+    pub tokens: usize,
+    pub preview: Option<RgbImage>,
+    pub frames: Vec<RgbImage>,
+}
+
+fn thumbnail(img: &RgbImage, max_side: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let s = (max_side as f64 / w.max(h) as f64).min(1.0);
+    let (tw, th) = (
+        ((w as f64 * s).round() as u32).max(1),
+        ((h as f64 * s).round() as u32).max(1),
+    );
+    resize::resize_bicubic(img, tw, th)
+}
+
+/// Decodes an attachment (so an undecodable file is refused when staged) and computes its cost.
+pub fn probe(att: &Attachment, cfg: &TileConfig) -> Result<Probe, VisualError> {
+    let thumb_side = 192;
+    match att {
+        Attachment::Image { path, max_tiles } => {
+            let max = max_tiles.map(|m| m as u32).unwrap_or(cfg.max_tiles);
+            if max == 0 {
+                return Err(VisualError::ZeroTiles { path: path.clone() });
+            }
+            let img = image::load_rgb(path)?;
+            let (w, h) = img.dimensions();
+            let grid = image::find_grid(w, h, cfg.min_tiles.min(max), max, cfg.image_size);
+            let n = (grid.0 * grid.1) as usize;
+            let tiles = if n > 1 && cfg.use_thumbnail { n + 1 } else { n };
+            Ok(Probe {
+                grid,
+                tiles,
+                tokens: tiles * cfg.tokens_per_tile,
+                preview: Some(thumbnail(&img, thumb_side)),
+                frames: Vec::new(),
+            })
+        }
+        Attachment::Video { .. } => {
+            let v = load_visual(att, cfg)?;
+            let tiles = v.tiles();
+            let frames: Vec<RgbImage> = v
+                .placeholders
+                .iter()
+                .filter_map(|p| p.last().map(|t| thumbnail(t, thumb_side / 2)))
+                .collect();
+            Ok(Probe {
+                grid: v.grid,
+                tiles,
+                tokens: tiles * cfg.tokens_per_tile,
+                preview: frames.first().cloned(),
+                frames,
+            })
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! `config.toml` in the config directory: defaults for generation, attachments, the theme and
+//! key bindings. Every field is optional; a missing file means the defaults. Command-line
+//! settings ([`Overrides`]) go over the file's.
+//!
+//! ```toml
+//! theme = "dark"            # dark | light | mono
+//! max_tiles = 6             # tiles per image (default: the model's max_dynamic_patch)
+//! combine_images = false
+//! video_segments = 8
+//! video_max_tiles = 1
+//! mouse = true              # wheel scrolling (hold Shift to select text)
+//! system = "You are a careful assistant."
+//!
+//! [sampling]
+//! temperature = 0.7         # 0 = greedy
+//! top_p = 0.95
+//! top_k = 50
+//! repetition_penalty = 1.1
+//! max_new_tokens = 1024
+//! seed = 0
+//!
+//! [keys]
+//! send = "enter"
+//! newline = ["alt+enter", "shift+enter", "ctrl+j"]
+//! ```
+use super::keys::{Action, Key, KeyMap};
+use super::theme::{Theme, THEMES};
+use crate::sampling::SamplingParams;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// The settings a chat starts with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub params: SamplingParams,
+    /// Tiles per image; `None`: the model's `max_dynamic_patch`.
+    pub max_tiles: Option<usize>,
+    pub video_segments: usize,
+    pub video_max_tiles: usize,
+    pub combine_images: bool,
+    /// `None`: the template's system message.
+    pub system: Option<String>,
+    pub theme: Theme,
+    pub mouse: bool,
+    pub keys: KeyMap,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            params: SamplingParams::default(),
+            max_tiles: None,
+            video_segments: 8,
+            video_max_tiles: 1,
+            combine_images: false,
+            system: None,
+            theme: Theme::default(),
+            mouse: true,
+            keys: KeyMap::default(),
+        }
+    }
+}
+
+/// Settings given on the command line (each `Some` wins over the config file).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub system: Option<String>,
+    pub max_tiles: Option<usize>,
+    pub max_new_tokens: Option<usize>,
+    pub min_new_tokens: Option<usize>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f64>,
+    pub seed: Option<u64>,
+    pub greedy: bool,
+    pub combine_images: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path} line {line}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("no home directory to find the config directory in")]
+    NoHome,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    theme: Option<Spanned<String>>,
+    max_tiles: Option<Spanned<usize>>,
+    combine_images: Option<bool>,
+    video_segments: Option<Spanned<usize>>,
+    video_max_tiles: Option<Spanned<usize>>,
+    system: Option<String>,
+    mouse: Option<bool>,
+    sampling: Option<Spanned<Sampling>>,
+    #[serde(default)]
+    keys: BTreeMap<Action, Spanned<OneOrMany>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sampling {
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<usize>,
+    repetition_penalty: Option<f64>,
+    max_new_tokens: Option<usize>,
+    min_new_tokens: Option<usize>,
+    seed: Option<u64>,
+    do_sample: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `config.toml` in the platform's config directory (`$XDG_CONFIG_HOME/internvl-chat` on Linux).
+pub fn default_path() -> Result<PathBuf, ConfigError> {
+    directories::ProjectDirs::from("", "", "internvl-chat")
+        .map(|d| d.config_dir().join("config.toml"))
+        .ok_or(ConfigError::NoHome)
+}
+
+/// Reads the settings from `path`; a missing file gives the defaults.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(src) => parse(&src, path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Settings::default()),
+        Err(source) => Err(ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Parses `src`, the text of `path` (named in errors).
+pub fn parse(src: &str, path: &Path) -> Result<Settings, ConfigError> {
+    let invalid = |span: Option<std::ops::Range<usize>>, message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        line: span.map_or(1, |s| line_of(src, s.start)),
+        message,
+    };
+    let file: File = toml::from_str(src).map_err(|e| invalid(e.span(), e.message().into()))?;
+    let mut s = Settings::default();
+    if let Some(t) = file.theme {
+        s.theme = Theme::named(t.get_ref()).ok_or_else(|| {
+            invalid(
+                Some(t.span()),
+                format!(
+                    "unknown theme \"{}\" (one of {})",
+                    t.get_ref(),
+                    THEMES.join(", ")
+                ),
+            )
+        })?;
+    }
+    let at_least_one = |v: Option<Spanned<usize>>, name: &str| match v {
+        Some(v) if *v.get_ref() == 0 => Err(invalid(
+            Some(v.span()),
+            format!("{name} must be at least 1"),
+        )),
+        v => Ok(v.map(Spanned::into_inner)),
+    };
+    s.max_tiles = at_least_one(file.max_tiles, "max_tiles")?;
+    if let Some(n) = at_least_one(file.video_segments, "video_segments")? {
+        s.video_segments = n;
+    }
+    if let Some(n) = at_least_one(file.video_max_tiles, "video_max_tiles")? {
+        s.video_max_tiles = n;
+    }
+    s.combine_images = file.combine_images.unwrap_or(s.combine_images);
+    s.system = file.system;
+    s.mouse = file.mouse.unwrap_or(s.mouse);
+    if let Some(sampling) = file.sampling {
+        let span = sampling.span();
+        let f = sampling.into_inner();
+        let p = &mut s.params;
+        p.temperature = f.temperature.unwrap_or(p.temperature);
+        p.top_p = f.top_p.unwrap_or(p.top_p);
+        p.top_k = f.top_k.unwrap_or(p.top_k);
+        p.repetition_penalty = f.repetition_penalty.unwrap_or(p.repetition_penalty);
+        p.max_new_tokens = f.max_new_tokens.unwrap_or(p.max_new_tokens);
+        p.min_new_tokens = f.min_new_tokens.unwrap_or(p.min_new_tokens);
+        p.seed = f.seed.unwrap_or(p.seed);
+        p.do_sample = f.do_sample.unwrap_or(p.do_sample);
+        p.validate()
+            .map_err(|e| invalid(Some(span), format!("[sampling]: {e}")))?;
+    }
+    let mut seen: std::collections::HashMap<Key, Action> = Default::default();
+    for (action, names) in file.keys {
+        let span = names.span();
+        let names = match names.into_inner() {
+            OneOrMany::One(n) => vec![n],
+            OneOrMany::Many(ns) => ns,
+        };
+        let mut keys = Vec::new();
+        for name in names {
+            let key = Key::parse(&name)
+                .map_err(|e| invalid(Some(span.clone()), format!("key \"{name}\": {e}")))?;
+            if let Some(other) = seen.insert(key, action).filter(|&o| o != action) {
+                return Err(invalid(
+                    Some(span),
+                    format!("key \"{name}\" is bound to both {other:?} and {action:?}"),
+                ));
+            }
+            keys.push(key);
+        }
+        s.keys.bind(action, &keys);
+    }
+    Ok(s)
+}
+
+impl Settings {
+    /// Applies command-line settings; the message names what is out of range.
+    pub fn apply(&mut self, o: &Overrides) -> Result<(), String> {
+        let p = &mut self.params;
+        p.temperature = o.temperature.unwrap_or(p.temperature);
+        p.top_p = o.top_p.unwrap_or(p.top_p);
+        p.top_k = o.top_k.unwrap_or(p.top_k);
+        p.repetition_penalty = o.repetition_penalty.unwrap_or(p.repetition_penalty);
+        p.max_new_tokens = o.max_new_tokens.unwrap_or(p.max_new_tokens);
+        p.min_new_tokens = o.min_new_tokens.unwrap_or(p.min_new_tokens);
+        p.seed = o.seed.unwrap_or(p.seed);
+        if o.greedy {
+            p.do_sample = false;
+        }
+        p.validate()?;
+        if o.max_tiles == Some(0) {
+            return Err("max_tiles must be at least 1".into());
+        }
+        self.max_tiles = o.max_tiles.or(self.max_tiles);
+        self.system = o.system.clone().or(self.system.take());
+        self.combine_images |= o.combine_images;
+        Ok(())
+    }
+}
+
+/// 1-based line of byte `pos`.
+fn line_of(src: &str, pos: usize) -> usize {
+    src.as_bytes()[..pos.min(src.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+    fn parse_str(src: &str) -> Result<Settings, String> {
+        parse(src, Path::new("/cfg/config.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn full_file_sets_everything() {
+        let s = parse_str(
+            "theme = \"light\"\nmax_tiles = 6\ncombine_images = true\nvideo_segments = 4\n\
+             system = \"be brief\"\nmouse = false\n[sampling]\ntemperature = 0\nseed = 7\n\
+             [keys]\nsend = \"ctrl+s\"\nnewline = [\"enter\"]\n",
+        )
+        .unwrap();
+        assert_eq!(s.theme.name, "light");
+        assert_eq!(s.max_tiles, Some(6));
+        assert!(s.combine_images && !s.mouse);
+        assert_eq!(s.video_segments, 4);
+        assert_eq!(s.system.as_deref(), Some("be brief"));
+        assert!(s.params.is_greedy());
+        assert_eq!(s.params.seed, 7);
+        assert_eq!(
+            s.keys
+                .action(&KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE)),
+            Some(Action::Newline)
+        );
+    }
+
+    #[test]
+    fn errors_name_the_file_and_line() {
+        assert_eq!(
+            parse_str("theme = \"dark\"\n\n[sampling]\ntempreature = 1\n").unwrap_err(),
+            "config /cfg/config.toml line 4: unknown field `tempreature`, expected one of \
+             `temperature`, `top_p`, `top_k`, `repetition_penalty`, `max_new_tokens`, \
+             `min_new_tokens`, `seed`, `do_sample`"
+        );
+        assert_eq!(
+            parse_str("mouse = true\ntheme = \"neon\"\n").unwrap_err(),
+            "config /cfg/config.toml line 2: unknown theme \"neon\" (one of dark, light, mono)"
+        );
+        assert_eq!(
+            parse_str("[keys]\nsend = \"ctrl+shft+s\"\n").unwrap_err(),
+            "config /cfg/config.toml line 2: key \"ctrl+shft+s\": unknown modifier \"shft\""
+        );
+        assert_eq!(
+            parse_str("[keys]\nsend = \"f5\"\nhelp = \"f5\"\n").unwrap_err(),
+            "config /cfg/config.toml line 3: key \"f5\" is bound to both Send and Help"
+        );
+        assert_eq!(
+            parse_str("max_tiles = 0\n").unwrap_err(),
+            "config /cfg/config.toml line 1: max_tiles must be at least 1"
+        );
+        assert_eq!(
+            parse_str("mouse = true\nx = [\n").unwrap_err(),
+            "config /cfg/config.toml line 2: unclosed array, expected `]`"
+        );
+        let e = parse_str("\n[sampling]\ntop_p = 2.0\n").unwrap_err();
+        assert_eq!(
+            e,
+            "config /cfg/config.toml line 2: [sampling]: top_p must be in (0, 1], got 2"
+        );
+    }
+
+    #[test]
+    fn missing_file_is_the_defaults_and_overrides_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = load(&dir.path().join("config.toml")).unwrap();
+        assert_eq!(s, Settings::default());
+        s.apply(&Overrides {
+            temperature: Some(0.2),
+            max_tiles: Some(2),
+            greedy: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.params.temperature, 0.2);
+        assert!(!s.params.do_sample);
+        assert_eq!(s.max_tiles, Some(2));
+        let bad = s.apply(&Overrides {
+            top_p: Some(0.0),
+            ..Default::default()
+        });
+        assert_eq!(bad.unwrap_err(), "top_p must be in (0, 1], got 0");
+    }
+}
