@@ -3,7 +3,7 @@
 use crate::engine::chat::{ChatInput, ChatOutput, Engine, Prepared};
 use crate::engine::generate::Flow;
 use crate::engine::protocol::{Attachment, Turn};
-use crate::sampling::SamplingParams;
+use crate::sampling::{Overrides, SamplingParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::io::{BufRead, Write};
@@ -65,49 +65,20 @@ pub struct Request {
     pub video: Option<VideoSpec>,
 }
 
-/// Largest `max_new_tokens` a request may ask for (the context window bounds it further).
-pub const MAX_NEW_TOKENS_LIMIT: usize = 1 << 20;
-
 impl Request {
     /// Request fields over `base` (the command line's settings).
     pub fn params(&self, base: &SamplingParams) -> Result<SamplingParams, String> {
-        let mut p = base.clone();
-        if let Some(v) = self.max_new_tokens {
-            p.max_new_tokens = v;
+        Overrides {
+            do_sample: self.do_sample,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            max_new_tokens: self.max_new_tokens,
+            min_new_tokens: self.min_new_tokens,
         }
-        if let Some(v) = self.min_new_tokens {
-            p.min_new_tokens = v;
-        }
-        if let Some(v) = self.do_sample {
-            p.do_sample = v;
-        }
-        if p.is_greedy() && self.repetition_penalty.is_none() {
-            // `do_sample=False` as model.chat takes it: no penalty unless asked for
-            p.repetition_penalty = 1.0;
-        }
-        if let Some(v) = self.temperature {
-            p.temperature = v;
-        }
-        if let Some(v) = self.top_p {
-            p.top_p = v;
-        }
-        if let Some(v) = self.top_k {
-            p.top_k = v;
-        }
-        if let Some(v) = self.repetition_penalty {
-            p.repetition_penalty = v;
-        }
-        if let Some(v) = self.seed {
-            p.seed = v;
-        }
-        if p.max_new_tokens > MAX_NEW_TOKENS_LIMIT {
-            return Err(format!(
-                "max_new_tokens {} is larger than {MAX_NEW_TOKENS_LIMIT}",
-                p.max_new_tokens
-            ));
-        }
-        p.validate()?;
-        Ok(p)
+        .apply(base)
     }
 
     pub fn attachments(&self) -> Vec<Attachment> {

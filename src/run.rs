@@ -9,7 +9,7 @@ use crate::engine::stream::{StreamDecoder, Trimmed};
 use crate::model::config::InternVLConfig;
 use crate::model::LoadOptions;
 use crate::plan::Plan;
-use crate::sampling::SamplingParams;
+use crate::sampling::{Overrides, SamplingParams};
 use anyhow::{bail, Context, Result};
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -18,37 +18,18 @@ use tch::{Device, Kind};
 
 /// Sampling settings: the web demo's defaults, then the flags.
 pub fn sampling_from(args: &GenArgs) -> Result<SamplingParams> {
-    let mut p = SamplingParams::default();
-    if let Some(v) = args.max_new_tokens {
-        p.max_new_tokens = v;
+    Overrides {
+        do_sample: args.greedy.then_some(false),
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+        max_new_tokens: args.max_new_tokens,
+        min_new_tokens: args.min_new_tokens,
     }
-    if let Some(v) = args.min_new_tokens {
-        p.min_new_tokens = v;
-    }
-    if let Some(v) = args.temperature {
-        p.temperature = v;
-    }
-    if let Some(v) = args.top_p {
-        p.top_p = v;
-    }
-    if let Some(v) = args.top_k {
-        p.top_k = v;
-    }
-    if let Some(v) = args.repetition_penalty {
-        p.repetition_penalty = v;
-    }
-    if let Some(v) = args.seed {
-        p.seed = v;
-    }
-    if args.greedy {
-        p.do_sample = false;
-    }
-    if p.is_greedy() && args.repetition_penalty.is_none() {
-        // greedy as model.chat's `do_sample=False`: no penalty unless asked for
-        p.repetition_penalty = 1.0;
-    }
-    p.validate().map_err(|e| anyhow::anyhow!(e))?;
-    Ok(p)
+    .apply(&SamplingParams::default())
+    .map_err(|e| anyhow::anyhow!(e))
 }
 
 /// `cpu`, `cuda`, `cuda:N`, `auto`.

@@ -78,6 +78,54 @@ impl SamplingParams {
     }
 }
 
+/// Settings given explicitly (flags, a JSONL request) over a base.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f64>,
+    pub seed: Option<u64>,
+    pub max_new_tokens: Option<usize>,
+    pub min_new_tokens: Option<usize>,
+}
+
+/// Largest `max_new_tokens` accepted (the context window bounds it further).
+pub const MAX_NEW_TOKENS_LIMIT: usize = 1 << 20;
+
+impl Overrides {
+    /// The overrides applied to `base`, validated. Greedy (`do_sample` false or temperature 0)
+    /// means model.chat's `do_sample=False`: no repetition penalty unless one is given.
+    pub fn apply(&self, base: &SamplingParams) -> Result<SamplingParams, String> {
+        let mut p = base.clone();
+        macro_rules! set {
+            ($($f:ident),*) => { $(if let Some(v) = self.$f { p.$f = v; })* };
+        }
+        set!(
+            do_sample,
+            temperature,
+            top_p,
+            top_k,
+            repetition_penalty,
+            seed,
+            max_new_tokens,
+            min_new_tokens
+        );
+        if p.is_greedy() && self.repetition_penalty.is_none() {
+            p.repetition_penalty = 1.0;
+        }
+        if p.max_new_tokens > MAX_NEW_TOKENS_LIMIT {
+            return Err(format!(
+                "max_new_tokens {} is larger than {MAX_NEW_TOKENS_LIMIT}",
+                p.max_new_tokens
+            ));
+        }
+        p.validate()?;
+        Ok(p)
+    }
+}
+
 /// SplitMix64: small, seedable, and the same on every platform.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);

@@ -70,6 +70,27 @@ fn typed_question(g: &Value) -> String {
     }
 }
 
+/// The single-turn request of a golden case.
+fn prepare_case(e: &Engine, g: &Value) -> Prepared {
+    e.prepare(&ChatInput {
+        system: None,
+        history: &[],
+        question: &typed_question(g),
+        attachments: &attachments(g),
+        combine_images: g["combined"].as_bool().unwrap_or(false),
+    })
+    .unwrap()
+}
+
+/// Steps before the reference's first near-tie (margin < 0.01): compared, the rest not.
+fn steps_to_compare(turn: &Value) -> usize {
+    let margins = turn["step_margins"].as_array().unwrap();
+    margins
+        .iter()
+        .position(|m| m.as_f64().unwrap() < 0.01)
+        .unwrap_or(margins.len())
+}
+
 fn run(engine: &mut Engine, p: &Prepared) -> ChatOutput {
     engine
         .run(p, &SamplingParams::greedy(24), &mut |_| Flow::Continue)
@@ -96,16 +117,7 @@ fn check_turn(label: &str, p: &Prepared, out: &ChatOutput, turn: &Value, logits:
     let full = (&ours - logits.view([-1])).abs().max().double_value(&[]);
     assert!(full <= 1e-3, "{label}: full logit diff {full}");
     let golden = i64s(&turn["generated_ids"]);
-    let margins: Vec<f64> = turn["step_margins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m.as_f64().unwrap())
-        .collect();
-    let n = margins
-        .iter()
-        .position(|m| *m < 0.01)
-        .unwrap_or(golden.len());
+    let n = steps_to_compare(turn);
     let ours: Vec<i64> = out.tokens.iter().map(|&t| t as i64).collect();
     assert_eq!(
         ours[..n],
@@ -135,17 +147,7 @@ fn single_turn_case(case: &str) {
     for model in MODELS {
         let g = json(&format!("golden/{model}/{case}.json"));
         let mut e = engine(model, Kind::Float);
-        let atts = attachments(&g);
-        let q = typed_question(&g);
-        let p = e
-            .prepare(&ChatInput {
-                system: None,
-                history: &[],
-                question: &q,
-                attachments: &atts,
-                combine_images: g["combined"].as_bool().unwrap_or(false),
-            })
-            .unwrap();
+        let p = prepare_case(&e, &g);
         if let Some(n) = g["num_patches_list"].as_array() {
             let n: Vec<usize> = n.iter().map(|x| x.as_u64().unwrap() as usize).collect();
             assert_eq!(p.num_patches, n, "{model} {case}: num_patches_list");
@@ -319,19 +321,7 @@ fn batch_with_left_padding_matches_single_goldens() {
             .iter()
             .map(|c| json(&format!("golden/{model}/{c}.json")))
             .collect();
-        let prepared: Vec<Prepared> = goldens
-            .iter()
-            .map(|g| {
-                e.prepare(&ChatInput {
-                    system: None,
-                    history: &[],
-                    question: &typed_question(g),
-                    attachments: &attachments(g),
-                    combine_images: false,
-                })
-                .unwrap()
-            })
-            .collect();
+        let prepared: Vec<Prepared> = goldens.iter().map(|g| prepare_case(&e, g)).collect();
         assert!(prepared[0].ids.len() < prepared[1].ids.len());
         let refs: Vec<&Prepared> = prepared.iter().collect();
         let outs = e
@@ -342,12 +332,7 @@ fn batch_with_left_padding_matches_single_goldens() {
         for ((o, g), c) in outs.iter().zip(&goldens).zip(cases) {
             let turn = &g["turns"][0];
             let golden = i64s(&turn["generated_ids"]);
-            let n = turn["step_margins"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .position(|m| m.as_f64().unwrap() < 0.01)
-                .unwrap_or(golden.len());
+            let n = steps_to_compare(turn);
             let ours: Vec<i64> = o.tokens.iter().map(|&t| t as i64).collect();
             assert_eq!(ours[..n], golden[..n], "{model} {c} batched");
         }
@@ -361,17 +346,7 @@ fn bf16_first_step() {
         for case in ["text_hello", "image_single"] {
             let g = json(&format!("golden/{model}/{case}.json"));
             let mut e = engine(model, Kind::BFloat16);
-            let atts = attachments(&g);
-            let q = typed_question(&g);
-            let p = e
-                .prepare(&ChatInput {
-                    system: None,
-                    history: &[],
-                    question: &q,
-                    attachments: &atts,
-                    combine_images: false,
-                })
-                .unwrap();
+            let p = prepare_case(&e, &g);
             let out = e
                 .run(&p, &SamplingParams::greedy(1), &mut |_| Flow::Continue)
                 .unwrap();

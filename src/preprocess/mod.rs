@@ -45,6 +45,18 @@ impl Visual {
     }
 }
 
+/// An image's tile limit: its own, else the config's; 0 is refused.
+fn image_max_tiles(
+    path: &std::path::Path,
+    max_tiles: Option<usize>,
+    cfg: &TileConfig,
+) -> Result<u32, VisualError> {
+    match max_tiles.map(|m| m as u32).unwrap_or(cfg.max_tiles) {
+        0 => Err(VisualError::ZeroTiles { path: path.into() }),
+        m => Ok(m),
+    }
+}
+
 fn tile_frame(img: &RgbImage, cfg: &TileConfig, max_tiles: u32) -> (Vec<RgbImage>, (u32, u32)) {
     let t = image::dynamic_preprocess(
         img,
@@ -60,10 +72,7 @@ fn tile_frame(img: &RgbImage, cfg: &TileConfig, max_tiles: u32) -> (Vec<RgbImage
 pub fn load_visual(att: &Attachment, cfg: &TileConfig) -> Result<Visual, VisualError> {
     match att {
         Attachment::Image { path, max_tiles } => {
-            let max = max_tiles.map(|m| m as u32).unwrap_or(cfg.max_tiles);
-            if max == 0 {
-                return Err(VisualError::ZeroTiles { path: path.clone() });
-            }
+            let max = image_max_tiles(path, *max_tiles, cfg)?;
             let img = image::load_rgb(path)?;
             let (tiles, grid) = tile_frame(&img, cfg, max);
             Ok(Visual {
@@ -129,10 +138,7 @@ pub fn probe(att: &Attachment, cfg: &TileConfig) -> Result<Probe, VisualError> {
     let thumb_side = 192;
     match att {
         Attachment::Image { path, max_tiles } => {
-            let max = max_tiles.map(|m| m as u32).unwrap_or(cfg.max_tiles);
-            if max == 0 {
-                return Err(VisualError::ZeroTiles { path: path.clone() });
-            }
+            let max = image_max_tiles(path, *max_tiles, cfg)?;
             let img = image::load_rgb(path)?;
             let (w, h) = img.dimensions();
             let grid = image::find_grid(w, h, cfg.min_tiles.min(max), max, cfg.image_size);

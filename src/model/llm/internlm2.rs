@@ -1,7 +1,7 @@
 //! `InternLM2ForCausalLM` (the remote-code `modeling_internlm2.py` shipped with InternVL):
 //! checkpoint keys onto [`super::Llm`], with the fused `wqkv` and InternLM2's dynamic NTK rope.
 use super::rope::{DynamicFlavor, Rope};
-use super::{load_norms, Attention, DecoderLayer, Dims, LayerPlaces, Llm, Mlp, Qkv};
+use super::{Attention, DecoderLayer, Dims, LayerPlaces, Llm, Mlp, Qkv};
 use crate::model::config::LlmConfig;
 use crate::model::nn::{Linear, RmsNorm};
 use crate::model::weights::Weights;
@@ -36,21 +36,17 @@ pub fn load(w: &mut Weights, places: &LayerPlaces, cfg: &LlmConfig) -> Llm {
                 up: lin(w, "feed_forward.w3", d.hidden, d.inter, false),
                 down: lin(w, "feed_forward.w2", d.inter, d.hidden, false),
             };
-            let (input_norm, post_attn_norm) = load_norms(
+            DecoderLayer::with_norms(
                 w,
                 p,
-                &format!("{l}.attention_norm.weight"),
-                &format!("{l}.ffn_norm.weight"),
-                d.hidden,
-                cfg.rms_norm_eps,
-            );
-            DecoderLayer {
-                dev: p.dev,
-                input_norm,
-                post_attn_norm,
+                [
+                    &format!("{l}.attention_norm.weight"),
+                    &format!("{l}.ffn_norm.weight"),
+                ],
+                cfg,
                 attn,
                 mlp,
-            }
+            )
         })
         .collect();
     Llm {

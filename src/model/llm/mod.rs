@@ -252,18 +252,25 @@ impl LayerPlaces<'_> {
     }
 }
 
-pub(crate) fn load_norms(
-    w: &mut Weights,
-    p: Place,
-    in_name: &str,
-    post_name: &str,
-    dim: i64,
-    eps: f64,
-) -> (RmsNorm, RmsNorm) {
-    (
-        RmsNorm::load(w, p, in_name, dim, eps),
-        RmsNorm::load(w, p, post_name, dim, eps),
-    )
+impl DecoderLayer {
+    /// A layer on `p.dev` with its two RMSNorms loaded by name.
+    pub(crate) fn with_norms(
+        w: &mut Weights,
+        p: Place,
+        names: [&str; 2],
+        cfg: &LlmConfig,
+        attn: Attention,
+        mlp: Mlp,
+    ) -> Self {
+        let dim = cfg.hidden_size as i64;
+        Self {
+            dev: p.dev,
+            input_norm: RmsNorm::load(w, p, names[0], dim, cfg.rms_norm_eps),
+            post_attn_norm: RmsNorm::load(w, p, names[1], dim, cfg.rms_norm_eps),
+            attn,
+            mlp,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! `Qwen2ForCausalLM` (transformers 4.47 `modeling_qwen2.py`) and `LlamaForCausalLM`, which is
 //! the same graph without q/k/v biases: checkpoint keys onto [`super::Llm`].
 use super::rope::{DynamicFlavor, Rope};
-use super::{load_norms, Attention, DecoderLayer, Dims, LayerPlaces, Llm, Mlp, Qkv};
+use super::{Attention, DecoderLayer, Dims, LayerPlaces, Llm, Mlp, Qkv};
 use crate::model::config::LlmConfig;
 use crate::model::nn::{Linear, RmsNorm};
 use crate::model::weights::Weights;
@@ -64,21 +64,17 @@ pub fn load(
                 up: lin(w, "mlp.up_proj", d.hidden, d.inter, false),
                 down: lin(w, "mlp.down_proj", d.inter, d.hidden, false),
             };
-            let (input_norm, post_attn_norm) = load_norms(
+            DecoderLayer::with_norms(
                 w,
                 p,
-                &format!("{l}.input_layernorm.weight"),
-                &format!("{l}.post_attention_layernorm.weight"),
-                d.hidden,
-                cfg.rms_norm_eps,
-            );
-            DecoderLayer {
-                dev: p.dev,
-                input_norm,
-                post_attn_norm,
+                [
+                    &format!("{l}.input_layernorm.weight"),
+                    &format!("{l}.post_attention_layernorm.weight"),
+                ],
+                cfg,
                 attn,
                 mlp,
-            }
+            )
         })
         .collect();
     let embed_tokens = first.get(
