@@ -172,7 +172,7 @@ fn attach_ask_stream_cancel_ask_quit_and_reload() {
     assert!(text.contains("And the colours?") && text.contains("image1.jpg"));
 
     // relaunch and load the session: the transcript comes back and the model sees it
-    let t = Tmux::start("ivl-e2e2", &home, &args[..8].to_vec());
+    let t = Tmux::start("ivl-e2e2", &home, &args[..8]);
     t.wait("the model to load", 60, |s| s.contains("ready"));
     t.text("/load e2e");
     t.keys(&["Enter"]);
