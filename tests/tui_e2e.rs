@@ -76,6 +76,14 @@ impl Tmux {
         }
     }
 
+    fn pane_pid(&self) -> u32 {
+        let o = Command::new("tmux")
+            .args(["display-message", "-p", "-t", &self.name, "#{pane_pid}"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+    }
+
     fn alive(&self) -> bool {
         Command::new("tmux")
             .args(["has-session", "-t", &self.name])
@@ -189,5 +197,14 @@ fn attach_ask_stream_cancel_ask_quit_and_reload() {
     t.wait("an answer after loading", 60, |s| {
         s.contains("One more?") && answered(s) > before && s.contains("ready")
     });
+    // closing the terminal (SIGHUP) ends the program, answer or not
+    t.keys(&["Enter"]);
+    let pid = t.pane_pid();
+    drop(t);
+    let gone = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(gone.elapsed() < Duration::from_secs(10), "process {pid} outlived its terminal");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let _ = std::fs::remove_dir_all(&home);
 }

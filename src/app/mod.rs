@@ -234,7 +234,9 @@ fn event_loop(
         }
     }
     stop.store(true, Ordering::SeqCst);
-    let _ = input.join();
+    // not joined: when the terminal is gone (SIGHUP, closed window) crossterm's read can block
+    // or spin for ever; the thread ends with the process
+    drop(input);
     #[cfg(unix)]
     signals.close();
     Ok(())
