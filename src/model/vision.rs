@@ -112,10 +112,20 @@ impl Attention {
             q = norm(&q, qn);
             k = norm(&k, kn);
         }
-        let scale = (hd as f64).powf(-0.5);
-        let attn = (q * scale).matmul(&k.transpose(-2, -1));
-        let attn = attn.softmax(-1, attn.kind());
-        let xs = attn.matmul(&v).transpose(1, 2).reshape([b, n, c]);
+        // libtorch's fused attention: the reference's eager softmax(q*scale @ k^T) @ v, within
+        // the golden tolerance (f32 logits stay within 1e-5)
+        let xs = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            false,
+            (hd as f64).powf(-0.5),
+            false,
+        )
+        .transpose(1, 2)
+        .reshape([b, n, c]);
         self.proj.forward(&xs)
     }
 }
