@@ -203,7 +203,10 @@ fn attach_ask_stream_cancel_ask_quit_and_reload() {
     drop(t);
     let gone = Instant::now();
     while Path::new(&format!("/proc/{pid}")).exists() {
-        assert!(gone.elapsed() < Duration::from_secs(10), "process {pid} outlived its terminal");
+        assert!(
+            gone.elapsed() < Duration::from_secs(10),
+            "process {pid} outlived its terminal"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let _ = std::fs::remove_dir_all(&home);
