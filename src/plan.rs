@@ -161,8 +161,15 @@ fn count(n: u64) -> String {
     }
 }
 
-/// MemAvailable from /proc/meminfo, in bytes.
+/// Memory the model may use on the CPU, in bytes: `$INTERNVL_RAM_GIB` when set (containers whose
+/// limit /proc does not show), else MemAvailable from /proc/meminfo.
 pub fn available_ram() -> Option<u64> {
+    if let Some(g) = std::env::var("INTERNVL_RAM_GIB")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        return Some((g * (1u64 << 30) as f64) as u64);
+    }
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

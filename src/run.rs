@@ -96,12 +96,38 @@ pub fn load_options(args: &ModelArgs, dir: &std::path::Path) -> Result<LoadOptio
     })
 }
 
+/// Refuses, before anything is allocated, a model whose weights and KV cache (8192 positions)
+/// do not fit the CPU's available memory. (GPU memory is not queried.)
+fn check_fits(dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
+    let cfg = InternVLConfig::load(dir)?;
+    let target = |d: Device| match d {
+        Device::Cuda(i) => Target::Gpu(i),
+        _ => Target::Cpu,
+    };
+    let n = cfg.llm_config.num_hidden_layers;
+    let map = device_map::DeviceMap {
+        first: target(opts.first),
+        layers: (0..n)
+            .map(|i| target(opts.layers.get(i).copied().unwrap_or(opts.first)))
+            .collect(),
+    };
+    let context = cfg.llm_config.max_position_embeddings.min(8192);
+    let plan = Plan::new(&cfg, &map, opts.kind.elt_size_in_bytes() as u64, context);
+    let ram = crate::plan::available_ram();
+    plan.check(&|t| match t {
+        Target::Cpu => ram,
+        Target::Gpu(_) => None,
+    })
+    .map_err(|e| anyhow::anyhow!("{}: {e} (see `internvl-chat plan`)", dir.display()))
+}
+
 pub fn load_engine(args: &ModelArgs) -> Result<(Engine, Device)> {
     if let Some(n) = args.threads {
         tch::set_num_threads(n as i32);
     }
     let dir = model_dir(args)?;
     let opts = load_options(args, &dir)?;
+    check_fits(&dir, &opts)?;
     let dev = opts.first;
     let engine = Engine::load(&dir, &opts).with_context(|| format!("loading {}", dir.display()))?;
     Ok((engine, dev))
@@ -283,6 +309,7 @@ fn tui(cli: &Cli) -> Result<ExitCode> {
     }
     let attachments = attachments_from(cli)?;
     let opts = load_options(&cli.model, &dir)?;
+    check_fits(&dir, &opts)?;
     let device_name = format!("{:?}", opts.first).to_lowercase();
     crate::logging::init(cli.model.verbose);
     let mut tiles = cfg.tile_config();

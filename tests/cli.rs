@@ -430,3 +430,22 @@ fn a_map_whose_devices_are_all_cpu_gives_the_same_tokens() {
     assert!(a.status.success() && b.status.success(), "{}", stderr(&b));
     assert_eq!(stdout(&a), stdout(&b));
 }
+
+#[test]
+fn a_model_that_does_not_fit_is_refused_before_loading() {
+    let m = model("tiny-qwen2");
+    let mut c = bin();
+    c.args(["--model", &m, "--device", "cpu", "--prompt", "hi"])
+        .env("INTERNVL_RAM_GIB", "0.001")
+        .stdin(Stdio::null());
+    let o = c.output().unwrap();
+    assert_one_line_error(
+        &o,
+        &[
+            "tiny-qwen2",
+            "does not fit",
+            "cpu needs",
+            "but has 0.00 GiB",
+        ],
+    );
+}
