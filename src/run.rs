@@ -16,8 +16,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tch::{Device, Kind};
 
-/// Sampling settings: the web demo's defaults, then the flags.
-pub fn sampling_from(args: &GenArgs) -> Result<SamplingParams> {
+/// The sampling flags given.
+fn sampling_overrides(args: &GenArgs) -> Overrides {
     Overrides {
         do_sample: args.greedy.then_some(false),
         temperature: args.temperature,
@@ -28,8 +28,13 @@ pub fn sampling_from(args: &GenArgs) -> Result<SamplingParams> {
         max_new_tokens: args.max_new_tokens,
         min_new_tokens: args.min_new_tokens,
     }
-    .apply(&SamplingParams::default())
-    .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Sampling settings: the web demo's defaults, then the flags.
+pub fn sampling_from(args: &GenArgs) -> Result<SamplingParams> {
+    sampling_overrides(args)
+        .apply(&SamplingParams::default())
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 /// `cpu`, `cuda`, `cuda:N`, `auto`.
@@ -343,14 +348,7 @@ fn tui(cli: &Cli) -> Result<ExitCode> {
     options.overrides = Overrides {
         system: g.system.clone(),
         max_tiles: g.max_tiles,
-        max_new_tokens: g.max_new_tokens,
-        min_new_tokens: g.min_new_tokens,
-        temperature: g.temperature,
-        top_p: g.top_p,
-        top_k: g.top_k,
-        repetition_penalty: g.repetition_penalty,
-        seed: g.seed,
-        greedy: g.greedy,
+        sampling: sampling_overrides(g),
         combine_images: cli.combine_images,
     };
     options.attachments = attachments;

@@ -68,14 +68,8 @@ impl Default for Settings {
 pub struct Overrides {
     pub system: Option<String>,
     pub max_tiles: Option<usize>,
-    pub max_new_tokens: Option<usize>,
-    pub min_new_tokens: Option<usize>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<usize>,
-    pub repetition_penalty: Option<f64>,
-    pub seed: Option<u64>,
-    pub greedy: bool,
+    /// Sampling flags, applied as the one-shot and batch modes apply them.
+    pub sampling: crate::sampling::Overrides,
     pub combine_images: bool,
 }
 
@@ -230,18 +224,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Settings, ConfigError> {
 impl Settings {
     /// Applies command-line settings; the message names what is out of range.
     pub fn apply(&mut self, o: &Overrides) -> Result<(), String> {
-        let p = &mut self.params;
-        p.temperature = o.temperature.unwrap_or(p.temperature);
-        p.top_p = o.top_p.unwrap_or(p.top_p);
-        p.top_k = o.top_k.unwrap_or(p.top_k);
-        p.repetition_penalty = o.repetition_penalty.unwrap_or(p.repetition_penalty);
-        p.max_new_tokens = o.max_new_tokens.unwrap_or(p.max_new_tokens);
-        p.min_new_tokens = o.min_new_tokens.unwrap_or(p.min_new_tokens);
-        p.seed = o.seed.unwrap_or(p.seed);
-        if o.greedy {
-            p.do_sample = false;
-        }
-        p.validate()?;
+        self.params = o.sampling.apply(&self.params)?;
         if o.max_tiles == Some(0) {
             return Err("max_tiles must be at least 1".into());
         }
@@ -333,9 +316,12 @@ mod tests {
         let mut s = load(&dir.path().join("config.toml")).unwrap();
         assert_eq!(s, Settings::default());
         s.apply(&Overrides {
-            temperature: Some(0.2),
             max_tiles: Some(2),
-            greedy: true,
+            sampling: crate::sampling::Overrides {
+                temperature: Some(0.2),
+                do_sample: Some(false),
+                ..Default::default()
+            },
             ..Default::default()
         })
         .unwrap();
@@ -343,7 +329,10 @@ mod tests {
         assert!(!s.params.do_sample);
         assert_eq!(s.max_tiles, Some(2));
         let bad = s.apply(&Overrides {
-            top_p: Some(0.0),
+            sampling: crate::sampling::Overrides {
+                top_p: Some(0.0),
+                ..Default::default()
+            },
             ..Default::default()
         });
         assert_eq!(bad.unwrap_err(), "top_p must be in (0, 1], got 0");
