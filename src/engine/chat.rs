@@ -11,7 +11,7 @@ use crate::prompt::{build_query, PromptError};
 use crate::sampling::{Sampler, SamplingParams};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
@@ -361,11 +361,6 @@ impl Engine {
         self.template.response_text(&text).to_string()
     }
 
-    /// The KV cache length in tokens (for tests and the soak test).
-    pub fn cached_len(&self) -> usize {
-        self.cached_ids.len()
-    }
-
     /// Runs several prepared questions together, left-padded, as `batch_chat`.
     pub fn run_batch(
         &mut self,
@@ -463,13 +458,4 @@ fn image_runs(ids: &[i64], ctx: i64) -> Vec<(usize, usize)> {
         }
     }
     runs
-}
-
-/// Kind from the CLI's dtype name.
-pub fn kind_of(name: &str) -> Kind {
-    match name {
-        "f32" => Kind::Float,
-        "f16" => Kind::Half,
-        _ => Kind::BFloat16,
-    }
 }

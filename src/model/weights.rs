@@ -172,11 +172,6 @@ impl Weights {
         self.record.as_deref().unwrap_or(&[])
     }
 
-    /// Stored dtype of the first floating tensor (the checkpoint's `torch_dtype`).
-    pub fn stored_kind(&self) -> Option<Kind> {
-        self.entries.values().next().map(|e| e.kind)
-    }
-
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }
