@@ -270,10 +270,9 @@ impl Engine {
         if tiles.is_empty() {
             return None;
         }
-        let owned: Vec<::image::RgbImage> = tiles.into_iter().cloned().collect();
-        let data = preprocess::image::normalize_tiles(&owned);
+        let data = preprocess::image::normalize_tiles(&tiles);
         let s = self.tiles.image_size as i64;
-        Some(Tensor::from_slice(&data).view([owned.len() as i64, 3, s, s]))
+        Some(Tensor::from_slice(&data).view([tiles.len() as i64, 3, s, s]))
     }
 
     /// Runs one prepared question, reusing the cached conversation prefix.

@@ -491,7 +491,7 @@ pub fn dynamic_preprocess(
 /// `build_transform` on each tile: ToTensor (`x as f32 / 255`) then Normalize (`(x - mean) / std`,
 /// f32 mean/std), in torchvision's operation order. Layout `[n, 3, H, W]`; all tiles must share one
 /// size (the `Resize((448, 448))` of the transform is an identity on `dynamic_preprocess` tiles).
-pub fn normalize_tiles(tiles: &[RgbImage]) -> Vec<f32> {
+pub fn normalize_tiles(tiles: &[&RgbImage]) -> Vec<f32> {
     let mut out = Vec::with_capacity(tiles.iter().map(|t| t.as_raw().len()).sum());
     for tile in tiles {
         for c in 0..3 {
@@ -779,7 +779,7 @@ mod tests {
     fn normalization_is_totensor_then_imagenet_normalize_in_chw() {
         let a = RgbImage::from_raw(2, 1, vec![0, 128, 255, 255, 0, 64]).unwrap();
         let b = RgbImage::from_raw(2, 1, vec![1, 2, 3, 4, 5, 6]).unwrap();
-        let out = normalize_tiles(&[a, b]);
+        let out = normalize_tiles(&[&a, &b]);
         // [n=2, c=3, h=1, w=2]: channel planes of tile a, then of tile b.
         let raw = [[0u8, 255], [128, 0], [255, 64], [1, 4], [2, 5], [3, 6]];
         assert_eq!(out.len(), 12);
