@@ -5,7 +5,6 @@ use crate::device_map::{self, Target};
 use crate::engine::chat::{ChatInput, Engine};
 use crate::engine::generate::Flow;
 use crate::engine::protocol::Attachment;
-use crate::engine::stream::{StreamDecoder, Trimmed};
 use crate::model::config::InternVLConfig;
 use crate::model::LoadOptions;
 use crate::plan::Plan;
@@ -382,13 +381,10 @@ fn one_shot(cli: &Cli, prompt: &str) -> Result<ExitCode> {
         attachments: &attachments,
         combine_images: cli.combine_images,
     })?;
-    let tokenizer = engine.tokenizer.clone();
-    let stops = engine.stop_ids.clone();
-    let mut stream = StreamDecoder::new();
-    let mut trim = Trimmed::default();
+    let mut stream = engine.answer_stream();
     let mut out = std::io::stdout().lock();
     let mut sink = |text: Option<String>| -> std::io::Result<()> {
-        if let Some(text) = text.and_then(|t| trim.push(&t)) {
+        if let Some(text) = text {
             out.write_all(text.as_bytes())?;
             out.flush()?;
         }
@@ -396,16 +392,14 @@ fn one_shot(cli: &Cli, prompt: &str) -> Result<ExitCode> {
     };
     let mut write_err = None;
     engine.run(&prepared, &params, &mut |t| {
-        if !stops.contains(&t) {
-            if let Err(e) = sink(stream.push(&tokenizer, t)) {
-                write_err = Some(e);
-                return Flow::Cancel;
-            }
+        if let Err(e) = sink(stream.push(t)) {
+            write_err = Some(e);
+            return Flow::Cancel;
         }
         Flow::Continue
     })?;
     if write_err.is_none() {
-        write_err = sink(stream.finish(&tokenizer)).err();
+        write_err = sink(stream.finish()).err();
     }
     if let Some(e) = write_err {
         if e.kind() == std::io::ErrorKind::BrokenPipe {

@@ -2,6 +2,7 @@
 //! conversation's KV cache kept between turns so a follow-up only prefills its new tokens.
 use super::generate::{generate, Flow, GenInput, GenOutput};
 use super::protocol::{Attachment, Finish, Turn};
+use super::stream::AnswerStream;
 use crate::model::llm::kv_cache::KvCache;
 use crate::model::{InternVL, LoadOptions, ModelError};
 use crate::preprocess::{self, TileConfig, Visual, VisualError};
@@ -352,6 +353,11 @@ impl Engine {
             prompt_tokens: p.ids.len(),
             gen,
         })
+    }
+
+    /// A streamer for this model's answers (see [`AnswerStream`]).
+    pub fn answer_stream(&self) -> AnswerStream {
+        AnswerStream::new(self.tokenizer.clone(), self.stop_ids.clone())
     }
 
     /// `batch_decode(ids, skip_special_tokens=True)[0].split(sep.strip())[0].strip()`.

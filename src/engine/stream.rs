@@ -196,3 +196,39 @@ mod trim_tests {
         assert_eq!(out, pieces.concat().trim());
     }
 }
+
+/// The streamed text of an answer, as the user sees it: stop tokens left out, never a partial
+/// character, and adding up to the trimmed answer (`response.strip()`).
+pub struct AnswerStream {
+    tokenizer: std::sync::Arc<Tokenizer>,
+    stops: Vec<u32>,
+    decoder: StreamDecoder,
+    trim: Trimmed,
+}
+
+impl AnswerStream {
+    pub fn new(tokenizer: std::sync::Arc<Tokenizer>, stops: Vec<u32>) -> Self {
+        Self {
+            tokenizer,
+            stops,
+            decoder: StreamDecoder::new(),
+            trim: Trimmed::default(),
+        }
+    }
+
+    /// New text after token `id`, if any.
+    pub fn push(&mut self, id: u32) -> Option<String> {
+        if self.stops.contains(&id) {
+            return None;
+        }
+        let text = self.decoder.push(&self.tokenizer, id)?;
+        self.trim.push(&text)
+    }
+
+    /// Text held back until generation ended.
+    pub fn finish(self) -> Option<String> {
+        let mut trim = self.trim;
+        let text = self.decoder.finish(&self.tokenizer)?;
+        trim.push(&text)
+    }
+}

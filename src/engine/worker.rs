@@ -3,7 +3,6 @@
 use super::chat::{ChatInput, Engine};
 use super::generate::Flow;
 use super::protocol::{DoneStats, EngineCmd, EngineEvent, GenerateRequest, ModelInfo};
-use super::stream::{StreamDecoder, Trimmed};
 use super::EngineHandle;
 use crate::model::LoadOptions;
 use crossbeam_channel::{unbounded, Receiver, Sender};
@@ -135,21 +134,16 @@ fn serve(
         prompt_tokens: prepared.prompt_tokens(),
     });
     let mut first_token = None;
-    let mut stream = StreamDecoder::new();
-    let mut trim = Trimmed::default();
-    let tokenizer = engine.tokenizer.clone();
-    let stops = engine.stop_ids.clone();
-    let send = |text: Option<String>, trim: &mut Trimmed| {
-        if let Some(text) = text.and_then(|t| trim.push(&t)) {
+    let mut stream = engine.answer_stream();
+    let send = |text: Option<String>| {
+        if let Some(text) = text {
             let _ = tx.send(EngineEvent::Token { id: req.id, text });
         }
     };
     let out = engine
         .run(&prepared, &req.params, &mut |t| {
             first_token.get_or_insert_with(Instant::now);
-            if !stops.contains(&t) {
-                send(stream.push(&tokenizer, t), &mut trim);
-            }
+            send(stream.push(t));
             if cancel.load(Ordering::SeqCst) {
                 Flow::Cancel
             } else {
@@ -157,7 +151,7 @@ fn serve(
             }
         })
         .map_err(|e| e.to_string())?;
-    send(stream.finish(&tokenizer), &mut trim);
+    send(stream.finish());
     let first = first_token.unwrap_or_else(Instant::now);
     let n = out.tokens.len();
     let decode_s = first.elapsed().as_secs_f64();
