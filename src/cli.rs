@@ -112,9 +112,21 @@ pub enum DType {
 
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// Checkpoint folder (config.json, safetensors, tokenizer files).
-    #[arg(long, short, global = true, env = "INTERNVL_MODEL", value_name = "DIR")]
+    /// Checkpoint folder (config.json, safetensors, tokenizer files), or a Hugging Face
+    /// repository id ORG/NAME[@REVISION] fetched through the Hub's cache
+    /// [default: OpenGVLab/InternVL2_5-1B].
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "INTERNVL_MODEL",
+        value_name = "DIR|ORG/NAME"
+    )]
     pub model: Option<PathBuf>,
+    /// Never use the network: models by name must already be in the Hugging Face cache
+    /// (also HF_HUB_OFFLINE=1).
+    #[arg(long, global = true)]
+    pub offline: bool,
     /// Precision the model runs in.
     #[arg(long, value_enum, default_value_t = DType::Bf16, global = true)]
     pub dtype: DType,

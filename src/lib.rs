@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cli;
 pub mod device_map;
 pub mod engine;
+pub mod hub;
 pub mod logging;
 pub mod model;
 pub mod plan;

@@ -5,6 +5,7 @@ use crate::device_map::{self, Target};
 use crate::engine::chat::{ChatInput, Engine};
 use crate::engine::generate::Flow;
 use crate::engine::protocol::Attachment;
+use crate::hub;
 use crate::model::config::InternVLConfig;
 use crate::model::LoadOptions;
 use crate::plan::Plan;
@@ -68,13 +69,19 @@ pub fn kind_of(d: DType) -> Kind {
     }
 }
 
-fn model_dir(args: &ModelArgs) -> Result<PathBuf> {
-    match &args.model {
-        Some(d) => Ok(d.clone()),
-        None => bail!(
-            "no model given: pass a checkpoint folder with --model DIR (or set INTERNVL_MODEL)"
-        ),
-    }
+/// The checkpoint folder: `--model` as a local path, else as a Hub repository id (resolved
+/// through the Hugging Face cache, downloading what `need` asks for), else the default model.
+fn model_dir(args: &ModelArgs, need: hub::Need) -> Result<PathBuf> {
+    let given = match &args.model {
+        Some(p) if p.exists() => return Ok(p.clone()),
+        Some(p) => p.to_string_lossy().into_owned(),
+        None => hub::DEFAULT_MODEL.to_string(),
+    };
+    let Some(spec) = hub::RepoSpec::parse(&given) else {
+        bail!("{given}: no such checkpoint folder (nor a Hub repository id ORG/NAME[@REVISION])");
+    };
+    let opts = hub::HubOptions::from_env(args.offline, std::io::stderr().is_terminal());
+    hub::resolve(&spec, need, &opts)
 }
 
 fn torch_device(t: Target) -> Device {
@@ -129,7 +136,7 @@ pub fn load_engine(args: &ModelArgs) -> Result<(Engine, Device)> {
     if let Some(n) = args.threads {
         tch::set_num_threads(n as i32);
     }
-    let dir = model_dir(args)?;
+    let dir = model_dir(args, hub::Need::Model)?;
     let opts = load_options(args, &dir)?;
     check_fits(&dir, &opts)?;
     let dev = opts.first;
@@ -138,7 +145,7 @@ pub fn load_engine(args: &ModelArgs) -> Result<(Engine, Device)> {
 }
 
 fn plan(args: &ModelArgs, p: &PlanArgs) -> Result<ExitCode> {
-    let path = model_dir(args)?;
+    let path = model_dir(args, hub::Need::Config)?;
     let cfg = InternVLConfig::load(&path)?;
     let gpus = p.gpus.unwrap_or_else(|| tch::Cuda::device_count() as usize);
     let spec = args.device_map.clone().unwrap_or_else(|| "auto".into());
@@ -171,7 +178,7 @@ fn bench(args: &ModelArgs, b: &BenchArgs) -> Result<ExitCode> {
     if let Some(n) = args.threads {
         tch::set_num_threads(n as i32);
     }
-    let dir = model_dir(args)?;
+    let dir = model_dir(args, hub::Need::Model)?;
     let cfg = crate::bench::BenchConfig {
         opts: load_options(args, &dir)?,
         model: dir,
@@ -306,7 +313,7 @@ fn tui(cli: &Cli) -> Result<ExitCode> {
     use crate::app::{self, AppOptions, AttachmentInfo, Overrides};
     use crate::engine::protocol::EngineCmd;
     use crate::engine::worker::{self, WorkerConfig};
-    let dir = model_dir(&cli.model)?;
+    let dir = model_dir(&cli.model, hub::Need::Model)?;
     let cfg = InternVLConfig::load(&dir)?;
     if let Some(n) = cli.model.threads {
         tch::set_num_threads(n as i32);
