@@ -196,6 +196,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Value> {
     Ok(json!({
         "model": cfg.model.display().to_string(),
         "dtype": format!("{:?}", cfg.opts.kind),
+        "load_8bit": format!("{:?}", cfg.opts.int8),
         "threads": tch::get_num_threads(),
         "load_s": load_s,
         "ttft_s": headline["ttft_s"],
@@ -232,9 +233,10 @@ fn llm_weight_bytes(engine: &Engine) -> u64 {
 
 pub fn table(v: &Value) -> String {
     let mut s = format!(
-        "model {}  dtype {}  threads {}\nload {:.2} s   peak RSS {:.2} GiB\n\n",
+        "model {}  dtype {}  8-bit {}  threads {}\nload {:.2} s   peak RSS {:.2} GiB\n\n",
         v["model"].as_str().unwrap_or(""),
         v["dtype"].as_str().unwrap_or(""),
+        v["load_8bit"].as_str().unwrap_or(""),
         v["threads"],
         v["load_s"].as_f64().unwrap_or(0.0),
         v["peak_rss_gib"].as_f64().unwrap_or(0.0)

@@ -110,6 +110,14 @@ pub enum DType {
     F32,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Int8Scope {
+    /// The decoder layers' linear weights.
+    Llm,
+    /// The decoder layers' and the vision model's.
+    All,
+}
+
 #[derive(Debug, Args)]
 pub struct ModelArgs {
     /// Checkpoint folder (config.json, safetensors, tokenizer files), or a Hugging Face
@@ -130,6 +138,12 @@ pub struct ModelArgs {
     /// Precision the model runs in.
     #[arg(long, value_enum, default_value_t = DType::Bf16, global = true)]
     pub dtype: DType,
+    /// Keep linear weights in int8 with one scale per output channel: `llm` (the default when
+    /// the flag is given: the decoder layers) or `all` (the vision model's too). About half
+    /// the memory of bf16 and faster decoding on CPU; outputs stay close to bf16 (see README).
+    #[arg(long = "load-8bit", value_enum, global = true, num_args = 0..=1,
+          default_missing_value = "llm", value_name = "WHAT")]
+    pub load_8bit: Option<Int8Scope>,
     /// cpu, cuda, cuda:N or auto (all visible GPUs, else CPU).
     #[arg(long, default_value = "auto", global = true)]
     pub device: String,

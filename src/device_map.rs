@@ -266,6 +266,10 @@ pub struct ParamCounts {
     pub layers: usize,
     pub norm: u64,
     pub head: u64,
+    /// Of `layer`: elements of the linear weight matrices, and their rows.
+    pub layer_matrix: (u64, u64),
+    /// Of `vision`: the same for all its layers.
+    pub vision_matrix: (u64, u64),
 }
 
 impl ParamCounts {
@@ -307,7 +311,20 @@ impl ParamCounts {
                 h * out + nh * hd * h + b * (out + h)
             }
         };
-        let layer = attn + 3 * h * l.intermediate_size as u64 + 2 * h;
+        let inter = l.intermediate_size as u64;
+        let layer = attn + 3 * h * inter + 2 * h;
+        // the linear weight matrices and their output rows (what --load-8bit stores as int8
+        // with one scale per row)
+        let (attn_matrix, attn_rows) = match cfg.llm_arch() {
+            LlmArch::Qwen2 | LlmArch::Llama => (
+                2 * h * nh * hd + 2 * h * nkv * hd,
+                nh * hd + 2 * nkv * hd + h,
+            ),
+            LlmArch::InternLM2 => {
+                let out = nkv * (nh / nkv + 2) * hd;
+                (h * out + nh * hd * h, out + h)
+            }
+        };
         let vocab = l.vocab_size as u64;
         Self {
             vision,
@@ -317,6 +334,11 @@ impl ParamCounts {
             layers: l.num_hidden_layers,
             norm: h,
             head: if l.tie_word_embeddings { 0 } else { vocab * h },
+            layer_matrix: (attn_matrix + 3 * h * inter, attn_rows + 2 * inter + h),
+            vision_matrix: (
+                (4 * d * d + 2 * d * i) * v.num_hidden_layers as u64,
+                (5 * d + i) * v.num_hidden_layers as u64,
+            ),
         }
     }
 

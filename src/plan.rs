@@ -1,6 +1,7 @@
 //! `internvl-chat plan`: what a model costs on each device, computed from its config alone.
 use crate::device_map::{DeviceMap, ParamCounts, Target};
 use crate::model::config::InternVLConfig;
+use crate::model::Int8;
 use serde_json::json;
 use std::collections::BTreeMap;
 
@@ -32,21 +33,48 @@ pub fn kv_bytes_per_layer(cfg: &InternVLConfig, context: usize, dtype_bytes: u64
     2 * context as u64 * l.num_kv_heads() as u64 * l.head_dim() as u64 * dtype_bytes
 }
 
+/// Bytes of `params` parameters of which `matrix` = (elements, rows) are int8 with a scale
+/// per row when `int8`, the rest in the dtype.
+fn weight_bytes(params: u64, matrix: (u64, u64), int8: bool, dtype_bytes: u64) -> u64 {
+    if int8 {
+        (params - matrix.0 + matrix.1) * dtype_bytes + matrix.0
+    } else {
+        params * dtype_bytes
+    }
+}
+
 impl Plan {
-    pub fn new(cfg: &InternVLConfig, map: &DeviceMap, dtype_bytes: u64, context: usize) -> Self {
+    pub fn new(
+        cfg: &InternVLConfig,
+        map: &DeviceMap,
+        dtype_bytes: u64,
+        context: usize,
+        int8: Int8,
+    ) -> Self {
         let params = ParamCounts::of(cfg);
         let mut devices: BTreeMap<Target, DeviceCost> = BTreeMap::new();
         let shared = params.vision + params.mlp1 + params.embed + params.norm + params.head;
-        devices.entry(map.first).or_default().params += shared;
+        let first = devices.entry(map.first).or_default();
+        first.params += shared;
+        first.weight_bytes = weight_bytes(
+            params.vision,
+            params.vision_matrix,
+            int8 == Int8::LlmAndVision,
+            dtype_bytes,
+        ) + (shared - params.vision) * dtype_bytes;
         let kv = kv_bytes_per_layer(cfg, context, dtype_bytes);
+        let layer_bytes = weight_bytes(
+            params.layer,
+            params.layer_matrix,
+            int8 != Int8::Off,
+            dtype_bytes,
+        );
         for t in &map.layers {
             let d = devices.entry(*t).or_default();
             d.layers += 1;
             d.params += params.layer;
+            d.weight_bytes += layer_bytes;
             d.kv_bytes += kv;
-        }
-        for d in devices.values_mut() {
-            d.weight_bytes = d.params * dtype_bytes;
         }
         Self {
             params,
@@ -186,7 +214,7 @@ mod tests {
     fn seventy_eight_b_on_eight_gpus() {
         let cfg = InternVLConfig::load(&fixture("configs/InternVL2_5-78B.config.json")).unwrap();
         let map = parse("auto", cfg.llm_config.num_hidden_layers, 8).unwrap();
-        let plan = Plan::new(&cfg, &map, 2, 8192);
+        let plan = Plan::new(&cfg, &map, 2, 8192, Int8::Off);
         let total: u64 = plan.devices.values().map(|d| d.weight_bytes).sum();
         assert_eq!(total, plan.params.total() * 2);
         assert!(
@@ -207,11 +235,62 @@ mod tests {
         assert_eq!(j["devices"]["cuda:7"]["layers"], 7);
     }
 
+    /// With --load-8bit the plan's weight bytes equal what the checkpoint's tensors cost once
+    /// the 2-d weights of the decoder layers (and of the vision layers) are int8 with a bf16
+    /// scale per row: counted from the safetensors headers, independently of ParamCounts.
+    #[test]
+    fn int8_weight_bytes_match_the_checkpoint() {
+        for model in ["tiny-qwen2", "tiny-internlm2", "tiny-vit6b-qwen2"] {
+            let dir = fixture(&format!("models/{model}"));
+            let cfg = InternVLConfig::load(&dir).unwrap();
+            let mut shapes: Vec<(String, Vec<usize>)> = Vec::new();
+            for f in std::fs::read_dir(&dir).unwrap() {
+                let p = f.unwrap().path();
+                if p.extension().is_some_and(|e| e == "safetensors") {
+                    let bytes = std::fs::read(&p).unwrap();
+                    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+                    for (name, t) in meta.tensors() {
+                        shapes.push((name, t.shape.clone()));
+                    }
+                }
+            }
+            let map = parse("cpu", cfg.llm_config.num_hidden_layers, 0).unwrap();
+            for int8 in [Int8::Off, Int8::Llm, Int8::LlmAndVision] {
+                let quantized = |name: &str, dims: usize| {
+                    dims == 2
+                        && name.ends_with(".weight")
+                        && match int8 {
+                            Int8::Off => false,
+                            Int8::Llm => name.starts_with("language_model.model.layers."),
+                            Int8::LlmAndVision => {
+                                name.starts_with("language_model.model.layers.")
+                                    || name.starts_with("vision_model.encoder.layers.")
+                            }
+                        }
+                };
+                let want: u64 = shapes
+                    .iter()
+                    .map(|(name, shape)| {
+                        let n: usize = shape.iter().product();
+                        if quantized(name, shape.len()) {
+                            (n + 2 * shape[0]) as u64
+                        } else {
+                            2 * n as u64
+                        }
+                    })
+                    .sum();
+                let plan = Plan::new(&cfg, &map, 2, 16, int8);
+                let got: u64 = plan.devices.values().map(|d| d.weight_bytes).sum();
+                assert_eq!(got, want, "{model} {int8:?}");
+            }
+        }
+    }
+
     #[test]
     fn table_lists_modules_and_devices() {
         let cfg = InternVLConfig::load(&fixture("configs/InternVL2_5-1B.config.json")).unwrap();
         let map = parse("cpu", 24, 0).unwrap();
-        let t = Plan::new(&cfg, &map, 2, 4096).table();
+        let t = Plan::new(&cfg, &map, 2, 4096, Int8::Off).table();
         assert!(t.contains("decoder layers (24 x "), "{t}");
         assert!(
             t.lines().any(|l| l.starts_with("cpu") && l.contains("24")),

@@ -7,7 +7,7 @@ use crate::engine::generate::Flow;
 use crate::engine::protocol::Attachment;
 use crate::hub;
 use crate::model::config::InternVLConfig;
-use crate::model::LoadOptions;
+use crate::model::{Int8, LoadOptions};
 use crate::plan::Plan;
 use crate::sampling::{Overrides, SamplingParams};
 use anyhow::{bail, Context, Result};
@@ -94,8 +94,12 @@ fn torch_device(t: Target) -> Device {
 /// Where everything goes, from --device and --device-map.
 pub fn load_options(args: &ModelArgs, dir: &std::path::Path) -> Result<LoadOptions> {
     let kind = kind_of(args.dtype);
+    let int8 = int8_of(args.load_8bit);
     let Some(spec) = &args.device_map else {
-        return Ok(LoadOptions::single(parse_device(&args.device)?, kind));
+        return Ok(LoadOptions {
+            int8,
+            ..LoadOptions::single(parse_device(&args.device)?, kind)
+        });
     };
     let cfg = InternVLConfig::load(dir)?;
     let gpus = tch::Cuda::device_count() as usize;
@@ -104,7 +108,17 @@ pub fn load_options(args: &ModelArgs, dir: &std::path::Path) -> Result<LoadOptio
         kind,
         first: torch_device(map.first),
         layers: map.layers.into_iter().map(torch_device).collect(),
+        int8,
     })
+}
+
+pub fn int8_of(scope: Option<crate::cli::Int8Scope>) -> Int8 {
+    use crate::cli::Int8Scope;
+    match scope {
+        None => Int8::Off,
+        Some(Int8Scope::Llm) => Int8::Llm,
+        Some(Int8Scope::All) => Int8::LlmAndVision,
+    }
 }
 
 /// Refuses, before anything is allocated, a model whose weights and KV cache (8192 positions)
@@ -123,7 +137,13 @@ fn check_fits(dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
             .collect(),
     };
     let context = cfg.llm_config.max_position_embeddings.min(8192);
-    let plan = Plan::new(&cfg, &map, opts.kind.elt_size_in_bytes() as u64, context);
+    let plan = Plan::new(
+        &cfg,
+        &map,
+        opts.kind.elt_size_in_bytes() as u64,
+        context,
+        opts.int8,
+    );
     let ram = crate::plan::available_ram();
     plan.check(&|t| match t {
         Target::Cpu => ram,
@@ -151,7 +171,7 @@ fn plan(args: &ModelArgs, p: &PlanArgs) -> Result<ExitCode> {
     let spec = args.device_map.clone().unwrap_or_else(|| "auto".into());
     let map = device_map::parse(&spec, cfg.llm_config.num_hidden_layers, gpus)?;
     let bytes = kind_of(args.dtype).elt_size_in_bytes() as u64;
-    let plan = Plan::new(&cfg, &map, bytes, p.context);
+    let plan = Plan::new(&cfg, &map, bytes, p.context, int8_of(args.load_8bit));
     let gpu_mem = p.gpu_memory.map(|g| (g * (1u64 << 30) as f64) as u64);
     if gpus > 0 && gpu_mem.is_none() && p.gpus.is_some() && tch::Cuda::device_count() == 0 {
         bail!("--gpus {gpus} without GPUs present needs --gpu-memory GIB");

@@ -449,3 +449,60 @@ fn a_model_that_does_not_fit_is_refused_before_loading() {
         ],
     );
 }
+
+/// `--load-8bit`: the plan costs int8 weights (a 78B model that needs 86 GiB on a 56 GiB card
+/// in bf16 fits in 8 bits), and a one-shot answer runs with int8 decoder weights.
+#[test]
+fn load_8bit_plans_and_answers() {
+    let cfg = fixtures().join("configs/InternVL2_5-78B.config.json");
+    let c = cfg.to_str().unwrap();
+    let plan = |extra: &[&str]| {
+        let mut a = vec![
+            "plan",
+            "--model",
+            c,
+            "--gpus",
+            "2",
+            "--gpu-memory",
+            "56",
+            "--json",
+        ];
+        a.extend(extra);
+        run(&a, None)
+    };
+    let bf16 = plan(&[]);
+    assert_one_line_error(&bf16, &["does not fit", "cuda:1 needs 86.64 GiB"]);
+    let int8 = plan(&["--load-8bit"]);
+    assert!(int8.status.success(), "{}", stderr(&int8));
+    let all = plan(&["--load-8bit", "all"]);
+    assert!(all.status.success(), "{}", stderr(&all));
+    let bytes = |o: &Output, dev: &str| {
+        let j: Value = serde_json::from_str(&stdout(o)).unwrap();
+        j["devices"][dev]["weight_bytes"].as_u64().unwrap()
+    };
+    let b = bytes(&bf16, "cuda:1");
+    let q = bytes(&int8, "cuda:1");
+    // decoder layers only on cuda:1: just over half (norms stay bf16, one bf16 scale per row)
+    assert!(q * 2 > b && (q as f64) < 0.501 * b as f64, "{q} vs {b}");
+    assert!(bytes(&all, "cuda:0") < bytes(&int8, "cuda:0"));
+    assert_eq!(bytes(&all, "cuda:1"), q);
+
+    let m = model("tiny-qwen2");
+    let o = run(
+        &[
+            "--model",
+            &m,
+            "--load-8bit",
+            "--greedy",
+            "--max-new-tokens",
+            "8",
+            "--device",
+            "cpu",
+            "--prompt",
+            "Hello, who are you?",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).trim().is_empty());
+}

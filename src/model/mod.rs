@@ -55,6 +55,19 @@ pub struct LoadOptions {
     pub first: Device,
     /// Device of each decoder layer (empty: all on `first`).
     pub layers: Vec<Device>,
+    /// Which linear layers keep int8 weights (`--load-8bit`).
+    pub int8: Int8,
+}
+
+/// `--load-8bit`: the linear layers of the decoder layers, or those and the vision model's.
+/// Embeddings, norms, mlp1 and the output head stay in the model's dtype, as bitsandbytes'
+/// `load_in_8bit` leaves the head.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Int8 {
+    #[default]
+    Off,
+    Llm,
+    LlmAndVision,
 }
 
 impl LoadOptions {
@@ -63,6 +76,7 @@ impl LoadOptions {
             kind,
             first: dev,
             layers: Vec::new(),
+            int8: Int8::Off,
         }
     }
 }
@@ -105,11 +119,12 @@ impl InternVL {
     }
 
     fn build(cfg: InternVLConfig, w: &mut Weights, opts: &LoadOptions) -> Self {
-        let first = Place {
-            dev: opts.first,
-            kind: opts.kind,
+        let first = Place::new(opts.first, opts.kind);
+        let vision_place = Place {
+            int8: opts.int8 == Int8::LlmAndVision,
+            ..first
         };
-        let vision = VisionModel::load(w, first, &cfg.vision_config, cfg.select_layer);
+        let vision = VisionModel::load(w, vision_place, &cfg.vision_config, cfg.select_layer);
         let vit_hidden = cfg.vision_config.hidden_size as i64;
         let scale = (1.0 / cfg.downsample_ratio).round() as i64;
         let llm_hidden = cfg.llm_config.hidden_size as i64;
@@ -117,6 +132,7 @@ impl InternVL {
         let places = LayerPlaces {
             first,
             layers: &opts.layers,
+            int8: opts.int8 != Int8::Off,
         };
         let llm = match cfg.llm_arch() {
             LlmArch::Qwen2 => llm::qwen2::load(w, &places, &cfg.llm_config, true, false),

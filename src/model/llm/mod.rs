@@ -87,9 +87,7 @@ impl DecoderLayer {
         .collect();
         for l in linears {
             v.push(&l.weight);
-            if let Some(b) = &l.bias {
-                v.push(b);
-            }
+            v.extend(l.bias.iter().chain(l.scale.iter()));
         }
         v
     }
@@ -241,6 +239,8 @@ impl Dims {
 pub struct LayerPlaces<'a> {
     pub first: Place,
     pub layers: &'a [Device],
+    /// The decoder layers' linear weights are int8.
+    pub int8: bool,
 }
 
 impl LayerPlaces<'_> {
@@ -248,6 +248,7 @@ impl LayerPlaces<'_> {
         Place {
             dev: self.layers.get(i).copied().unwrap_or(self.first.dev),
             kind: self.first.kind,
+            int8: self.int8,
         }
     }
 }

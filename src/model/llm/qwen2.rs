@@ -83,10 +83,7 @@ pub fn load(
         &[d.vocab, d.hidden],
     );
     let lm_head = if cfg.tie_word_embeddings && !w.contains("language_model.lm_head.weight") {
-        Linear {
-            weight: embed_tokens.shallow_clone(),
-            bias: None,
-        }
+        Linear::dense(embed_tokens.shallow_clone(), None)
     } else {
         Linear::load(w, first, "language_model.lm_head", d.hidden, d.vocab, false)
     };
