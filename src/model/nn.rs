@@ -187,7 +187,7 @@ mod tests {
     #[test]
     fn quantize_rows_is_symmetric_per_channel() {
         tch::manual_seed(1);
-        let mut w = Tensor::randn([16, 40], (Kind::Float, Device::Cpu)) * 0.05;
+        let w = Tensor::randn([16, 40], (Kind::Float, Device::Cpu)) * 0.05;
         let _ = w.get(3).fill_(0.0);
         let _ = w.get(5).fill_(1e-9);
         for kind in [Kind::BFloat16, Kind::Half, Kind::Float] {
