@@ -163,6 +163,36 @@ fn single_turn_case(case: &str) {
     }
 }
 
+/// A picture attached again in a new conversation takes its features from the cache (no tile
+/// through the vision model) and gives exactly the first conversation's logits and tokens,
+/// which match the reference's.
+#[test]
+fn reattached_images_reuse_cached_features() {
+    let model = "tiny-qwen2";
+    let g = json(&format!("golden/{model}/image_separate.json"));
+    let mut e = engine(model, Kind::Float);
+    let p = prepare_case(&e, &g);
+    let tiles: usize = p.num_patches.iter().sum();
+    let first = run(&mut e, &p);
+    assert_eq!(e.feature_cache_stats(), (0, tiles));
+    e.reset();
+    let p2 = prepare_case(&e, &g);
+    let again = run(&mut e, &p2);
+    assert_eq!(
+        e.feature_cache_stats(),
+        (tiles, tiles),
+        "no tile recomputed"
+    );
+    let (a, b) = (
+        first.gen.first_logits.as_ref().unwrap(),
+        again.gen.first_logits.as_ref().unwrap(),
+    );
+    assert!(a.equal(b), "logits differ from the first conversation's");
+    assert_eq!(first.tokens, again.tokens);
+    let logits = golden_logits(model, "image_separate", 0);
+    check_turn("re-attached", &p2, &again, &g["turns"][0], &logits);
+}
+
 #[test]
 fn text_hello() {
     single_turn_case("text_hello");

@@ -1,5 +1,6 @@
 //! `model.chat` end to end: attachments -> tiles -> query -> ids -> generation -> answer, with the
 //! conversation's KV cache kept between turns so a follow-up only prefills its new tokens.
+use super::features::FeatureCache;
 use super::generate::{generate, Flow, GenInput, GenOutput};
 use super::protocol::{Attachment, Finish, Turn};
 use super::stream::AnswerStream;
@@ -82,7 +83,12 @@ pub struct Engine {
     /// Conversation state: the ids the KV cache holds.
     cached_ids: Vec<i64>,
     cache: KvCache,
+    /// Vision features by tile content; kept across conversations (see features.rs).
+    features: FeatureCache,
 }
+
+/// Bytes of image features the engine keeps (about 570 tiles of InternVL2_5-1B, 64 of -78B).
+const FEATURE_CACHE_BYTES: usize = 256 << 20;
 
 /// The question with placeholders for `attachments` when it has none of its own: images first
 /// (`<image>\n` for one image or combined images, `Image-1: <image>\n…` for several), then a
@@ -154,6 +160,7 @@ impl Engine {
             tiles,
             cached_ids: Vec::new(),
             cache,
+            features: FeatureCache::new(FEATURE_CACHE_BYTES),
         })
     }
 
@@ -259,21 +266,37 @@ impl Engine {
         })
     }
 
-    /// Pixel values [tiles, 3, H, W] of the conversation's tiles after the first `skip`.
-    fn pixel_values(&self, p: &Prepared, skip: usize) -> Option<Tensor> {
-        let tiles: Vec<&::image::RgbImage> = p
-            .visuals
+    /// Features [tiles, 256, hidden] of the tiles of `prepared` (each conversation's tiles
+    /// after its first `skip`), in order; tiles seen before come from the feature cache.
+    fn image_features(&mut self, prepared: &[&Prepared], skip: usize) -> Option<Tensor> {
+        let tiles: Vec<&::image::RgbImage> = prepared
             .iter()
-            .flat_map(|v| v.placeholders.iter())
-            .flatten()
-            .skip(skip)
+            .flat_map(|p| {
+                p.visuals
+                    .iter()
+                    .flat_map(|v| v.placeholders.iter())
+                    .flatten()
+                    .skip(skip)
+            })
             .collect();
         if tiles.is_empty() {
             return None;
         }
-        let data = preprocess::image::normalize_tiles(&tiles);
-        let s = self.tiles.image_size as i64;
-        Some(Tensor::from_slice(&data).view([tiles.len() as i64, 3, s, s]))
+        let (model, size) = (&self.model, self.tiles.image_size as i64);
+        Some(self.features.features(&tiles, |todo| {
+            let data = preprocess::image::normalize_tiles(todo);
+            model.extract_feature(&Tensor::from_slice(&data).view([
+                todo.len() as i64,
+                3,
+                size,
+                size,
+            ]))
+        }))
+    }
+
+    /// The feature cache's (hits, misses) in tiles since load.
+    pub fn feature_cache_stats(&self) -> (usize, usize) {
+        (self.features.hits, self.features.misses)
     }
 
     /// Runs one prepared question, reusing the cached conversation prefix.
@@ -312,9 +335,7 @@ impl Engine {
             .sum();
         self.cache.truncate(reuse as i64);
         self.cached_ids.truncate(reuse);
-        let image_embeds = self
-            .pixel_values(p, cached_tiles)
-            .map(|px| self.model.extract_feature(&px));
+        let image_embeds = self.image_features(&[p], cached_tiles);
         let mut sampler = Sampler::new(params.clone());
         let result = generate(
             &self.model,
@@ -384,12 +405,7 @@ impl Engine {
             }
         }
         let _guard = tch::no_grad_guard();
-        let pixels: Vec<Tensor> = prepared
-            .iter()
-            .filter_map(|p| self.pixel_values(p, 0))
-            .collect();
-        let image_embeds =
-            (!pixels.is_empty()).then(|| self.model.extract_feature(&Tensor::cat(&pixels, 0)));
+        let image_embeds = self.image_features(prepared, 0);
         let rows: Vec<Vec<i64>> = prepared.iter().map(|p| p.ids.clone()).collect();
         let mut samplers: Vec<Sampler> = params.iter().cloned().map(Sampler::new).collect();
         let mut cache = self.model.llm.new_cache();

@@ -1,5 +1,6 @@
 //! The worker side: everything that touches the model.
 pub mod chat;
+pub mod features;
 pub mod generate;
 pub mod protocol;
 pub mod stream;

@@ -62,7 +62,7 @@ pub struct GenerateRequest {
 
 pub enum EngineCmd {
     Generate(GenerateRequest),
-    /// Forget cached conversation state (KV cache, image features).
+    /// Forget the conversation's KV cache (image features stay cached by content).
     Reset,
     Shutdown,
 }
