@@ -195,7 +195,7 @@ fn flush(
 /// known. Requests are decoded `batch_size` at a time (left-padded together).
 pub fn run_batch(
     engine: &mut Engine,
-    input: &mut dyn BufRead,
+    input: &mut (dyn BufRead + Send),
     output: &mut dyn Write,
     base: &SamplingParams,
     system: Option<&str>,
@@ -214,53 +214,72 @@ pub fn run_batch(
         }
         Ok(())
     };
-    for (n, line) in input.lines().enumerate() {
-        let line = line.map_err(|e| anyhow::anyhow!("reading line {}: {e}", n + 1))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let req = match parse_line(&line) {
-            Ok(r) => r,
-            Err((id, e)) => {
-                flush(engine, &mut pending, output, &mut emit)?;
-                emit(
-                    error_json(&id, &format!("line {}: {e}", n + 1)),
-                    output,
-                    false,
-                )?;
-                continue;
-            }
-        };
-        let params = match req.params(base) {
-            Ok(p) => p,
-            Err(e) => {
-                flush(engine, &mut pending, output, &mut emit)?;
-                emit(error_json(&req.id, &e), output, false)?;
-                continue;
-            }
-        };
-        let history = req.history();
-        let attachments = req.attachments();
-        let prepared = engine.prepare(&ChatInput {
-            system: req.system.as_deref().or(system),
-            history: &history,
-            question: &req.question,
-            attachments: &attachments,
-            combine_images: req.combine_images,
-        });
-        match prepared {
-            Ok(p) => {
-                pending.push((req.id.clone(), p, params));
-                if pending.len() >= batch_size {
-                    flush(engine, &mut pending, output, &mut emit)?;
+    // A reader thread runs ahead of the model by up to two batches, decoding and tiling their
+    // attachments on other threads (into the shared cache) while the model works.
+    let tiles = engine.tiles;
+    let (tx, rx) = crossbeam_channel::bounded::<(usize, std::io::Result<String>)>(2 * batch_size);
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        scope.spawn(move || {
+            for (n, line) in input.lines().enumerate() {
+                if let Ok(Ok(req)) = line.as_deref().map(parse_line) {
+                    for a in req.attachments() {
+                        crate::preprocess::prefetch(&a, &tiles);
+                    }
+                }
+                if tx.send((n, line)).is_err() {
+                    break;
                 }
             }
-            Err(e) => {
-                flush(engine, &mut pending, output, &mut emit)?;
-                emit(error_json(&req.id, &e.to_string()), output, false)?;
+        });
+        for (n, line) in rx {
+            let line = line.map_err(|e| anyhow::anyhow!("reading line {}: {e}", n + 1))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let req = match parse_line(&line) {
+                Ok(r) => r,
+                Err((id, e)) => {
+                    flush(engine, &mut pending, output, &mut emit)?;
+                    emit(
+                        error_json(&id, &format!("line {}: {e}", n + 1)),
+                        output,
+                        false,
+                    )?;
+                    continue;
+                }
+            };
+            let params = match req.params(base) {
+                Ok(p) => p,
+                Err(e) => {
+                    flush(engine, &mut pending, output, &mut emit)?;
+                    emit(error_json(&req.id, &e), output, false)?;
+                    continue;
+                }
+            };
+            let history = req.history();
+            let attachments = req.attachments();
+            let prepared = engine.prepare(&ChatInput {
+                system: req.system.as_deref().or(system),
+                history: &history,
+                question: &req.question,
+                attachments: &attachments,
+                combine_images: req.combine_images,
+            });
+            match prepared {
+                Ok(p) => {
+                    pending.push((req.id.clone(), p, params));
+                    if pending.len() >= batch_size {
+                        flush(engine, &mut pending, output, &mut emit)?;
+                    }
+                }
+                Err(e) => {
+                    flush(engine, &mut pending, output, &mut emit)?;
+                    emit(error_json(&req.id, &e.to_string()), output, false)?;
+                }
             }
         }
-    }
+        Ok(())
+    })?;
     flush(engine, &mut pending, output, &mut emit)?;
     Ok((ok, failed))
 }

@@ -254,7 +254,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(t) = cli.gen.max_tiles {
                 engine.tiles.max_tiles = t as u32;
             }
-            let mut input: Box<dyn std::io::BufRead> = if b.input == "-" {
+            let mut input: Box<dyn std::io::BufRead + Send> = if b.input == "-" {
                 Box::new(std::io::BufReader::new(std::io::stdin()))
             } else {
                 let f = std::fs::File::open(&b.input)

@@ -46,7 +46,7 @@ pub struct Prepared {
     /// Tiles of each placeholder of the whole conversation, in prompt order.
     pub num_patches: Vec<usize>,
     /// The visuals of the whole conversation (history first), for the placeholders in order.
-    visuals: Vec<Visual>,
+    visuals: Vec<Arc<Visual>>,
 }
 
 impl Prepared {
@@ -202,7 +202,7 @@ impl Engine {
                 let vs = t
                     .attachments
                     .iter()
-                    .map(|a| preprocess::load_visual(a, &self.tiles))
+                    .map(|a| preprocess::load_visual_shared(a, &self.tiles))
                     .collect::<Result<Vec<_>, _>>()?;
                 num_patches.extend(assign(slots, &vs)?);
                 visuals.extend(vs);
@@ -221,9 +221,9 @@ impl Engine {
                 .iter()
                 .filter(|a| matches!(a, Attachment::Video { .. })),
         );
-        let new: Vec<Visual> = order
+        let new: Vec<Arc<Visual>> = order
             .iter()
-            .map(|a| preprocess::load_visual(a, &self.tiles))
+            .map(|a| preprocess::load_visual_shared(a, &self.tiles))
             .collect::<Result<_, _>>()?;
         let question = if pending > 0 {
             input.question.to_string()
@@ -446,7 +446,7 @@ impl Engine {
 }
 
 /// Tiles per placeholder when `slots` placeholders take `visuals`: one each, or all in one.
-fn assign(slots: usize, visuals: &[Visual]) -> Result<Vec<usize>, ChatError> {
+fn assign(slots: usize, visuals: &[Arc<Visual>]) -> Result<Vec<usize>, ChatError> {
     let per: Vec<usize> = visuals
         .iter()
         .flat_map(|v| v.placeholders.iter().map(|p| p.len()))

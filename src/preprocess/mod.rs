@@ -1,11 +1,13 @@
 //! Pictures and videos to 448px tiles, as the model card's `load_image` and `load_video` make
 //! them. No libtorch here: tiles are RGB images and normalised `f32` buffers.
+pub mod cache;
 pub mod image;
 pub mod resize;
 pub mod video;
 
 use crate::engine::protocol::Attachment;
 use ::image::RgbImage;
+pub use cache::{load_visual_shared, prefetch};
 
 /// Tiling settings from `config.json`.
 #[derive(Debug, Clone, Copy)]
@@ -140,6 +142,8 @@ pub fn probe(att: &Attachment, cfg: &TileConfig) -> Result<Probe, VisualError> {
         Attachment::Image { path, max_tiles } => {
             let max = image_max_tiles(path, *max_tiles, cfg)?;
             let img = image::load_rgb(path)?;
+            // tile it in the background now, so that sending finds the tiles ready
+            prefetch(att, cfg);
             let (w, h) = img.dimensions();
             let grid = image::find_grid(w, h, cfg.min_tiles.min(max), max, cfg.image_size);
             let n = (grid.0 * grid.1) as usize;
@@ -153,7 +157,7 @@ pub fn probe(att: &Attachment, cfg: &TileConfig) -> Result<Probe, VisualError> {
             })
         }
         Attachment::Video { .. } => {
-            let v = load_visual(att, cfg)?;
+            let v = load_visual_shared(att, cfg)?;
             let tiles = v.tiles();
             let frames: Vec<RgbImage> = v
                 .placeholders
