@@ -10,6 +10,7 @@ use crate::prompt::template::{get_template, Template};
 use crate::prompt::tokenizer::Tokenizer;
 use crate::prompt::{build_query, PromptError};
 use crate::sampling::{Sampler, SamplingParams};
+use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::Tensor;
@@ -81,6 +82,11 @@ pub struct Engine {
     pub tiles: TileConfig,
     /// Conversation state: the ids the KV cache holds.
     cached_ids: Vec<i64>,
+    /// Fingerprints of the pictures behind the cached ids' `<IMG_CONTEXT>` runs, in order: the
+    /// ids of two different pictures with the same tile count are the same.
+    cached_images: Vec<u64>,
+    /// Keyed per process, so fingerprints cannot be forged from outside.
+    fingerprint_keys: std::collections::hash_map::RandomState,
     cache: KvCache,
 }
 
@@ -153,6 +159,8 @@ impl Engine {
             stop_ids,
             tiles,
             cached_ids: Vec::new(),
+            cached_images: Vec::new(),
+            fingerprint_keys: Default::default(),
             cache,
         })
     }
@@ -172,6 +180,7 @@ impl Engine {
     /// Forgets the cached conversation.
     pub fn reset(&mut self) {
         self.cached_ids.clear();
+        self.cached_images.clear();
         self.cache.truncate(0);
     }
 
@@ -276,6 +285,27 @@ impl Engine {
         Some(Tensor::from_slice(&data).view([tiles.len() as i64, 3, s, s]))
     }
 
+    /// One fingerprint per `<IMG_CONTEXT>` run: a hash of the tiles of each placeholder.
+    fn image_fingerprints(&self, p: &Prepared) -> Vec<u64> {
+        let mut tiles = p
+            .visuals
+            .iter()
+            .flat_map(|v| v.placeholders.iter())
+            .flatten();
+        p.num_patches
+            .iter()
+            .map(|&n| {
+                let mut h = self.fingerprint_keys.build_hasher();
+                for t in tiles.by_ref().take(n) {
+                    h.write_u32(t.width());
+                    h.write_u32(t.height());
+                    h.write(t.as_raw());
+                }
+                h.finish()
+            })
+            .collect()
+    }
+
     /// Runs one prepared question, reusing the cached conversation prefix.
     pub fn run(
         &mut self,
@@ -302,6 +332,18 @@ impl Engine {
             .count()
             .min(p.ids.len() - 1);
         let runs = image_runs(&p.ids, self.img_context_id);
+        let fingerprints = self.image_fingerprints(p);
+        debug_assert_eq!(runs.len(), fingerprints.len(), "one run per placeholder");
+        // equal ids do not mean equal pictures: reuse stops at the first picture not cached
+        if let Some((r, _)) = runs
+            .iter()
+            .zip(&fingerprints)
+            .enumerate()
+            .find(|(k, (r, f))| r.0 < reuse && self.cached_images.get(*k) != Some(f))
+            .map(|(_, rf)| rf)
+        {
+            reuse = r.0;
+        }
         if let Some(r) = runs.iter().find(|r| r.0 < reuse && r.1 > reuse) {
             reuse = r.0;
         }
@@ -345,6 +387,7 @@ impl Engine {
                 .iter()
                 .map(|&t| t as i64),
         );
+        self.cached_images = fingerprints;
         debug_assert_eq!(self.cached_ids.len() as i64, self.cache.len());
         Ok(ChatOutput {
             answer: self.answer_text(&row.tokens),
