@@ -405,8 +405,12 @@ impl Engine {
 
     /// `batch_decode(ids, skip_special_tokens=True)[0].split(sep.strip())[0].strip()`.
     pub fn answer_text(&self, tokens: &[u32]) -> String {
-        let text = self.tokenizer.decode(tokens, true);
-        self.template.response_text(&text).to_string()
+        self.response_text(&self.tokenizer.decode(tokens, true))
+    }
+
+    /// Decoded text as the answer: `text.split(sep.strip())[0].strip()`.
+    pub fn response_text(&self, text: &str) -> String {
+        self.template.response_text(text).to_string()
     }
 
     /// Runs several prepared questions together, left-padded, as `batch_chat`.

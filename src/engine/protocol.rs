@@ -58,6 +58,9 @@ pub struct GenerateRequest {
     /// Several images as one `<image>` (tiles concatenated) instead of `Image-1: <image>` lines.
     pub combine_images: bool,
     pub params: SamplingParams,
+    /// Generation ends once the answer contains one of these; the answer ends before it.
+    #[serde(default)]
+    pub stop: Vec<String>,
 }
 
 pub enum EngineCmd {
@@ -83,6 +86,16 @@ pub enum Finish {
     Stop,
     Length,
     Cancelled,
+}
+
+/// Whose fault a failed request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// It cannot be answered as given: an unreadable attachment, a prompt longer than the
+    /// context, invalid settings.
+    Request,
+    /// The engine failed (or is gone).
+    Engine,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -127,5 +140,6 @@ pub enum EngineEvent {
     Error {
         id: RequestId,
         message: String,
+        fault: Fault,
     },
 }
