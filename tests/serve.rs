@@ -104,6 +104,19 @@ impl Server {
     }
 }
 
+impl Server {
+    /// SIGTERM, then the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        self.child.wait().unwrap()
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -787,4 +800,60 @@ fn remote_chat_streams_and_cancels() {
         done.contains("prompt + 8 completion tokens, finish length, streamed"),
         "{done}"
     );
+}
+
+#[test]
+fn startup_errors_are_one_line_and_a_signal_stops_the_server() {
+    let m = model_dir();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let failures: [(Vec<&str>, String); 3] = [
+        (
+            vec!["serve", "--model", &m, "--device", "cpu", "--port", &port],
+            format!("cannot listen on 127.0.0.1:{port}"),
+        ),
+        (
+            vec!["serve", "--model", "/nonexistent/model"],
+            "/nonexistent/model".into(),
+        ),
+        (
+            vec!["serve", "--model", &m, "--api-key", ""],
+            "--api-key: the key must not be empty".into(),
+        ),
+    ];
+    for (args, want) in failures {
+        let o = run_bin(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(&want), "{args:?}: {err}");
+    }
+    // SIGTERM: the server ends at once, taking its pictures folder with it
+    let server = Server::start(&["-v"]);
+    let got = client("complete", &server, "none", &json!([cases()[2].openai]));
+    assert_eq!(got[0]["usage"]["completion_tokens"], 10, "{got}");
+    let line = server.wait_log("the pictures folder", |l| {
+        l.contains("pictures of requests go to ")
+    });
+    let dir = PathBuf::from(line.split("go to ").nth(1).unwrap());
+    assert!(dir.is_dir(), "{}", dir.display());
+    let log = server.log.clone();
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    // the last lines may still be on their way from the pipe
+    let t = Instant::now();
+    while !log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("stopping (signal 15)"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

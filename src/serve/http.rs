@@ -77,7 +77,9 @@ impl Conn {
     pub fn read_request(&mut self, max_body: usize) -> Result<Option<Request>, ReadError> {
         let mut head = Vec::new();
         loop {
-            let n = self.reader.read_until(b'\n', &mut head)?;
+            // bounded, so a line that never ends cannot take all memory
+            let room = (MAX_HEAD + 1).saturating_sub(head.len()) as u64;
+            let n = (&mut self.reader).take(room).read_until(b'\n', &mut head)?;
             if n == 0 {
                 if head.iter().all(u8::is_ascii_whitespace) {
                     return Ok(None);
@@ -146,8 +148,15 @@ impl Conn {
             {
                 self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
             }
-            request.body = vec![0; length];
-            self.reader.read_exact(&mut request.body)?;
+            // grown as the bytes come, not allocated on the client's word
+            (&mut self.reader)
+                .take(length as u64)
+                .read_to_end(&mut request.body)?;
+            if request.body.len() < length {
+                return Err(ReadError::Malformed(
+                    "the connection closed before the body ended".into(),
+                ));
+            }
         }
         Ok(Some(request))
     }
@@ -273,7 +282,7 @@ mod tests {
 
     #[test]
     fn refuses_large_chunked_and_malformed_requests() {
-        let cases: [(&[u8], &str); 3] = [
+        let cases: [(&[u8], &str); 4] = [
             (
                 b"POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n",
                 "larger than 100 bytes",
@@ -283,13 +292,27 @@ mod tests {
                 "Content-Length",
             ),
             (b"BAD\x01 / HTTP/1.1\r\n\r\n", "malformed HTTP request"),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nshort",
+                "closed before the body ended",
+            ),
         ];
         for (bytes, want) in cases {
             let (mut conn, mut client) = pair();
             client.write_all(bytes).unwrap();
+            client.shutdown(Shutdown::Write).unwrap();
             let e = conn.read_request(100).unwrap_err().to_string();
             assert!(e.contains(want), "{e:?} should say {want:?}");
         }
+        // a head that never ends is cut off at its limit
+        let (mut conn, mut client) = pair();
+        let endless = vec![b'a'; MAX_HEAD + 10];
+        std::thread::spawn(move || {
+            let _ = client.write_all(&endless);
+            std::thread::sleep(Duration::from_secs(5));
+        });
+        let e = conn.read_request(100).unwrap_err().to_string();
+        assert!(e.contains("request head longer than"), "{e}");
     }
 
     #[test]

@@ -1,11 +1,11 @@
-//! Pictures of a request as files the engine reads: `data:` URLs are written to private
-//! temporary files that live as long as the request, `file://` URLs are local paths, and
-//! http(s) URLs are downloaded only when the server allows it.
+//! Pictures of a request as files the engine reads: `data:` URLs are written to files in the
+//! server's private folder that live as long as the request, `file://` URLs are local paths,
+//! and http(s) URLs are downloaded only when the server allows it.
 use super::openai::{ApiError, ImageRef};
 use crate::engine::protocol::Attachment;
 use base64::Engine as _;
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tempfile::NamedTempFile;
 
@@ -19,36 +19,58 @@ pub struct TempPicture {
 /// Largest picture downloaded from an http(s) URL.
 const MAX_DOWNLOAD: u64 = 64 << 20;
 
-/// The attachment for `image`; files written for it are added to `files`.
-pub fn resolve(
-    image: &ImageRef,
+/// Where a server keeps the pictures of its requests: a private folder, removed when dropped.
+pub struct Pictures {
+    dir: tempfile::TempDir,
     allow_remote: bool,
-    files: &mut Vec<TempPicture>,
-) -> Result<Attachment, ApiError> {
-    let at = &image.at;
-    let url = image.url.trim();
-    let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase());
-    let path = match scheme.as_deref() {
-        Some("data") => temp_file(&data_url(url, at)?, at, files)?,
-        Some("file") => file_url(url, at)?,
-        Some("http" | "https") if allow_remote => temp_file(&download(url, at)?, at, files)?,
-        Some("http" | "https") => {
-            return Err(ApiError::invalid(format!(
-                "{at}: remote image URLs are off (start the server with \
-                 --allow-remote-images, or send the picture as a data: URL)"
-            )))
-        }
-        _ => {
-            return Err(ApiError::invalid(format!(
-                "{at}: unsupported image URL {:?} (expected data:, file:// or http(s)://)",
-                short(url)
-            )))
-        }
-    };
-    Ok(Attachment::Image {
-        path,
-        max_tiles: image.max_tiles,
-    })
+}
+
+impl Pictures {
+    /// `allow_remote`: fetch http(s) URLs.
+    pub fn new(allow_remote: bool) -> std::io::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("internvl-serve-")
+            .tempdir()?;
+        Ok(Self { dir, allow_remote })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The attachment for `image`; files written for it are added to `files`.
+    pub fn resolve(
+        &self,
+        image: &ImageRef,
+        files: &mut Vec<TempPicture>,
+    ) -> Result<Attachment, ApiError> {
+        let at = &image.at;
+        let url = image.url.trim();
+        let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase());
+        let store =
+            |bytes: &[u8], files: &mut Vec<TempPicture>| temp_file(self.dir(), bytes, at, files);
+        let path = match scheme.as_deref() {
+            Some("data") => store(&data_url(url, at)?, files)?,
+            Some("file") => file_url(url, at)?,
+            Some("http" | "https") if self.allow_remote => store(&download(url, at)?, files)?,
+            Some("http" | "https") => {
+                return Err(ApiError::invalid(format!(
+                    "{at}: remote image URLs are off (start the server with \
+                     --allow-remote-images, or send the picture as a data: URL)"
+                )))
+            }
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "{at}: unsupported image URL {:?} (expected data:, file:// or http(s)://)",
+                    short(url)
+                )))
+            }
+        };
+        Ok(Attachment::Image {
+            path,
+            max_tiles: image.max_tiles,
+        })
+    }
 }
 
 /// The start of a long URL, for messages.
@@ -94,7 +116,12 @@ fn data_url(url: &str, at: &str) -> Result<Vec<u8>, ApiError> {
     Ok(bytes)
 }
 
-fn temp_file(bytes: &[u8], at: &str, files: &mut Vec<TempPicture>) -> Result<PathBuf, ApiError> {
+fn temp_file(
+    dir: &Path,
+    bytes: &[u8],
+    at: &str,
+    files: &mut Vec<TempPicture>,
+) -> Result<PathBuf, ApiError> {
     let failed = |e: std::io::Error| {
         ApiError::new(
             500,
@@ -103,8 +130,8 @@ fn temp_file(bytes: &[u8], at: &str, files: &mut Vec<TempPicture>) -> Result<Pat
         )
     };
     let mut f = tempfile::Builder::new()
-        .prefix("internvl-serve-")
-        .tempfile()
+        .prefix("picture-")
+        .tempfile_in(dir)
         .map_err(failed)?;
     f.write_all(bytes).map_err(failed)?;
     f.flush().map_err(failed)?;
@@ -200,7 +227,10 @@ mod tests {
 
     fn refused(url: &str, allow_remote: bool) -> String {
         let mut files = Vec::new();
-        let e = resolve(&image(url), allow_remote, &mut files).unwrap_err();
+        let e = Pictures::new(allow_remote)
+            .unwrap()
+            .resolve(&image(url), &mut files)
+            .unwrap_err();
         assert_eq!(e.status, 400);
         assert!(files.is_empty());
         assert!(e.message.starts_with("messages[0].content[1]: "), "{e:?}");
@@ -212,19 +242,21 @@ mod tests {
         let bytes = b"\x89PNG\r\n\x1a\nnot really";
         let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
         let mut files = Vec::new();
-        let a = resolve(
-            &image(&format!("data:image/png;base64,{b64}")),
-            false,
-            &mut files,
-        )
-        .unwrap();
+        let pictures = Pictures::new(false).unwrap();
+        let a = pictures
+            .resolve(&image(&format!("data:image/png;base64,{b64}")), &mut files)
+            .unwrap();
         let Attachment::Image { path, max_tiles } = a else {
             panic!("an image")
         };
         assert_eq!(max_tiles, Some(3));
+        assert_eq!(path.parent(), Some(pictures.dir()));
         assert_eq!(std::fs::read(&path).unwrap(), bytes);
         drop(files);
         assert!(!path.exists(), "gone with the request");
+        let dir = pictures.dir().to_path_buf();
+        drop(pictures);
+        assert!(!dir.exists(), "the folder goes with the server");
     }
 
     #[test]
@@ -234,7 +266,10 @@ mod tests {
         std::fs::write(&p, b"x").unwrap();
         let url = format!("file://{}", p.display()).replace(' ', "%20");
         let mut files = Vec::new();
-        let a = resolve(&image(&url), false, &mut files).unwrap();
+        let a = Pictures::new(false)
+            .unwrap()
+            .resolve(&image(&url), &mut files)
+            .unwrap();
         assert_eq!(a.path(), p);
         assert!(files.is_empty());
         let missing = format!("file://{}/none.png", dir.path().display());

@@ -52,6 +52,7 @@ pub struct ServeConfig {
 
 struct Shared {
     cfg: ServeConfig,
+    pictures: images::Pictures,
     queue: Sender<Msg>,
     next_id: AtomicU64,
     /// Start time: `created` of the model, and part of completion ids.
@@ -67,9 +68,14 @@ fn unix_now() -> u64 {
 
 /// Serves `listener` until the process ends; the engine behind `handle` must be ready.
 pub fn run(listener: TcpListener, handle: EngineHandle, cfg: ServeConfig) -> anyhow::Result<()> {
+    let pictures = images::Pictures::new(cfg.allow_remote_images)
+        .map_err(|e| anyhow::anyhow!("cannot make a folder for pictures: {e}"))?;
+    tracing::debug!("pictures of requests go to {}", pictures.dir().display());
+    stop_on_signals(pictures.dir().to_path_buf())?;
     let (queue, _dispatcher) = queue::spawn(handle);
     let shared = Arc::new(Shared {
         cfg,
+        pictures,
         queue,
         next_id: AtomicU64::new(1),
         started: unix_now(),
@@ -101,6 +107,24 @@ pub fn run(listener: TcpListener, handle: EngineHandle, cfg: ServeConfig) -> any
             tracing::warn!("cannot start a connection thread: {e}");
         }
     }
+    Ok(())
+}
+
+/// SIGINT, SIGTERM and SIGHUP end the server at once, without leaving pictures behind.
+fn stop_on_signals(pictures: std::path::PathBuf) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|e| anyhow::anyhow!("cannot listen for signals: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                let _ = std::fs::remove_dir_all(&pictures);
+                tracing::info!("stopping (signal {sig})");
+                std::process::exit(0);
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("cannot start the signal thread: {e}"))?;
     Ok(())
 }
 
@@ -217,14 +241,15 @@ fn unknown_model(asked: &str, served: &str) -> ApiError {
 
 /// The request's pictures as attachments (their files added to `files`).
 fn attachments(
-    cfg: &ServeConfig,
+    shared: &Shared,
     m: &UserMessage,
     files: &mut Vec<TempPicture>,
 ) -> Result<Vec<Attachment>, ApiError> {
+    let cfg = &shared.cfg;
     m.images
         .iter()
         .map(|i| {
-            let a = images::resolve(i, cfg.allow_remote_images, files)?;
+            let a = shared.pictures.resolve(i, files)?;
             Ok(match a {
                 Attachment::Image { path, max_tiles } => Attachment::Image {
                     path,
@@ -238,14 +263,14 @@ fn attachments(
 
 /// The engine request of a chat completion; its picture files go to `files`.
 fn generate_request(
-    cfg: &ServeConfig,
+    shared: &Shared,
     id: RequestId,
     chat: openai::ChatRequest,
     files: &mut Vec<TempPicture>,
 ) -> Result<GenerateRequest, ApiError> {
     let mut history = Vec::with_capacity(chat.history.len());
     for (user, answer) in &chat.history {
-        let atts = attachments(cfg, user, files)?;
+        let atts = attachments(shared, user, files)?;
         let slots: Vec<(&Attachment, usize)> = atts.iter().map(|a| (a, 1)).collect();
         history.push(Turn {
             // placeholders as the chat keeps them in its history
@@ -256,9 +281,9 @@ fn generate_request(
     }
     Ok(GenerateRequest {
         id,
-        system: chat.system.or_else(|| cfg.system.clone()),
+        system: chat.system.or_else(|| shared.cfg.system.clone()),
         history,
-        attachments: attachments(cfg, &chat.question, files)?,
+        attachments: attachments(shared, &chat.question, files)?,
         question: chat.question.text,
         combine_images: false,
         params: chat.params,
@@ -330,7 +355,7 @@ fn chat(shared: &Shared, conn: &mut Conn, req: &Request, keep: bool) -> io::Resu
     };
     let (stream, include_usage) = (parsed.stream, parsed.include_usage);
     let mut files = Vec::new();
-    let request = match generate_request(cfg, id, parsed, &mut files) {
+    let request = match generate_request(shared, id, parsed, &mut files) {
         Ok(r) => r,
         Err(e) => return send_error(conn, &e, keep),
     };
