@@ -7,6 +7,8 @@ client saw, for the Rust test to compare with exact expectations. Requests witho
 ask for MODEL. An API error is recorded as
 {"status": ..., "body": ...}; anything else unexpected raises (non-zero exit).
 """
+import functools
+import http.server
 import json
 import sys
 import threading
@@ -148,7 +150,21 @@ def raw(base, key, spec):
     return out
 
 
-SCENARIOS = {"complete": complete, "models": models, "load": load, "disconnect": disconnect, "raw": raw}
+def served_images(base, key, spec):
+    """spec: {"dir": folder, "requests": [...]}: the folder is served over http on 127.0.0.1
+    while the requests run; "{images}" in them stands for its address."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=spec["dir"])
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        where = f"http://127.0.0.1:{httpd.server_address[1]}"
+        requests = json.loads(json.dumps(spec["requests"]).replace("{images}", where))
+        try:
+            return complete(base, key, requests)
+        finally:
+            httpd.shutdown()
+
+
+SCENARIOS = {"complete": complete, "served_images": served_images, "models": models, "load": load, "disconnect": disconnect, "raw": raw}
 
 if __name__ == "__main__":
     scenario, base, key, MODEL = sys.argv[1:5]

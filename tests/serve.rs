@@ -372,6 +372,35 @@ fn stop_strings_end_the_answer_before_them() {
     assert_same_answer("absent stop", &got[2], b);
 }
 
+#[test]
+fn http_pictures_are_fetched_when_allowed() {
+    let server = Server::start(&["--allow-remote-images"]);
+    let ask = |url: &str| {
+        json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url, "max_dynamic_patch": 1}},
+            {"type": "text", "text": "Describe it."}]}],
+            "max_tokens": 6, "temperature": 0})
+    };
+    let dir = fixture("media/images").display().to_string();
+    let got = client(
+        "served_images",
+        &server,
+        "none",
+        &json!({"dir": dir, "requests": [ask("{images}/image2.jpg"), ask("{images}/none.jpg")]}),
+    );
+    let b = &batch(&[json!({"question": "Describe it.",
+        "images": [{"path": image("image2.jpg"), "max_tiles": 1}],
+        "max_new_tokens": 6, "do_sample": false})])[0];
+    assert_same_answer("fetched over http", &got[0], b);
+    assert_eq!(got[1]["status"], 400, "{}", got[1]);
+    let message = error_of(&got[1]["body"])["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("messages[0].content[0]: cannot fetch http://127.0.0.1:")
+            && message.ends_with("none.jpg: HTTP 404 Not Found"),
+        "{message}"
+    );
+}
+
 /// `{"error": {"message", "type", "code"}}` (the openai client hands over the inner object).
 fn error_of(body: &Value) -> &Value {
     let e = body.get("error").unwrap_or(body);
