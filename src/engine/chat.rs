@@ -1,7 +1,7 @@
 //! `model.chat` end to end: attachments -> tiles -> query -> ids -> generation -> answer, with the
 //! conversation's KV cache kept between turns so a follow-up only prefills its new tokens.
 use super::generate::{generate, Flow, GenInput, GenOutput};
-use super::protocol::{Attachment, Finish, Turn};
+use super::protocol::{with_placeholders, Attachment, Finish, Turn};
 use super::stream::AnswerStream;
 use crate::model::llm::kv_cache::KvCache;
 use crate::model::{InternVL, LoadOptions, ModelError};
@@ -88,35 +88,6 @@ pub struct Engine {
     /// Keyed per process, so fingerprints cannot be forged from outside.
     fingerprint_keys: std::collections::hash_map::RandomState,
     cache: KvCache,
-}
-
-/// The question with placeholders for `attachments` when it has none of its own: images first
-/// (`<image>\n` for one image or combined images, `Image-1: <image>\n…` for several), then a
-/// video's `Frame1: <image>\n…`, as the model card writes them.
-pub fn with_placeholders(
-    question: &str,
-    visuals: &[(&Attachment, usize)],
-    combine: bool,
-) -> String {
-    if question.contains("<image>") || visuals.is_empty() {
-        return question.to_string();
-    }
-    let n_images = visuals
-        .iter()
-        .filter(|(a, _)| matches!(a, Attachment::Image { .. }))
-        .count();
-    let mut prefix = String::new();
-    if n_images == 1 || (combine && n_images > 1) {
-        prefix.push_str("<image>\n");
-    } else if n_images > 1 {
-        prefix.push_str(&crate::prompt::image_list_prefix(n_images));
-    }
-    for (a, frames) in visuals {
-        if matches!(a, Attachment::Video { .. }) {
-            prefix.push_str(&crate::prompt::video_prefix(*frames));
-        }
-    }
-    prefix + question
 }
 
 impl Engine {

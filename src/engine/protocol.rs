@@ -36,6 +36,37 @@ impl Attachment {
     }
 }
 
+/// The question with placeholders for its attachments when it has none of its own: images first
+/// (`<image>\n` for one image or combined images, `Image-1: <image>\n…` for several), then a
+/// video's `Frame1: <image>\n…`, as the model card writes them. `visuals` pairs each
+/// attachment with the placeholders it fills (1 for an image, its frames for a video). Front
+/// ends that keep a conversation (the chat, the server, a remote worker) add them alike.
+pub fn with_placeholders(
+    question: &str,
+    visuals: &[(&Attachment, usize)],
+    combine: bool,
+) -> String {
+    if question.contains("<image>") || visuals.is_empty() {
+        return question.to_string();
+    }
+    let n_images = visuals
+        .iter()
+        .filter(|(a, _)| matches!(a, Attachment::Image { .. }))
+        .count();
+    let mut prefix = String::new();
+    if n_images == 1 || (combine && n_images > 1) {
+        prefix.push_str("<image>\n");
+    } else if n_images > 1 {
+        prefix.push_str(&crate::prompt::image_list_prefix(n_images));
+    }
+    for (a, frames) in visuals {
+        if matches!(a, Attachment::Video { .. }) {
+            prefix.push_str(&crate::prompt::video_prefix(*frames));
+        }
+    }
+    prefix + question
+}
+
 /// One finished exchange of a conversation. `question` is the text as sent to the model,
 /// including the `<image>` placeholders the program added for `attachments`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

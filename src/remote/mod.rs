@@ -9,7 +9,7 @@
 //! Cancelling stops reading and closes the connection, which stops a server that watches it.
 pub mod sse;
 
-use crate::engine::chat::with_placeholders;
+use crate::engine::protocol::with_placeholders;
 use crate::engine::protocol::{
     Attachment, DoneStats, EngineCmd, EngineEvent, Fault, Finish, GenerateRequest, ModelInfo,
     RequestId,

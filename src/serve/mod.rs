@@ -10,7 +10,7 @@ pub mod images;
 pub mod openai;
 mod queue;
 
-use crate::engine::chat::with_placeholders;
+use crate::engine::protocol::with_placeholders;
 use crate::engine::protocol::{
     Attachment, EngineEvent, Fault, Finish, GenerateRequest, RequestId, Turn,
 };
