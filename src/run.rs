@@ -326,7 +326,6 @@ fn serve(cli: &Cli, s: &ServeArgs) -> Result<ExitCode> {
         bail!("--api-key: the key must not be empty");
     }
     let dir = model_dir(&cli.model)?;
-    InternVLConfig::load(&dir)?;
     if let Some(n) = cli.model.threads {
         tch::set_num_threads(n as i32);
     }
