@@ -2,6 +2,7 @@
 # One-time (idempotent) set-up of everything the build needs on a fresh Debian machine:
 #   - Debian packages for ffmpeg-next (libav*-dev, pkg-config, clang/libclang-dev)
 #   - a project-local virtualenv (.venv) with torch==2.13.0 from PyPI, whose libtorch tch links against
+#   - the official `openai` Python client in .venv, which the server tests drive `serve` with
 # Every step is skipped when already done, so the run and test commands can call it each time.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,4 +32,11 @@ if ! "$venv/bin/python" -c "import torch,sys; sys.exit(0 if torch.__version__.sp
   log "creating $venv with torch==$torch_version (libtorch for tch)"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check "torch==$torch_version"
+fi
+
+# --- the official OpenAI client, for the tests of `serve` -------------------------------------
+openai_version=1.109.1
+if ! "$venv/bin/python" -c "import openai,sys; sys.exit(0 if openai.__version__=='$openai_version' else 1)" 2>/dev/null; then
+  log "installing openai==$openai_version into $venv (client for the serve tests)"
+  "$venv/bin/pip" install -q --disable-pip-version-check "openai==$openai_version"
 fi

@@ -43,6 +43,21 @@ pub struct Cli {
     /// Tiles per video frame.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub video_max_tiles: usize,
+    /// Ask an OpenAI-compatible server (`internvl-chat serve`, LMDeploy, vLLM) instead of
+    /// loading a model: http://HOST:PORT.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// API key for --remote.
+    #[arg(
+        long,
+        env = "INTERNVL_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Option<String>,
+    /// The model to ask on --remote (default: the first the server lists).
+    #[arg(long, value_name = "NAME", requires = "remote")]
+    pub remote_model: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,6 +68,32 @@ pub enum Command {
     Plan(PlanArgs),
     /// Measure load, time to first token, decode speed, memory and batch throughput.
     Bench(BenchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (loopback unless told otherwise, e.g. 0.0.0.0).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the address is printed once the model is ready).
+    #[arg(long, default_value_t = 23333)]
+    pub port: u16,
+    /// Refuse requests without `Authorization: Bearer KEY` (401).
+    #[arg(
+        long,
+        env = "INTERNVL_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Option<String>,
+    /// Fetch pictures given as http(s) URLs (otherwise only data: and file:// URLs).
+    #[arg(long)]
+    pub allow_remote_images: bool,
+    /// The model's name in /v1/models and requests (default: the model folder's name).
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -11,6 +11,8 @@ pub mod model;
 pub mod plan;
 pub mod preprocess;
 pub mod prompt;
+pub mod remote;
 pub mod run;
 pub mod sampling;
+pub mod serve;
 pub mod testutil;

@@ -1,14 +1,16 @@
 //! What each command does, between the parsed flags and the engine.
 use crate::batch;
-use crate::cli::{BenchArgs, Cli, Command, DType, GenArgs, ModelArgs, PlanArgs};
+use crate::cli::{BenchArgs, Cli, Command, DType, GenArgs, ModelArgs, PlanArgs, ServeArgs};
 use crate::device_map::{self, Target};
 use crate::engine::chat::{ChatInput, Engine};
 use crate::engine::generate::Flow;
-use crate::engine::protocol::Attachment;
+use crate::engine::protocol::{Attachment, EngineCmd, EngineEvent, GenerateRequest, ModelInfo};
+use crate::engine::EngineHandle;
 use crate::hub;
 use crate::model::config::InternVLConfig;
 use crate::model::{Int8, LoadOptions};
 use crate::plan::Plan;
+use crate::preprocess::TileConfig;
 use crate::sampling::{Overrides, SamplingParams};
 use anyhow::{bail, Context, Result};
 use std::io::{IsTerminal, Read, Write};
@@ -248,6 +250,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         Some(Command::Plan(p)) => plan(&cli.model, p),
         Some(Command::Bench(b)) => bench(&cli.model, b),
+        Some(Command::Serve(s)) => serve(&cli, s),
         Some(Command::Batch(b)) => {
             let params = sampling_from(&cli.gen)?;
             let (mut engine, _) = load_engine(&cli.model)?;
@@ -295,9 +298,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 None => None,
             };
-            match prompt {
-                Some(p) => one_shot(&cli, &p),
-                None => tui(&cli),
+            match (prompt, &cli.remote) {
+                (Some(p), Some(url)) => remote_one_shot(&cli, url, &p),
+                (Some(p), None) => one_shot(&cli, &p),
+                (None, _) => tui(&cli),
             }
         }
     }
@@ -328,32 +332,143 @@ fn dtype_name(d: DType) -> &'static str {
     }
 }
 
-/// The full-screen chat: the model loads on the worker thread while the UI is already up.
-fn tui(cli: &Cli) -> Result<ExitCode> {
-    use crate::app::{self, AppOptions, AttachmentInfo, Overrides};
-    use crate::engine::protocol::EngineCmd;
+/// Waits for the worker's model: its description, or why it could not be had.
+fn wait_ready(handle: &EngineHandle) -> Result<ModelInfo> {
+    loop {
+        match handle.rx.recv() {
+            Ok(EngineEvent::Ready(info)) => return Ok(info),
+            Ok(EngineEvent::LoadFailed(e)) => bail!(e),
+            Ok(_) => {}
+            Err(_) => bail!("the engine stopped before it was ready"),
+        }
+    }
+}
+
+/// `internvl-chat serve`: load, listen, answer until killed.
+fn serve(cli: &Cli, s: &ServeArgs) -> Result<ExitCode> {
     use crate::engine::worker::{self, WorkerConfig};
+    use crate::serve::ServeConfig;
+    let base = sampling_from(&cli.gen)?;
+    if s.api_key.as_deref() == Some("") {
+        bail!("--api-key: the key must not be empty");
+    }
     let dir = model_dir(&cli.model, hub::Need::Model)?;
-    let cfg = InternVLConfig::load(&dir)?;
     if let Some(n) = cli.model.threads {
         tch::set_num_threads(n as i32);
     }
-    let attachments = attachments_from(cli)?;
     let opts = load_options(&cli.model, &dir)?;
     check_fits(&dir, &opts)?;
-    let device_name = format!("{:?}", opts.first).to_lowercase();
-    crate::logging::init(cli.model.verbose);
-    let mut tiles = cfg.tile_config();
+    crate::logging::init_stderr(cli.model.verbose);
+    // bind before the (slow) load, so a taken port is reported at once
+    let listener = std::net::TcpListener::bind((s.host.as_str(), s.port))
+        .with_context(|| format!("cannot listen on {}:{}", s.host, s.port))?;
+    let addr = listener.local_addr()?;
+    let (handle, _worker) = worker::spawn(WorkerConfig {
+        device_name: format!("{:?}", opts.first).to_lowercase(),
+        dir,
+        opts,
+        dtype_name: dtype_name(cli.model.dtype).into(),
+    });
+    let info = wait_ready(&handle)?;
+    let model = s.served_model_name.clone().unwrap_or(info.name);
+    if !addr.ip().is_loopback() && s.api_key.is_none() {
+        tracing::warn!(
+            "listening on {addr} without --api-key: anyone who can reach it can use the model \
+             and have it read pictures through file:// URLs"
+        );
+    }
+    eprintln!("listening on http://{addr} (model {model:?})");
+    crate::serve::run(
+        listener,
+        handle,
+        ServeConfig {
+            model,
+            api_key: s.api_key.clone(),
+            allow_remote_images: s.allow_remote_images,
+            base,
+            system: cli.gen.system.clone(),
+            max_tiles: cli.gen.max_tiles,
+            context_len: info.context_len,
+        },
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Tiling of InternVL 2.5 checkpoints (448-pixel tiles, up to 12 and a thumbnail, 256 tokens
+/// each), for showing what a picture costs when the model is on a server.
+fn internvl_2_5_tiles() -> TileConfig {
+    TileConfig {
+        image_size: 448,
+        min_tiles: 1,
+        max_tiles: 12,
+        use_thumbnail: true,
+        tokens_per_tile: 256,
+    }
+}
+
+/// The worker for `--remote`; `--model`, when given too, tells how pictures are tiled.
+fn remote_worker(
+    cli: &Cli,
+    url: &str,
+) -> Result<(EngineHandle, std::thread::JoinHandle<()>, TileConfig)> {
+    let mut tiles = match &cli.model.model {
+        Some(dir) => InternVLConfig::load(dir)?.tile_config(),
+        None => internvl_2_5_tiles(),
+    };
     if let Some(t) = cli.gen.max_tiles {
         tiles.max_tiles = t as u32;
     }
-    let (handle, join) = worker::spawn(WorkerConfig {
-        dir,
-        opts,
-        device_name,
-        dtype_name: dtype_name(cli.model.dtype).into(),
-    });
+    let cfg = crate::remote::RemoteConfig::new(
+        url,
+        cli.api_key.clone(),
+        cli.remote_model.clone(),
+        tiles.max_tiles as usize,
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let (handle, join) = crate::remote::spawn(cfg);
+    Ok((handle, join, tiles))
+}
+
+/// The full-screen chat: the model loads on the worker thread while the UI is already up
+/// (or, with `--remote`, the worker connects to the server).
+fn tui(cli: &Cli) -> Result<ExitCode> {
+    use crate::app::{self, AppOptions, AttachmentInfo, Overrides};
+    use crate::engine::worker::{self, WorkerConfig};
+    let attachments = attachments_from(cli)?;
+    let (handle, join, tiles) = match &cli.remote {
+        Some(url) => {
+            let worker = remote_worker(cli, url)?;
+            crate::logging::init(cli.model.verbose);
+            worker
+        }
+        None => {
+            let dir = model_dir(&cli.model, hub::Need::Model)?;
+            let cfg = InternVLConfig::load(&dir)?;
+            if let Some(n) = cli.model.threads {
+                tch::set_num_threads(n as i32);
+            }
+            let opts = load_options(&cli.model, &dir)?;
+            check_fits(&dir, &opts)?;
+            let device_name = format!("{:?}", opts.first).to_lowercase();
+            crate::logging::init(cli.model.verbose);
+            let mut tiles = cfg.tile_config();
+            if let Some(t) = cli.gen.max_tiles {
+                tiles.max_tiles = t as u32;
+            }
+            let (handle, join) = worker::spawn(WorkerConfig {
+                dir,
+                opts,
+                device_name,
+                dtype_name: dtype_name(cli.model.dtype).into(),
+            });
+            (handle, join, tiles)
+        }
+    };
+    let remote = cli.remote.is_some();
     let probe: app::Probe = std::sync::Arc::new(move |a: &Attachment| {
+        if remote && matches!(a, Attachment::Video { .. }) {
+            return Err("remote mode sends pictures only; videos are not supported".into());
+        }
         let p = crate::preprocess::probe(a, &tiles).map_err(|e| e.to_string())?;
         let path = a.path();
         Ok(AttachmentInfo {
@@ -436,4 +551,65 @@ fn one_shot(cli: &Cli, prompt: &str) -> Result<ExitCode> {
     }
     writeln!(out)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--remote` with a prompt: the answer streamed to stdout, as the local one-shot prints it.
+fn remote_one_shot(cli: &Cli, url: &str, prompt: &str) -> Result<ExitCode> {
+    let params = sampling_from(&cli.gen)?;
+    let mut attachments = attachments_from(cli)?;
+    for a in &mut attachments {
+        let p = a.path();
+        std::fs::metadata(p).with_context(|| format!("{}: cannot read attachment", p.display()))?;
+        if let Attachment::Image { max_tiles, .. } = a {
+            *max_tiles = max_tiles.or(cli.gen.max_tiles);
+        }
+    }
+    let (handle, join, _) = remote_worker(cli, url)?;
+    let result = remote_answer(
+        &handle,
+        GenerateRequest {
+            id: 1,
+            system: cli.gen.system.clone(),
+            history: Vec::new(),
+            question: prompt.to_string(),
+            attachments,
+            combine_images: cli.combine_images,
+            params,
+            stop: Vec::new(),
+        },
+    );
+    let _ = handle.tx.send(EngineCmd::Shutdown);
+    let _ = join.join();
+    result
+}
+
+fn remote_answer(handle: &EngineHandle, req: GenerateRequest) -> Result<ExitCode> {
+    wait_ready(handle)?;
+    if handle.tx.send(EngineCmd::Generate(req)).is_err() {
+        bail!("the remote worker stopped");
+    }
+    let mut out = std::io::stdout().lock();
+    loop {
+        match handle.rx.recv() {
+            Ok(EngineEvent::Token { text, .. }) => {
+                if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+                    // closes the stream: the server stops generating
+                    handle
+                        .cancel
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    return Err(e).context("writing the answer to stdout");
+                }
+            }
+            Ok(EngineEvent::Done { .. }) => {
+                writeln!(out)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            Ok(EngineEvent::Error { message, .. }) => bail!(message),
+            Ok(_) => {}
+            Err(_) => bail!("the remote worker stopped"),
+        }
+    }
 }

@@ -292,6 +292,47 @@ fn multi_turn_with_and_without_cache_reuse() {
     }
 }
 
+/// Two pictures with the same tile count give the same token ids: the second is not answered
+/// from the first one's cached features, and the same picture again is reused.
+#[test]
+fn cache_reuse_tells_pictures_apart() {
+    let mut e = engine("tiny-qwen2", Kind::Float);
+    let ask = |e: &mut Engine, image: &str| {
+        let p = e
+            .prepare(&ChatInput {
+                system: None,
+                history: &[],
+                question: "What is this?",
+                attachments: &[Attachment::Image {
+                    path: fixture(&format!("media/images/{image}")),
+                    max_tiles: Some(1),
+                }],
+                combine_images: false,
+            })
+            .unwrap();
+        let out = run(e, &p);
+        (p, out)
+    };
+    let (p2, fresh) = ask(&mut e, "image2.jpg");
+    let (p1, first) = ask(&mut e, "image1.jpg");
+    assert_eq!(p1.ids, p2.ids, "same ids for both pictures");
+    assert_ne!(
+        first.tokens, fresh.tokens,
+        "the pictures give different answers"
+    );
+    let start = p2.ids.iter().position(|&t| t == e.img_context_id).unwrap();
+    assert_eq!(first.gen.prefill_tokens, p1.ids.len() - start);
+    let (_, again) = ask(&mut e, "image2.jpg");
+    assert_eq!(again.tokens, fresh.tokens);
+    assert_eq!(again.gen.prefill_tokens, p2.ids.len() - start);
+    let (_, same) = ask(&mut e, "image2.jpg");
+    assert_eq!(same.tokens, fresh.tokens);
+    assert_eq!(
+        same.gen.prefill_tokens, 1,
+        "the same picture again is reused"
+    );
+}
+
 /// `batch_chat` with two requests of different lengths, left-padded: the reference's answers.
 #[test]
 fn batch_two_images() {

@@ -1,115 +1,11 @@
 //! The real binary in tmux against tiny-qwen2: attach an image, ask, see tokens stream, cancel,
 //! ask again, quit, relaunch and load the session.
+mod common;
+
+use common::tmux::{streamed, Tmux};
 use internvl_chat::testutil::fixture;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
-
-struct Tmux {
-    name: String,
-}
-
-impl Tmux {
-    fn start(name: &str, home: &Path, args: &[String]) -> Self {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", name])
-            .output();
-        let bin = env!("CARGO_BIN_EXE_internvl-chat");
-        let cmd = format!(
-            "env XDG_DATA_HOME={h}/data XDG_CONFIG_HOME={h}/config XDG_STATE_HOME={h}/state {bin} {}",
-            args.join(" "),
-            h = home.display()
-        );
-        let ok = Command::new("tmux")
-            .args([
-                "new-session",
-                "-d",
-                "-s",
-                name,
-                "-x",
-                "110",
-                "-y",
-                "32",
-                &cmd,
-            ])
-            .status()
-            .expect("tmux is installed by scripts/setup.sh");
-        assert!(ok.success());
-        Self { name: name.into() }
-    }
-
-    fn keys(&self, keys: &[&str]) {
-        let mut a = vec!["send-keys", "-t", &self.name];
-        a.extend(keys);
-        assert!(Command::new("tmux").args(&a).status().unwrap().success());
-    }
-
-    fn text(&self, text: &str) {
-        // literal text, then Enter separately
-        assert!(Command::new("tmux")
-            .args(["send-keys", "-t", &self.name, "-l", text])
-            .status()
-            .unwrap()
-            .success());
-    }
-
-    fn screen(&self) -> String {
-        let o = Command::new("tmux")
-            .args(["capture-pane", "-p", "-t", &self.name])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    /// Waits until `pred` holds for the screen; panics with the screen after `secs`.
-    fn wait(&self, what: &str, secs: u64, pred: impl Fn(&str) -> bool) -> String {
-        let t = Instant::now();
-        loop {
-            let s = self.screen();
-            if pred(&s) {
-                return s;
-            }
-            if t.elapsed() > Duration::from_secs(secs) {
-                panic!("timed out waiting for {what}; screen:\n{s}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn pane_pid(&self) -> u32 {
-        let o = Command::new("tmux")
-            .args(["display-message", "-p", "-t", &self.name, "#{pane_pid}"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
-    }
-
-    fn alive(&self) -> bool {
-        Command::new("tmux")
-            .args(["has-session", "-t", &self.name])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", &self.name])
-            .output();
-    }
-}
-
-/// The status line's "answering, N tokens" while tokens stream.
-fn streamed(screen: &str) -> usize {
-    screen
-        .split("answering, ")
-        .nth(1)
-        .and_then(|s| s.split(" tokens").next())
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
-}
 
 #[test]
 fn attach_ask_stream_cancel_ask_quit_and_reload() {

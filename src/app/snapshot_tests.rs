@@ -4,7 +4,7 @@ use super::grounding;
 use super::testkit::*;
 use super::update::Msg;
 use super::App;
-use crate::engine::protocol::{Attachment, EngineEvent, Finish};
+use crate::engine::protocol::{Attachment, EngineEvent, Fault, Finish};
 use crossterm::event::KeyCode;
 use insta::assert_snapshot;
 use ratatui::backend::TestBackend;
@@ -119,6 +119,7 @@ fn engine_error() {
         EngineEvent::Error {
             id,
             message: "out of memory while encoding 13 tiles".into(),
+            fault: Fault::Engine,
         },
     );
     assert_snapshot!(screen(&app, 60, 14));

@@ -373,6 +373,7 @@ impl App {
             attachments: attachments.clone(),
             combine_images: self.settings.combine_images,
             params,
+            stop: Vec::new(),
         };
         let entry = self.push_entry(EntryKind::Exchange(Exchange {
             typed,
@@ -634,7 +635,7 @@ impl App {
                 self.gen = None;
                 return self.autosave().into_iter().collect();
             }
-            EngineEvent::Error { id, message } if current(id) => {
+            EngineEvent::Error { id, message, .. } if current(id) => {
                 self.fail_generation(&message);
             }
             // events of a request this chat no longer waits for
@@ -664,7 +665,7 @@ impl App {
 mod tests {
     use super::*;
     use crate::app::testkit::*;
-    use crate::engine::protocol::Turn;
+    use crate::engine::protocol::{Fault, Turn};
     use crossterm::event::KeyCode;
     use std::fs;
     #[test]
@@ -946,6 +947,7 @@ mod tests {
             EngineEvent::Error {
                 id,
                 message: "image too large".into(),
+                fault: Fault::Request,
             },
         );
         assert!(cmds.is_empty(), "nothing to save for a failed turn");

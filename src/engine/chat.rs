@@ -2,7 +2,7 @@
 //! conversation's KV cache kept between turns so a follow-up only prefills its new tokens.
 use super::features::FeatureCache;
 use super::generate::{generate, Flow, GenInput, GenOutput};
-use super::protocol::{Attachment, Finish, Turn};
+use super::protocol::{with_placeholders, Attachment, Finish, Turn};
 use super::stream::AnswerStream;
 use crate::model::llm::kv_cache::KvCache;
 use crate::model::{InternVL, LoadOptions, ModelError};
@@ -11,6 +11,7 @@ use crate::prompt::template::{get_template, Template};
 use crate::prompt::tokenizer::Tokenizer;
 use crate::prompt::{build_query, PromptError};
 use crate::sampling::{Sampler, SamplingParams};
+use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::Tensor;
@@ -82,6 +83,11 @@ pub struct Engine {
     pub tiles: TileConfig,
     /// Conversation state: the ids the KV cache holds.
     cached_ids: Vec<i64>,
+    /// Fingerprints of the pictures behind the cached ids' `<IMG_CONTEXT>` runs, in order: the
+    /// ids of two different pictures with the same tile count are the same.
+    cached_images: Vec<u64>,
+    /// Keyed per process, so fingerprints cannot be forged from outside.
+    fingerprint_keys: std::collections::hash_map::RandomState,
     cache: KvCache,
     /// Vision features by tile content; kept across conversations (see features.rs).
     features: FeatureCache,
@@ -89,35 +95,6 @@ pub struct Engine {
 
 /// Bytes of image features the engine keeps (about 570 tiles of InternVL2_5-1B, 64 of -78B).
 const FEATURE_CACHE_BYTES: usize = 256 << 20;
-
-/// The question with placeholders for `attachments` when it has none of its own: images first
-/// (`<image>\n` for one image or combined images, `Image-1: <image>\n…` for several), then a
-/// video's `Frame1: <image>\n…`, as the model card writes them.
-pub fn with_placeholders(
-    question: &str,
-    visuals: &[(&Attachment, usize)],
-    combine: bool,
-) -> String {
-    if question.contains("<image>") || visuals.is_empty() {
-        return question.to_string();
-    }
-    let n_images = visuals
-        .iter()
-        .filter(|(a, _)| matches!(a, Attachment::Image { .. }))
-        .count();
-    let mut prefix = String::new();
-    if n_images == 1 || (combine && n_images > 1) {
-        prefix.push_str("<image>\n");
-    } else if n_images > 1 {
-        prefix.push_str(&crate::prompt::image_list_prefix(n_images));
-    }
-    for (a, frames) in visuals {
-        if matches!(a, Attachment::Video { .. }) {
-            prefix.push_str(&crate::prompt::video_prefix(*frames));
-        }
-    }
-    prefix + question
-}
 
 impl Engine {
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self, ChatError> {
@@ -159,6 +136,8 @@ impl Engine {
             stop_ids,
             tiles,
             cached_ids: Vec::new(),
+            cached_images: Vec::new(),
+            fingerprint_keys: Default::default(),
             cache,
             features: FeatureCache::new(FEATURE_CACHE_BYTES),
         })
@@ -179,6 +158,7 @@ impl Engine {
     /// Forgets the cached conversation.
     pub fn reset(&mut self) {
         self.cached_ids.clear();
+        self.cached_images.clear();
         self.cache.truncate(0);
     }
 
@@ -299,6 +279,27 @@ impl Engine {
         (self.features.hits, self.features.misses)
     }
 
+    /// One fingerprint per `<IMG_CONTEXT>` run: a hash of the tiles of each placeholder.
+    fn image_fingerprints(&self, p: &Prepared) -> Vec<u64> {
+        let mut tiles = p
+            .visuals
+            .iter()
+            .flat_map(|v| v.placeholders.iter())
+            .flatten();
+        p.num_patches
+            .iter()
+            .map(|&n| {
+                let mut h = self.fingerprint_keys.build_hasher();
+                for t in tiles.by_ref().take(n) {
+                    h.write_u32(t.width());
+                    h.write_u32(t.height());
+                    h.write(t.as_raw());
+                }
+                h.finish()
+            })
+            .collect()
+    }
+
     /// Runs one prepared question, reusing the cached conversation prefix.
     pub fn run(
         &mut self,
@@ -325,6 +326,18 @@ impl Engine {
             .count()
             .min(p.ids.len() - 1);
         let runs = image_runs(&p.ids, self.img_context_id);
+        let fingerprints = self.image_fingerprints(p);
+        debug_assert_eq!(runs.len(), fingerprints.len(), "one run per placeholder");
+        // equal ids do not mean equal pictures: reuse stops at the first picture not cached
+        if let Some((r, _)) = runs
+            .iter()
+            .zip(&fingerprints)
+            .enumerate()
+            .find(|(k, (r, f))| r.0 < reuse && self.cached_images.get(*k) != Some(f))
+            .map(|(_, rf)| rf)
+        {
+            reuse = r.0;
+        }
         if let Some(r) = runs.iter().find(|r| r.0 < reuse && r.1 > reuse) {
             reuse = r.0;
         }
@@ -366,6 +379,7 @@ impl Engine {
                 .iter()
                 .map(|&t| t as i64),
         );
+        self.cached_images = fingerprints;
         debug_assert_eq!(self.cached_ids.len() as i64, self.cache.len());
         Ok(ChatOutput {
             answer: self.answer_text(&row.tokens),
@@ -383,8 +397,12 @@ impl Engine {
 
     /// `batch_decode(ids, skip_special_tokens=True)[0].split(sep.strip())[0].strip()`.
     pub fn answer_text(&self, tokens: &[u32]) -> String {
-        let text = self.tokenizer.decode(tokens, true);
-        self.template.response_text(&text).to_string()
+        self.response_text(&self.tokenizer.decode(tokens, true))
+    }
+
+    /// Decoded text as the answer: `text.split(sep.strip())[0].strip()`.
+    pub fn response_text(&self, text: &str) -> String {
+        self.template.response_text(text).to_string()
     }
 
     /// Runs several prepared questions together, left-padded, as `batch_chat`.

@@ -36,6 +36,37 @@ impl Attachment {
     }
 }
 
+/// The question with placeholders for its attachments when it has none of its own: images first
+/// (`<image>\n` for one image or combined images, `Image-1: <image>\n…` for several), then a
+/// video's `Frame1: <image>\n…`, as the model card writes them. `visuals` pairs each
+/// attachment with the placeholders it fills (1 for an image, its frames for a video). Front
+/// ends that keep a conversation (the chat, the server, a remote worker) add them alike.
+pub fn with_placeholders(
+    question: &str,
+    visuals: &[(&Attachment, usize)],
+    combine: bool,
+) -> String {
+    if question.contains("<image>") || visuals.is_empty() {
+        return question.to_string();
+    }
+    let n_images = visuals
+        .iter()
+        .filter(|(a, _)| matches!(a, Attachment::Image { .. }))
+        .count();
+    let mut prefix = String::new();
+    if n_images == 1 || (combine && n_images > 1) {
+        prefix.push_str("<image>\n");
+    } else if n_images > 1 {
+        prefix.push_str(&crate::prompt::image_list_prefix(n_images));
+    }
+    for (a, frames) in visuals {
+        if matches!(a, Attachment::Video { .. }) {
+            prefix.push_str(&crate::prompt::video_prefix(*frames));
+        }
+    }
+    prefix + question
+}
+
 /// One finished exchange of a conversation. `question` is the text as sent to the model,
 /// including the `<image>` placeholders the program added for `attachments`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +89,9 @@ pub struct GenerateRequest {
     /// Several images as one `<image>` (tiles concatenated) instead of `Image-1: <image>` lines.
     pub combine_images: bool,
     pub params: SamplingParams,
+    /// Generation ends once the answer contains one of these; the answer ends before it.
+    #[serde(default)]
+    pub stop: Vec<String>,
 }
 
 pub enum EngineCmd {
@@ -83,6 +117,16 @@ pub enum Finish {
     Stop,
     Length,
     Cancelled,
+}
+
+/// Whose fault a failed request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// It cannot be answered as given: an unreadable attachment, a prompt longer than the
+    /// context, invalid settings.
+    Request,
+    /// The engine failed (or is gone).
+    Engine,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -127,5 +171,6 @@ pub enum EngineEvent {
     Error {
         id: RequestId,
         message: String,
+        fault: Fault,
     },
 }

@@ -198,12 +198,20 @@ mod trim_tests {
 }
 
 /// The streamed text of an answer, as the user sees it: stop tokens left out, never a partial
-/// character, and adding up to the trimmed answer (`response.strip()`).
+/// character, and adding up to the trimmed answer (`response.strip()`). With stop strings, the
+/// text ends before the first one (text that may begin one is held back until it cannot).
 pub struct AnswerStream {
     tokenizer: std::sync::Arc<Tokenizer>,
     stops: Vec<u32>,
     decoder: StreamDecoder,
     trim: Trimmed,
+    stop_strings: Vec<String>,
+    /// The decoded text so far (stop strings only).
+    raw: String,
+    /// Bytes of `raw` passed on.
+    released: usize,
+    /// Where the first stop string begins in `raw`, once one has.
+    stop_at: Option<usize>,
 }
 
 impl AnswerStream {
@@ -213,22 +221,140 @@ impl AnswerStream {
             stops,
             decoder: StreamDecoder::new(),
             trim: Trimmed::default(),
+            stop_strings: Vec::new(),
+            raw: String::new(),
+            released: 0,
+            stop_at: None,
         }
+    }
+
+    /// Ends the answer before the first of `stops` (empty strings are ignored).
+    pub fn with_stop_strings(mut self, stops: &[String]) -> Self {
+        self.stop_strings = stops.iter().filter(|s| !s.is_empty()).cloned().collect();
+        self
     }
 
     /// New text after token `id`, if any.
     pub fn push(&mut self, id: u32) -> Option<String> {
-        if self.stops.contains(&id) {
+        if self.stops.contains(&id) || self.stop_at.is_some() {
             return None;
         }
         let text = self.decoder.push(&self.tokenizer, id)?;
-        self.trim.push(&text)
+        self.release(&text, false)
     }
 
     /// Text held back until generation ended.
-    pub fn finish(self) -> Option<String> {
-        let mut trim = self.trim;
-        let text = self.decoder.finish(&self.tokenizer)?;
-        trim.push(&text)
+    pub fn finish(&mut self) -> Option<String> {
+        if self.stop_at.is_some() {
+            return None;
+        }
+        let text = std::mem::take(&mut self.decoder)
+            .finish(&self.tokenizer)
+            .unwrap_or_default();
+        self.release(&text, true)
+    }
+
+    /// The decoded text before the stop string, once one has appeared.
+    pub fn before_stop(&self) -> Option<&str> {
+        self.stop_at.map(|at| &self.raw[..at])
+    }
+
+    fn release(&mut self, text: &str, last: bool) -> Option<String> {
+        if self.stop_strings.is_empty() {
+            return self.trim.push(text);
+        }
+        self.raw.push_str(text);
+        // a stop string cannot begin before `released`: nothing there was a stop's prefix
+        let tail = &self.raw[self.released..];
+        let hit = self.stop_strings.iter().filter_map(|s| tail.find(s)).min();
+        let end = match hit {
+            Some(at) => {
+                self.stop_at = Some(self.released + at);
+                self.released + at
+            }
+            None if last => self.raw.len(),
+            None => self.raw.len() - self.longest_stop_prefix_at_end(tail),
+        };
+        let out = self.raw[self.released..end].to_string();
+        self.released = end;
+        self.trim.push(&out)
+    }
+
+    /// Length of the longest end of `tail` that begins some stop string.
+    fn longest_stop_prefix_at_end(&self, tail: &str) -> usize {
+        self.stop_strings
+            .iter()
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(|&n| s.is_char_boundary(n) && tail.ends_with(&s[..n]))
+                    .max()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod stop_tests {
+    use super::AnswerStream;
+    use crate::prompt::tokenizer::Tokenizer;
+    use crate::testutil::fixture;
+    use std::sync::Arc;
+
+    /// Streams the ids of `text` with `stops`: what came out, and how many ids were pushed
+    /// when the stop string appeared.
+    fn stream(text: &str, stops: &[&str]) -> (String, Option<usize>, Option<String>) {
+        let tokenizer = Arc::new(Tokenizer::from_dir(&fixture("models/tiny-qwen2")).unwrap());
+        let ids = tokenizer.encode(text).unwrap();
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut s = AnswerStream::new(tokenizer, vec![]).with_stop_strings(&stops);
+        let mut out = String::new();
+        let mut hit = None;
+        for (n, &id) in ids.iter().enumerate() {
+            out.extend(s.push(id));
+            if hit.is_none() && s.before_stop().is_some() {
+                hit = Some(n + 1);
+            }
+        }
+        out.extend(s.finish());
+        (out, hit, s.before_stop().map(str::to_string))
+    }
+
+    #[test]
+    fn the_answer_ends_before_the_first_stop_string() {
+        let (out, hit, before) = stream("One two. Three four. Five", &["four", "Five"]);
+        assert_eq!(out, "One two. Three");
+        assert_eq!(before.as_deref(), Some("One two. Three "));
+        // the token that completed "four" was the last one that mattered
+        let tokenizer = Tokenizer::from_dir(&fixture("models/tiny-qwen2")).unwrap();
+        let ids = tokenizer.encode("One two. Three four. Five").unwrap();
+        let hit = hit.unwrap();
+        assert!(tokenizer.decode(&ids[..hit], true).contains("four"));
+        assert!(!tokenizer.decode(&ids[..hit - 1], true).contains("four"));
+    }
+
+    #[test]
+    fn text_that_may_begin_a_stop_string_is_held_until_it_cannot() {
+        // "Thr" could begin "Three!" but the text goes on otherwise: nothing is lost
+        let (out, hit, before) = stream("Three four Three!", &["Three!"]);
+        assert_eq!((out.as_str(), hit.is_some()), ("Three four", true));
+        assert_eq!(before.as_deref(), Some("Three four "));
+        let (out, hit, _) = stream("Three four Three", &["Three!"]);
+        assert_eq!((out.as_str(), hit), ("Three four Three", None));
+    }
+
+    #[test]
+    fn a_stop_string_at_the_start_leaves_an_empty_answer() {
+        let (out, hit, before) = stream("Hello world", &["Hello"]);
+        assert_eq!(
+            (out.as_str(), hit, before.as_deref()),
+            ("", Some(1), Some(""))
+        );
+    }
+
+    #[test]
+    fn without_stop_strings_nothing_is_held() {
+        let (out, hit, _) = stream("  Hello world \n", &[""]);
+        assert_eq!((out.as_str(), hit), ("Hello world", None));
     }
 }

@@ -1,8 +1,10 @@
 //! The thread that owns the model. Commands in, events out; a failure inside a request (an
 //! error or a panic in libtorch) becomes an `Error` event and the next request still works.
-use super::chat::{ChatInput, Engine};
+use super::chat::{ChatError, ChatInput, Engine};
 use super::generate::Flow;
-use super::protocol::{DoneStats, EngineCmd, EngineEvent, GenerateRequest, ModelInfo};
+use super::protocol::{
+    DoneStats, EngineCmd, EngineEvent, Fault, Finish, GenerateRequest, ModelInfo,
+};
 use super::EngineHandle;
 use crate::model::LoadOptions;
 use crossbeam_channel::{unbounded, Receiver, Sender};
@@ -96,19 +98,31 @@ fn run(
                 let id = req.id;
                 cancel.store(false, Ordering::SeqCst);
                 let r = catch_unwind(AssertUnwindSafe(|| serve(&mut engine, &req, &tx, &cancel)));
-                let message = match r {
+                let failure = match r {
                     Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e),
+                    Ok(Err(e)) => Some((e.to_string(), fault_of(&e))),
                     Err(p) => {
                         engine.reset();
-                        Some(format!("internal error: {}", panic_message(&*p)))
+                        let message = format!("internal error: {}", panic_message(&*p));
+                        Some((message, Fault::Engine))
                     }
                 };
-                if let Some(message) = message {
-                    let _ = tx.send(EngineEvent::Error { id, message });
+                if let Some((message, fault)) = failure {
+                    let _ = tx.send(EngineEvent::Error { id, message, fault });
                 }
             }
         }
+    }
+}
+
+/// Whether a request failed because of what it asked for or because the engine did.
+fn fault_of(e: &ChatError) -> Fault {
+    match e {
+        ChatError::Visual(_)
+        | ChatError::Prompt(_)
+        | ChatError::Invalid(_)
+        | ChatError::TooLong { .. } => Fault::Request,
+        ChatError::Model(_) | ChatError::Template(_) | ChatError::Tokenizer(_) => Fault::Engine,
     }
 }
 
@@ -117,49 +131,50 @@ fn serve(
     req: &GenerateRequest,
     tx: &Sender<EngineEvent>,
     cancel: &AtomicBool,
-) -> Result<(), String> {
+) -> Result<(), ChatError> {
     let t0 = Instant::now();
-    let prepared = engine
-        .prepare(&ChatInput {
-            system: req.system.as_deref(),
-            history: &req.history,
-            question: &req.question,
-            attachments: &req.attachments,
-            combine_images: req.combine_images,
-        })
-        .map_err(|e| e.to_string())?;
+    let prepared = engine.prepare(&ChatInput {
+        system: req.system.as_deref(),
+        history: &req.history,
+        question: &req.question,
+        attachments: &req.attachments,
+        combine_images: req.combine_images,
+    })?;
     let _ = tx.send(EngineEvent::Started {
         id: req.id,
         question: prepared.question.clone(),
         prompt_tokens: prepared.prompt_tokens(),
     });
     let mut first_token = None;
-    let mut stream = engine.answer_stream();
+    let mut stream = engine.answer_stream().with_stop_strings(&req.stop);
     let send = |text: Option<String>| {
         if let Some(text) = text {
             let _ = tx.send(EngineEvent::Token { id: req.id, text });
         }
     };
-    let out = engine
-        .run(&prepared, &req.params, &mut |t| {
-            first_token.get_or_insert_with(Instant::now);
-            send(stream.push(t));
-            if cancel.load(Ordering::SeqCst) {
-                Flow::Cancel
-            } else {
-                Flow::Continue
-            }
-        })
-        .map_err(|e| e.to_string())?;
+    let out = engine.run(&prepared, &req.params, &mut |t| {
+        first_token.get_or_insert_with(Instant::now);
+        send(stream.push(t));
+        if cancel.load(Ordering::SeqCst) || stream.before_stop().is_some() {
+            Flow::Cancel
+        } else {
+            Flow::Continue
+        }
+    })?;
     send(stream.finish());
+    // a stop string ends the answer, whatever else ended generation
+    let (answer, finish) = match stream.before_stop() {
+        Some(text) => (engine.response_text(text), Finish::Stop),
+        None => (out.answer, out.finish),
+    };
     let first = first_token.unwrap_or_else(Instant::now);
     let n = out.tokens.len();
     let decode_s = first.elapsed().as_secs_f64();
     let _ = tx.send(EngineEvent::Done {
         id: req.id,
-        answer: out.answer,
+        answer,
         stats: DoneStats {
-            finish: out.finish,
+            finish,
             prompt_tokens: out.prompt_tokens,
             completion_tokens: n,
             ttft: first - t0,

@@ -1,0 +1,687 @@
+//! `--remote URL`: the chat and one-shot answers from an OpenAI-compatible server (this
+//! program's `serve`, LMDeploy's `api_server`, vLLM) instead of a local model.
+//!
+//! A worker thread speaks the engine protocol ([`EngineCmd`] in, [`EngineEvent`] out) over
+//! HTTP, so the front ends do not know the difference. Each question is one streamed
+//! `/v1/chat/completions` request carrying the whole conversation (the API keeps no state):
+//! pictures go as base64 `data:` URLs, images first as the model card writes them. Videos are
+//! not sent: the API has no portable way to give frames as InternVL's `Frame1: <image>` lines.
+//! Cancelling stops reading and closes the connection, which stops a server that watches it.
+pub mod sse;
+
+use crate::engine::protocol::with_placeholders;
+use crate::engine::protocol::{
+    Attachment, DoneStats, EngineCmd, EngineEvent, Fault, Finish, GenerateRequest, ModelInfo,
+    RequestId,
+};
+use crate::engine::EngineHandle;
+use base64::Engine as _;
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
+use serde_json::{json, Value};
+use std::io::{BufReader, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often a waiting request looks at the cancel flag.
+const POLL: Duration = Duration::from_millis(50);
+/// Largest error body read from the server.
+const MAX_ERROR_BODY: u64 = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// `scheme://host[:port][/prefix]`, without a trailing `/v1`.
+    base: String,
+    api_key: Option<String>,
+    model: Option<String>,
+    /// Shown as the model's tile limit (the server decides).
+    max_tiles: usize,
+}
+
+impl RemoteConfig {
+    /// Checks `url` (`http(s)://host:port`, with or without `/v1`).
+    pub fn new(
+        url: &str,
+        api_key: Option<String>,
+        model: Option<String>,
+        max_tiles: usize,
+    ) -> Result<Self, String> {
+        let u = url.trim().trim_end_matches('/');
+        let rest = u
+            .strip_prefix("http://")
+            .or_else(|| u.strip_prefix("https://"));
+        match rest {
+            Some(r) if !r.is_empty() && !r.starts_with('/') => {}
+            _ => {
+                return Err(format!(
+                    "--remote {url:?}: expected http://HOST:PORT or https://HOST:PORT"
+                ))
+            }
+        }
+        let base = u.strip_suffix("/v1").unwrap_or(u).to_string();
+        Ok(Self {
+            base,
+            api_key: api_key.filter(|k| !k.is_empty()),
+            model,
+            max_tiles,
+        })
+    }
+
+    fn endpoint(&self, path: &str) -> String {
+        format!("{}/v1/{path}", self.base)
+    }
+
+    /// `host:port`, for the status line.
+    fn host(&self) -> &str {
+        let rest = self.base.split_once("://").map_or(&*self.base, |x| x.1);
+        rest.split('/').next().unwrap_or(rest)
+    }
+}
+
+/// Starts the remote worker: it asks the server for its models, reports `Ready` (or
+/// `LoadFailed`), then answers `Generate` commands until `Shutdown`.
+pub fn spawn(cfg: RemoteConfig) -> (EngineHandle, std::thread::JoinHandle<()>) {
+    let (cmd_tx, cmd_rx) = unbounded();
+    let (ev_tx, ev_rx) = unbounded();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let c2 = cancel.clone();
+    let join = std::thread::Builder::new()
+        .name("remote".into())
+        .spawn(move || run(cfg, cmd_rx, ev_tx, c2))
+        .expect("spawn the remote worker thread");
+    (
+        EngineHandle {
+            tx: cmd_tx,
+            rx: ev_rx,
+            cancel,
+        },
+        join,
+    )
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+fn run(
+    cfg: RemoteConfig,
+    rx: Receiver<EngineCmd>,
+    tx: Sender<EngineEvent>,
+    cancel: Arc<AtomicBool>,
+) {
+    let _ = tx.send(EngineEvent::Loading {
+        progress: 0.0,
+        what: format!("connecting to {}", cfg.base),
+    });
+    let agent = agent();
+    let (model, context_len) = match connect(&agent, &cfg) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = tx.send(EngineEvent::LoadFailed(e));
+            return;
+        }
+    };
+    let _ = tx.send(EngineEvent::Ready(ModelInfo {
+        name: model.clone(),
+        device: "remote".into(),
+        dtype: cfg.host().to_string(),
+        context_len,
+        max_tiles: cfg.max_tiles,
+    }));
+    while let Ok(cmd) = rx.recv() {
+        match cmd {
+            EngineCmd::Shutdown => break,
+            // the server keeps no conversation: nothing to forget
+            EngineCmd::Reset => {}
+            EngineCmd::Generate(req) => {
+                cancel.store(false, Ordering::SeqCst);
+                if let Err((message, fault)) = generate(&agent, &cfg, &model, &req, &tx, &cancel) {
+                    let _ = tx.send(EngineEvent::Error {
+                        id: req.id,
+                        message,
+                        fault,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The server's message from an error body (`{"error": {"message"}}`, LMDeploy's
+/// `{"message"}`, FastAPI's `{"detail"}`), else its first line.
+fn error_message(status: u16, body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let msg = [
+        &v["error"]["message"],
+        &v["error"],
+        &v["message"],
+        &v["detail"],
+    ]
+    .into_iter()
+    .find_map(|m| m.as_str().map(str::to_string))
+    .unwrap_or_else(|| body.lines().next().unwrap_or("").trim().to_string());
+    if msg.is_empty() {
+        format!("HTTP {status}")
+    } else {
+        format!("HTTP {status}: {msg}")
+    }
+}
+
+fn read_error_body(resp: &mut ureq::http::Response<ureq::Body>) -> String {
+    let mut body = String::new();
+    let _ = resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_ERROR_BODY)
+        .lossy_utf8(true)
+        .reader()
+        .read_to_string(&mut body);
+    body
+}
+
+fn with_key<B>(req: ureq::RequestBuilder<B>, cfg: &RemoteConfig) -> ureq::RequestBuilder<B> {
+    match &cfg.api_key {
+        Some(k) => req.header("Authorization", format!("Bearer {k}")),
+        None => req,
+    }
+}
+
+/// The model to ask (`--remote-model`, else the first listed) and its context length when the
+/// server says (vLLM's and this program's `max_model_len`).
+fn connect(agent: &ureq::Agent, cfg: &RemoteConfig) -> Result<(String, usize), String> {
+    let url = cfg.endpoint("models");
+    let mut resp = with_key(agent.get(&url), cfg)
+        .call()
+        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = read_error_body(&mut resp);
+    if status != 200 {
+        return Err(format!("{url}: {}", error_message(status, &body)));
+    }
+    let v: Value =
+        serde_json::from_str(&body).map_err(|e| format!("{url}: not an OpenAI model list: {e}"))?;
+    let models: Vec<&Value> = v["data"]
+        .as_array()
+        .map(|a| a.iter().collect())
+        .unwrap_or_default();
+    let ids: Vec<&str> = models.iter().filter_map(|m| m["id"].as_str()).collect();
+    let pick = match &cfg.model {
+        Some(want) => models
+            .iter()
+            .find(|m| m["id"].as_str() == Some(want))
+            .ok_or_else(|| {
+                format!(
+                    "{url}: no model {want:?} (the server has {})",
+                    ids.join(", ")
+                )
+            })?,
+        None => models
+            .first()
+            .ok_or_else(|| format!("{url}: the server lists no models"))?,
+    };
+    let id = pick["id"].as_str().unwrap_or_default().to_string();
+    let context = pick["max_model_len"]
+        .as_u64()
+        .map_or(usize::MAX, |n| n as usize);
+    Ok((id, context))
+}
+
+/// A picture file as a `data:` URL.
+pub fn data_url(path: &std::path::Path) -> Result<String, String> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("{}: cannot read the picture: {e}", path.display()))?;
+    let format = image::guess_format(&bytes)
+        .map_err(|_| format!("{}: not a picture this program can send", path.display()))?;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    Ok(format!("data:{};base64,{b64}", format.to_mime_type()))
+}
+
+/// One picture placeholder per image, as the engine counts them.
+fn slots(atts: &[Attachment]) -> Vec<(&Attachment, usize)> {
+    atts.iter().map(|a| (a, 1)).collect()
+}
+
+/// A user message: the pictures as `image_url` parts (with LMDeploy's `max_dynamic_patch` for
+/// a tile limit), then the text.
+fn user_message(text: &str, atts: &[Attachment]) -> Result<Value, String> {
+    if atts.is_empty() {
+        return Ok(json!({"role": "user", "content": text}));
+    }
+    let mut parts = Vec::new();
+    for a in atts {
+        let Attachment::Image { path, max_tiles } = a else {
+            return Err(format!(
+                "{}: remote mode sends pictures only; videos are not supported",
+                a.path().display()
+            ));
+        };
+        let mut image = json!({ "url": data_url(path)? });
+        if let Some(n) = max_tiles {
+            image["max_dynamic_patch"] = json!(n);
+        }
+        parts.push(json!({"type": "image_url", "image_url": image}));
+    }
+    parts.push(json!({"type": "text", "text": text}));
+    Ok(json!({"role": "user", "content": parts}))
+}
+
+/// A history question without the placeholders the program put in front of it (the server
+/// adds its own for the pictures).
+fn typed_question<'a>(question: &'a str, atts: &[Attachment]) -> &'a str {
+    [false, true]
+        .into_iter()
+        .find_map(|combine| {
+            let prefix = with_placeholders("", &slots(atts), combine);
+            question.strip_prefix(prefix.as_str())
+        })
+        .unwrap_or(question)
+}
+
+/// The chat-completions body of a request: the conversation and every sampling setting (so
+/// the server's defaults do not matter); `top_k`, `repetition_penalty` and `min_tokens` are
+/// the extensions vLLM and LMDeploy accept.
+pub fn request_body(model: &str, req: &GenerateRequest) -> Result<Value, String> {
+    let images = req
+        .attachments
+        .iter()
+        .filter(|a| matches!(a, Attachment::Image { .. }))
+        .count();
+    if req.combine_images && images > 1 {
+        return Err("remote mode cannot combine pictures into one <image>; send them apart".into());
+    }
+    let mut messages = Vec::new();
+    if let Some(s) = &req.system {
+        messages.push(json!({"role": "system", "content": s}));
+    }
+    for t in &req.history {
+        messages.push(user_message(
+            typed_question(&t.question, &t.attachments),
+            &t.attachments,
+        )?);
+        messages.push(json!({"role": "assistant", "content": t.answer}));
+    }
+    messages.push(user_message(&req.question, &req.attachments)?);
+    let p = &req.params;
+    let mut body = json!({
+        "model": model,
+        "messages": messages,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "max_tokens": p.max_new_tokens,
+        "temperature": if p.is_greedy() { 0.0 } else { p.temperature },
+        "top_p": p.top_p,
+        "top_k": if p.top_k == 0 { -1 } else { p.top_k as i64 },
+        "repetition_penalty": p.repetition_penalty,
+        "seed": p.seed,
+    });
+    if p.min_new_tokens > 0 {
+        body["min_tokens"] = json!(p.min_new_tokens);
+    }
+    if !req.stop.is_empty() {
+        body["stop"] = json!(req.stop);
+    }
+    Ok(body)
+}
+
+/// What the HTTP thread hands the worker.
+enum Reply {
+    Started,
+    Refused { status: u16, message: String },
+    Data(String),
+    End,
+    Failed(String),
+}
+
+/// Sends the request and reads its stream on a thread of its own, so that the worker can
+/// stop waiting at once when cancelled; the thread ends (closing the connection) at its next
+/// read.
+fn post(agent: ureq::Agent, cfg: &RemoteConfig, body: String) -> Receiver<Reply> {
+    let (tx, rx) = unbounded();
+    let url = cfg.endpoint("chat/completions");
+    let req = with_key(agent.post(&url), cfg)
+        .header("Content-Type", "application/json")
+        .header("Accept", "text/event-stream");
+    let spawned = std::thread::Builder::new()
+        .name("remote-stream".into())
+        .spawn(move || {
+            let mut resp = match req.send(body) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.send(Reply::Failed(format!("cannot reach {url}: {e}")));
+                    return;
+                }
+            };
+            let status = resp.status().as_u16();
+            if status != 200 {
+                let message = error_message(status, &read_error_body(&mut resp));
+                let _ = tx.send(Reply::Refused { status, message });
+                return;
+            }
+            if tx.send(Reply::Started).is_err() {
+                return;
+            }
+            let mut events = sse::SseReader::new(BufReader::new(resp.into_body().into_reader()));
+            loop {
+                let reply = match events.next_data() {
+                    Ok(Some(d)) => Reply::Data(d),
+                    Ok(None) => Reply::End,
+                    Err(e) => Reply::Failed(format!("{url}: the stream broke: {e}")),
+                };
+                let last = !matches!(reply, Reply::Data(_));
+                if tx.send(reply).is_err() || last {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        let (tx, rx) = unbounded();
+        let _ = tx.send(Reply::Failed(format!("cannot start a thread: {e}")));
+        return rx;
+    }
+    rx
+}
+
+/// The answer so far.
+struct Answer {
+    id: RequestId,
+    text: String,
+    pieces: usize,
+    finish: Option<Finish>,
+    prompt_tokens: Option<usize>,
+    completion_tokens: Option<usize>,
+    t0: Instant,
+    first_token: Option<Instant>,
+}
+
+impl Answer {
+    fn done(self, finish: Finish) -> EngineEvent {
+        let n = self.completion_tokens.unwrap_or(self.pieces);
+        let first = self.first_token.unwrap_or_else(Instant::now);
+        let decode_s = first.elapsed().as_secs_f64();
+        EngineEvent::Done {
+            id: self.id,
+            answer: self.text.trim().to_string(),
+            stats: DoneStats {
+                finish,
+                prompt_tokens: self.prompt_tokens.unwrap_or(0),
+                completion_tokens: n,
+                ttft: first - self.t0,
+                tokens_per_s: if n > 1 && decode_s > 0.0 {
+                    (n - 1) as f64 / decode_s
+                } else {
+                    0.0
+                },
+            },
+        }
+    }
+}
+
+type Failure = (String, Fault);
+
+/// One streamed answer; events go to `tx`. `Err` for a request that failed.
+fn generate(
+    agent: &ureq::Agent,
+    cfg: &RemoteConfig,
+    model: &str,
+    req: &GenerateRequest,
+    tx: &Sender<EngineEvent>,
+    cancel: &AtomicBool,
+) -> Result<(), Failure> {
+    let body = request_body(model, req).map_err(|e| (e, Fault::Request))?;
+    let question = with_placeholders(&req.question, &slots(&req.attachments), req.combine_images);
+    let mut answer = Answer {
+        id: req.id,
+        text: String::new(),
+        pieces: 0,
+        finish: None,
+        prompt_tokens: None,
+        completion_tokens: None,
+        t0: Instant::now(),
+        first_token: None,
+    };
+    let replies = post(agent.clone(), cfg, body.to_string());
+    loop {
+        if cancel.load(Ordering::SeqCst) {
+            // dropping `replies` ends the HTTP thread and its connection
+            let _ = tx.send(answer.done(Finish::Cancelled));
+            return Ok(());
+        }
+        let reply = match replies.recv_timeout(POLL) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => Reply::End,
+        };
+        match reply {
+            Reply::Started => {
+                let _ = tx.send(EngineEvent::Started {
+                    id: req.id,
+                    question: question.clone(),
+                    // known once the server reports usage at the end
+                    prompt_tokens: 0,
+                });
+            }
+            Reply::Refused { status, message } => {
+                let fault = if (400..500).contains(&status) {
+                    Fault::Request
+                } else {
+                    Fault::Engine
+                };
+                return Err((message, fault));
+            }
+            Reply::Failed(e) => return Err((e, Fault::Engine)),
+            Reply::End => {
+                let Some(finish) = answer.finish else {
+                    return Err((
+                        "the server closed the stream before the answer ended".into(),
+                        Fault::Engine,
+                    ));
+                };
+                let _ = tx.send(answer.done(finish));
+                return Ok(());
+            }
+            Reply::Data(d) if d.trim() == "[DONE]" => {
+                let finish = answer.finish.unwrap_or(Finish::Stop);
+                let _ = tx.send(answer.done(finish));
+                return Ok(());
+            }
+            Reply::Data(d) => chunk(&d, &mut answer, tx)?,
+        }
+    }
+}
+
+/// Takes in one stream chunk: text, finish reason, usage, or an error.
+fn chunk(data: &str, answer: &mut Answer, tx: &Sender<EngineEvent>) -> Result<(), Failure> {
+    let v: Value = serde_json::from_str(data).map_err(|e| {
+        (
+            format!("the server sent a chunk that is not JSON ({e}): {data:.80}"),
+            Fault::Engine,
+        )
+    })?;
+    if !v["error"].is_null() {
+        return Err((error_message(500, data), Fault::Engine));
+    }
+    let choice = &v["choices"][0];
+    if let Some(text) = choice["delta"]["content"]
+        .as_str()
+        .filter(|t| !t.is_empty())
+    {
+        answer.first_token.get_or_insert_with(Instant::now);
+        answer.text.push_str(text);
+        answer.pieces += 1;
+        let _ = tx.send(EngineEvent::Token {
+            id: answer.id,
+            text: text.to_string(),
+        });
+    }
+    if let Some(reason) = choice["finish_reason"].as_str() {
+        answer.finish = Some(if reason == "length" {
+            Finish::Length
+        } else {
+            Finish::Stop
+        });
+    }
+    let usage = &v["usage"];
+    if let Some(n) = usage["prompt_tokens"].as_u64() {
+        answer.prompt_tokens = Some(n as usize);
+    }
+    if let Some(n) = usage["completion_tokens"].as_u64() {
+        answer.completion_tokens = Some(n as usize);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::protocol::Turn;
+    use crate::sampling::SamplingParams;
+    use crate::testutil::fixture;
+
+    fn request(history: Vec<Turn>, question: &str, atts: Vec<Attachment>) -> GenerateRequest {
+        GenerateRequest {
+            id: 1,
+            system: Some("Be brief.".into()),
+            history,
+            question: question.into(),
+            attachments: atts,
+            combine_images: false,
+            params: SamplingParams::greedy(8),
+            stop: vec!["END".into()],
+        }
+    }
+
+    fn image(name: &str, max_tiles: Option<usize>) -> Attachment {
+        Attachment::Image {
+            path: fixture(&format!("media/images/{name}")),
+            max_tiles,
+        }
+    }
+
+    #[test]
+    fn urls_are_checked_and_normalised() {
+        let c = RemoteConfig::new("http://127.0.0.1:8000/v1/", None, None, 12).unwrap();
+        assert_eq!(c.endpoint("models"), "http://127.0.0.1:8000/v1/models");
+        assert_eq!(c.host(), "127.0.0.1:8000");
+        let c = RemoteConfig::new("https://h.example/api", Some(String::new()), None, 12).unwrap();
+        assert_eq!(
+            c.endpoint("chat/completions"),
+            "https://h.example/api/v1/chat/completions"
+        );
+        assert_eq!(c.api_key, None, "an empty key is no key");
+        for bad in ["127.0.0.1:8000", "ftp://h", "http://", "http:///x"] {
+            let e = RemoteConfig::new(bad, None, None, 12).unwrap_err();
+            assert!(e.contains("expected http://HOST:PORT"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_conversation_becomes_openai_messages() {
+        let jpg = image("image1.jpg", Some(2));
+        let png = image("alpaca.png", None);
+        let history = vec![Turn {
+            question: "Image-1: <image>\nImage-2: <image>\nWhat differs?".into(),
+            attachments: vec![jpg.clone(), png.clone()],
+            answer: "The colours.".into(),
+        }];
+        let body = request_body("m", &request(history, "And now?", vec![png])).unwrap();
+        let m = &body["messages"];
+        assert_eq!(m[0], json!({"role": "system", "content": "Be brief."}));
+        let first = &m[1]["content"];
+        let url = first[0]["image_url"]["url"].as_str().unwrap();
+        assert!(url.starts_with("data:image/jpeg;base64,/9j/"), "{url:.40}");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&url["data:image/jpeg;base64,".len()..])
+            .unwrap();
+        assert_eq!(
+            bytes,
+            std::fs::read(fixture("media/images/image1.jpg")).unwrap()
+        );
+        assert_eq!(first[0]["image_url"]["max_dynamic_patch"], 2);
+        assert!(first[1]["image_url"]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("data:image/png;base64,"));
+        assert!(first[1]["image_url"].get("max_dynamic_patch").is_none());
+        assert_eq!(
+            first[2],
+            json!({"type": "text", "text": "What differs?"}),
+            "the placeholders the program added are left to the server"
+        );
+        assert_eq!(
+            m[2],
+            json!({"role": "assistant", "content": "The colours."})
+        );
+        assert_eq!(
+            m[3]["content"][1],
+            json!({"type": "text", "text": "And now?"})
+        );
+        assert_eq!(m.as_array().unwrap().len(), 4);
+        assert_eq!(body["temperature"], 0.0, "greedy");
+        assert_eq!(body["repetition_penalty"], 1.0);
+        assert_eq!(
+            (body["max_tokens"].clone(), body["seed"].clone()),
+            (json!(8), json!(0))
+        );
+        assert_eq!(body["top_k"], 50);
+        assert_eq!(body["stop"], json!(["END"]));
+        assert_eq!(body["stream"], true);
+        assert!(body.get("min_tokens").is_none());
+    }
+
+    #[test]
+    fn videos_and_combined_pictures_are_refused() {
+        let video = Attachment::Video {
+            path: "/v.mp4".into(),
+            segments: 8,
+            bound: None,
+            max_tiles: 1,
+        };
+        let e = request_body("m", &request(vec![], "What happens?", vec![video])).unwrap_err();
+        assert_eq!(
+            e,
+            "/v.mp4: remote mode sends pictures only; videos are not supported"
+        );
+        let mut r = request(
+            vec![],
+            "?",
+            vec![image("image1.jpg", None), image("image2.jpg", None)],
+        );
+        r.combine_images = true;
+        assert!(request_body("m", &r)
+            .unwrap_err()
+            .contains("cannot combine"));
+        let missing = Attachment::Image {
+            path: crate::testutil::fixtures().join("media/images/none.jpg"),
+            max_tiles: None,
+        };
+        let e = user_message("x", &[missing]).unwrap_err();
+        assert!(e.contains("none.jpg: cannot read the picture"), "{e}");
+    }
+
+    #[test]
+    fn server_errors_read_in_every_common_shape() {
+        let cases = [
+            (
+                r#"{"error":{"message":"bad key","type":"x"}}"#,
+                "HTTP 401: bad key",
+            ),
+            (
+                r#"{"message":"model not found","object":"error"}"#,
+                "HTTP 401: model not found",
+            ),
+            (
+                r#"{"detail":"Not authenticated"}"#,
+                "HTTP 401: Not authenticated",
+            ),
+            ("plain text\nmore", "HTTP 401: plain text"),
+            ("", "HTTP 401"),
+        ];
+        for (body, want) in cases {
+            assert_eq!(error_message(401, body), want);
+        }
+    }
+}

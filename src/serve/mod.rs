@@ -1,0 +1,495 @@
+//! `internvl-chat serve`: an OpenAI-compatible API (`/v1/models`, `/v1/chat/completions`,
+//! streaming with server-sent events) in front of one engine worker.
+//!
+//! A thread per connection reads requests, checks them and turns OpenAI messages into the
+//! engine's `GenerateRequest`; the dispatcher ([`queue`]) runs them one at a time in arrival
+//! order. While a handler waits for its request's events it watches its socket: when the client
+//! has gone (closed, or a write fails) the request is cancelled, queued or running.
+pub mod http;
+pub mod images;
+pub mod openai;
+mod queue;
+
+use crate::engine::protocol::with_placeholders;
+use crate::engine::protocol::{
+    Attachment, EngineEvent, Fault, Finish, GenerateRequest, RequestId, Turn,
+};
+use crate::engine::EngineHandle;
+use crate::sampling::SamplingParams;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use http::{Conn, ReadError, Request};
+use images::TempPicture;
+use openai::{ApiError, Envelope, Usage, UserMessage};
+use queue::{Job, Msg};
+use serde_json::{json, Value};
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Largest request body (pictures come inline as data: URLs).
+const MAX_BODY: usize = 64 << 20;
+/// Connections served at once; more are turned away with 503.
+const MAX_CONNECTIONS: usize = 256;
+/// How often a waiting handler looks whether its client is still there.
+const POLL: Duration = Duration::from_millis(100);
+
+pub struct ServeConfig {
+    /// The model's name in `/v1/models`; requests naming another model get 404.
+    pub model: String,
+    /// Requests without `Authorization: Bearer KEY` get 401.
+    pub api_key: Option<String>,
+    pub allow_remote_images: bool,
+    /// Sampling settings of the command line; a request's fields go over them.
+    pub base: SamplingParams,
+    /// The system message when a request has none (else the model's).
+    pub system: Option<String>,
+    /// Tiles per picture when a request does not say (else the model's).
+    pub max_tiles: Option<usize>,
+    pub context_len: usize,
+}
+
+struct Shared {
+    cfg: ServeConfig,
+    pictures: images::Pictures,
+    queue: Sender<Msg>,
+    next_id: AtomicU64,
+    /// Start time: `created` of the model, and part of completion ids.
+    started: u64,
+    connections: AtomicUsize,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Serves `listener` until the process ends; the engine behind `handle` must be ready.
+pub fn run(listener: TcpListener, handle: EngineHandle, cfg: ServeConfig) -> anyhow::Result<()> {
+    let pictures = images::Pictures::new(cfg.allow_remote_images)
+        .map_err(|e| anyhow::anyhow!("cannot make a folder for pictures: {e}"))?;
+    tracing::debug!("pictures of requests go to {}", pictures.dir().display());
+    stop_on_signals(pictures.dir().to_path_buf())?;
+    let (queue, _dispatcher) = queue::spawn(handle);
+    let shared = Arc::new(Shared {
+        cfg,
+        pictures,
+        queue,
+        next_id: AtomicU64::new(1),
+        started: unix_now(),
+        connections: AtomicUsize::new(0),
+    });
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                // out of file descriptors and the like: wait instead of spinning
+                tracing::warn!("cannot accept a connection: {e}");
+                std::thread::sleep(POLL);
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        if shared.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+            turn_away(stream);
+            continue;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("http".into())
+            .spawn(move || {
+                connection(&shared, stream);
+                shared.connections.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start a connection thread: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// SIGINT, SIGTERM and SIGHUP end the server at once, without leaving pictures behind.
+fn stop_on_signals(pictures: std::path::PathBuf) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|e| anyhow::anyhow!("cannot listen for signals: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                let _ = std::fs::remove_dir_all(&pictures);
+                tracing::info!("stopping (signal {sig})");
+                std::process::exit(0);
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("cannot start the signal thread: {e}"))?;
+    Ok(())
+}
+
+fn turn_away(stream: TcpStream) {
+    if let Ok(mut conn) = Conn::new(stream) {
+        let e = ApiError::new(
+            503,
+            "overloaded",
+            format!("more than {MAX_CONNECTIONS} connections; try again later"),
+        );
+        let _ = send_error(&mut conn, &e, false);
+    }
+}
+
+/// Requests of one connection, until it closes.
+fn connection(shared: &Shared, stream: TcpStream) {
+    let Ok(mut conn) = Conn::new(stream) else {
+        return;
+    };
+    loop {
+        let req = match conn.read_request(MAX_BODY) {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(ReadError::Io(_)) => return,
+            Err(e) => {
+                let err = match &e {
+                    ReadError::TooLarge { .. } => {
+                        ApiError::new(413, "request_too_large", e.to_string())
+                    }
+                    ReadError::LengthRequired => {
+                        ApiError::new(411, "length_required", e.to_string())
+                    }
+                    _ => ApiError::invalid(e.to_string()),
+                };
+                let _ = send_error(&mut conn, &err, false);
+                return;
+            }
+        };
+        let keep = req.keep_alive();
+        if handle(shared, &mut conn, &req, keep).is_err() || !keep {
+            return;
+        }
+    }
+}
+
+fn send_json(conn: &mut Conn, status: u16, v: &Value, keep: bool) -> io::Result<()> {
+    conn.respond(status, "application/json", v.to_string().as_bytes(), keep)
+}
+
+fn send_error(conn: &mut Conn, e: &ApiError, keep: bool) -> io::Result<()> {
+    send_json(conn, e.status, &e.json(), keep)
+}
+
+/// Compares without stopping at the first difference.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(req: &Request, key: &str) -> bool {
+    let given = req.header("authorization").and_then(|h| {
+        let (scheme, token) = h.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    });
+    given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes()))
+}
+
+/// Routes one request. An `Err` closes the connection (the client has gone).
+fn handle(shared: &Shared, conn: &mut Conn, req: &Request, keep: bool) -> io::Result<()> {
+    let cfg = &shared.cfg;
+    if let Some(key) = &cfg.api_key {
+        if !authorized(req, key) {
+            let e = ApiError::new(
+                401,
+                "invalid_api_key",
+                "invalid or missing API key (send the header Authorization: Bearer KEY)",
+            );
+            return send_error(conn, &e, keep);
+        }
+    }
+    let card = || openai::model_card(&cfg.model, shared.started, cfg.context_len);
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/v1/models") => send_json(
+            conn,
+            200,
+            &json!({"object": "list", "data": [card()]}),
+            keep,
+        ),
+        ("GET", p) if p.starts_with("/v1/models/") => {
+            let id = &p["/v1/models/".len()..];
+            if id == cfg.model {
+                send_json(conn, 200, &card(), keep)
+            } else {
+                send_error(conn, &unknown_model(id, &cfg.model), keep)
+            }
+        }
+        ("POST", "/v1/chat/completions") => chat(shared, conn, req, keep),
+        (m, p @ ("/v1/models" | "/v1/chat/completions")) => {
+            let e = ApiError::new(405, "method_not_allowed", format!("{m} {p} is not allowed"));
+            send_error(conn, &e, keep)
+        }
+        (m, p) => {
+            let e = ApiError::new(404, "not_found", format!("unknown route: {m} {p}"));
+            send_error(conn, &e, keep)
+        }
+    }
+}
+
+fn unknown_model(asked: &str, served: &str) -> ApiError {
+    ApiError::new(
+        404,
+        "model_not_found",
+        format!("the model {asked:?} does not exist; this server serves {served:?}"),
+    )
+}
+
+/// The request's pictures as attachments (their files added to `files`).
+fn attachments(
+    shared: &Shared,
+    m: &UserMessage,
+    files: &mut Vec<TempPicture>,
+) -> Result<Vec<Attachment>, ApiError> {
+    let cfg = &shared.cfg;
+    m.images
+        .iter()
+        .map(|i| {
+            let a = shared.pictures.resolve(i, files)?;
+            Ok(match a {
+                Attachment::Image { path, max_tiles } => Attachment::Image {
+                    path,
+                    max_tiles: max_tiles.or(cfg.max_tiles),
+                },
+                video => video,
+            })
+        })
+        .collect()
+}
+
+/// The engine request of a chat completion; its picture files go to `files`.
+fn generate_request(
+    shared: &Shared,
+    id: RequestId,
+    chat: openai::ChatRequest,
+    files: &mut Vec<TempPicture>,
+) -> Result<GenerateRequest, ApiError> {
+    let mut history = Vec::with_capacity(chat.history.len());
+    for (user, answer) in &chat.history {
+        let atts = attachments(shared, user, files)?;
+        let slots: Vec<(&Attachment, usize)> = atts.iter().map(|a| (a, 1)).collect();
+        history.push(Turn {
+            // placeholders as the chat keeps them in its history
+            question: with_placeholders(&user.text, &slots, false),
+            attachments: atts.clone(),
+            answer: answer.clone(),
+        });
+    }
+    Ok(GenerateRequest {
+        id,
+        system: chat.system.or_else(|| shared.cfg.system.clone()),
+        history,
+        attachments: attachments(shared, &chat.question, files)?,
+        question: chat.question.text,
+        combine_images: false,
+        params: chat.params,
+        stop: chat.stop,
+    })
+}
+
+fn finish_reason(f: Finish) -> &'static str {
+    match f {
+        Finish::Stop => "stop",
+        Finish::Length => "length",
+        Finish::Cancelled => "abort",
+    }
+}
+
+fn engine_error(message: &str, fault: Fault) -> ApiError {
+    match fault {
+        Fault::Request => ApiError::invalid(message),
+        Fault::Engine => ApiError::new(500, "engine_error", message),
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the client has gone")
+}
+
+/// The next event of request `id`, watching the client meanwhile: when it has gone, the
+/// request is cancelled and `Err` returned.
+fn next_event(
+    shared: &Shared,
+    conn: &Conn,
+    rx: &Receiver<EngineEvent>,
+    id: RequestId,
+) -> io::Result<EngineEvent> {
+    loop {
+        match rx.recv_timeout(POLL) {
+            Ok(ev) => return Ok(ev),
+            Err(RecvTimeoutError::Timeout) => {
+                if conn.client_gone() {
+                    let _ = shared.queue.send(Msg::Cancel(id));
+                    return Err(gone());
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Ok(EngineEvent::Error {
+                    id,
+                    message: "the engine has stopped".into(),
+                    fault: Fault::Engine,
+                })
+            }
+        }
+    }
+}
+
+fn chat(shared: &Shared, conn: &mut Conn, req: &Request, keep: bool) -> io::Result<()> {
+    let cfg = &shared.cfg;
+    let parsed = match openai::parse_chat(&req.body, &cfg.base) {
+        Ok(p) => p,
+        Err(e) => return send_error(conn, &e, keep),
+    };
+    if let Some(m) = parsed.model.as_deref().filter(|m| *m != cfg.model) {
+        return send_error(conn, &unknown_model(m, &cfg.model), keep);
+    }
+    let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
+    let env = Envelope {
+        id: format!("chatcmpl-{:x}-{id}", shared.started),
+        created: unix_now(),
+        model: cfg.model.clone(),
+    };
+    let (stream, include_usage) = (parsed.stream, parsed.include_usage);
+    let mut files = Vec::new();
+    let request = match generate_request(shared, id, parsed, &mut files) {
+        Ok(r) => r,
+        Err(e) => return send_error(conn, &e, keep),
+    };
+    // the engine names the private files of data: URLs; the client knows them by place
+    let places: Vec<(String, String)> = files
+        .iter()
+        .map(|f| (f.file.path().display().to_string(), f.at.clone()))
+        .collect();
+    let locate = |message: &str| {
+        places
+            .iter()
+            .fold(message.to_string(), |m, (path, at)| m.replace(path, at))
+    };
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let job = Job {
+        req: request,
+        name: env.id.clone(),
+        events: tx,
+        _files: files,
+    };
+    if shared.queue.send(Msg::Submit(Box::new(job))).is_err() {
+        let e = ApiError::new(503, "engine_unavailable", "the engine has stopped");
+        return send_error(conn, &e, keep);
+    }
+    // errors found when the engine reads the request (an undecodable picture, a prompt too
+    // long) come before it starts, as a plain error response
+    match next_event(shared, conn, &rx, id)? {
+        EngineEvent::Error { message, fault, .. } => {
+            let message = locate(&message);
+            tracing::info!("{}: refused: {message}", env.id);
+            send_error(conn, &engine_error(&message, fault), keep)
+        }
+        _ if stream => stream_answer(shared, conn, (id, &rx), &env, include_usage),
+        first => whole_answer(shared, conn, (id, &rx), &env, first, keep),
+    }
+}
+
+fn log_done(env: &Envelope, finish: Finish, usage: Usage, streamed: bool) {
+    tracing::info!(
+        "{}: {} prompt + {} completion tokens, finish {}{}",
+        env.id,
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        finish_reason(finish),
+        if streamed { ", streamed" } else { "" }
+    );
+}
+
+/// The request's id and its events.
+type Events<'a> = (RequestId, &'a Receiver<EngineEvent>);
+
+fn whole_answer(
+    shared: &Shared,
+    conn: &mut Conn,
+    (id, rx): Events,
+    env: &Envelope,
+    first: EngineEvent,
+    keep: bool,
+) -> io::Result<()> {
+    let mut ev = first;
+    loop {
+        match ev {
+            EngineEvent::Done { answer, stats, .. } => {
+                let usage = Usage {
+                    prompt_tokens: stats.prompt_tokens,
+                    completion_tokens: stats.completion_tokens,
+                };
+                log_done(env, stats.finish, usage, false);
+                let body = env.completion(&answer, finish_reason(stats.finish), usage);
+                return send_json(conn, 200, &body, keep);
+            }
+            EngineEvent::Error { message, fault, .. } => {
+                tracing::warn!("{}: failed: {message}", env.id);
+                return send_error(conn, &engine_error(&message, fault), keep);
+            }
+            _ => ev = next_event(shared, conn, rx, id)?,
+        }
+    }
+}
+
+/// Writes one server-sent event; a failed write cancels the request.
+fn sse(shared: &Shared, conn: &mut Conn, id: RequestId, data: &str) -> io::Result<()> {
+    let r = conn.chunk(format!("data: {data}\n\n").as_bytes());
+    if r.is_err() {
+        let _ = shared.queue.send(Msg::Cancel(id));
+    }
+    r
+}
+
+fn stream_answer(
+    shared: &Shared,
+    conn: &mut Conn,
+    (id, rx): Events,
+    env: &Envelope,
+    include_usage: bool,
+) -> io::Result<()> {
+    if conn.start_chunked(200, "text/event-stream").is_err() {
+        let _ = shared.queue.send(Msg::Cancel(id));
+        return Err(gone());
+    }
+    let role = env.chunk(json!({"role": "assistant", "content": ""}), None);
+    sse(shared, conn, id, &role.to_string())?;
+    loop {
+        match next_event(shared, conn, rx, id)? {
+            EngineEvent::Token { text, .. } => {
+                let chunk = env.chunk(json!({ "content": text }), None);
+                sse(shared, conn, id, &chunk.to_string())?;
+            }
+            EngineEvent::Done { stats, .. } => {
+                let usage = Usage {
+                    prompt_tokens: stats.prompt_tokens,
+                    completion_tokens: stats.completion_tokens,
+                };
+                log_done(env, stats.finish, usage, true);
+                let last = env.chunk(json!({}), Some(finish_reason(stats.finish)));
+                sse(shared, conn, id, &last.to_string())?;
+                if include_usage {
+                    sse(shared, conn, id, &env.usage_chunk(usage).to_string())?;
+                }
+                break;
+            }
+            EngineEvent::Error { message, fault, .. } => {
+                tracing::warn!("{}: failed while streaming: {message}", env.id);
+                sse(
+                    shared,
+                    conn,
+                    id,
+                    &engine_error(&message, fault).json().to_string(),
+                )?;
+                break;
+            }
+            _ => {}
+        }
+    }
+    sse(shared, conn, id, "[DONE]")?;
+    conn.end_chunked()
+}

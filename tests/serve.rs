@@ -1,0 +1,888 @@
+//! `internvl-chat serve` on 127.0.0.1 with tiny-qwen2, driven by the official `openai` Python
+//! client (tests/openai_client.py, run with the project's .venv), and `--remote` against it:
+//! answers equal the batch mode's for the same request and seed, streamed or not.
+mod common;
+
+use base64::Engine as _;
+use common::tmux::{streamed, Tmux};
+use internvl_chat::prompt::tokenizer::Tokenizer;
+use internvl_chat::testutil::fixture;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_internvl-chat");
+const MODEL: &str = "tiny-qwen2";
+/// Every process of these tests computes alike, and two of them share the two cores.
+const ONE_CPU_THREAD: [&str; 4] = ["--device", "cpu", "--threads", "1"];
+
+fn model_dir() -> String {
+    fixture(&format!("models/{MODEL}")).display().to_string()
+}
+
+fn image(name: &str) -> String {
+    fixture(&format!("media/images/{name}"))
+        .display()
+        .to_string()
+}
+
+fn data_url(name: &str) -> String {
+    let bytes = std::fs::read(image(name)).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+    format!("data:image/jpeg;base64,{b64}")
+}
+
+/// A running `serve`, killed when dropped; its stderr is kept.
+struct Server {
+    child: Child,
+    url: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let m = model_dir();
+        let mut args = vec!["serve", "--model", &m, "--port", "0"];
+        args.extend(ONE_CPU_THREAD);
+        args.extend(extra);
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(rest.split(' ').next().unwrap().to_string());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let mut server = Server {
+            child,
+            url: String::new(),
+            log,
+        };
+        // a generous bound, against a server that never comes up: not a timed assertion
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(url) => server.url = url,
+            Err(_) => panic!("serve did not start; stderr:\n{}", server.log()),
+        }
+        assert!(
+            server.url.starts_with("http://127.0.0.1:"),
+            "{}",
+            server.url
+        );
+        server
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a log line satisfies `pred`; returns it.
+    fn wait_log(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let t = Instant::now();
+        loop {
+            if let Some(l) = self.log.lock().unwrap().iter().find(|l| pred(l)) {
+                return l.clone();
+            }
+            if t.elapsed() > Duration::from_secs(120) {
+                panic!("no log line for {what}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Server {
+    /// SIGTERM, then the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a scenario of tests/openai_client.py; its JSON output.
+fn client(scenario: &str, server: &Server, key: &str, spec: &Value) -> Value {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: run scripts/setup.sh (it installs the openai client)",
+        python.display()
+    );
+    let mut child = Command::new(python)
+        .arg(root.join("tests/openai_client.py"))
+        .args([scenario, &server.url, key, MODEL])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(spec.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "openai_client.py {scenario} failed:\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `internvl-chat batch` over `lines`: one result per line.
+fn batch(lines: &[Value]) -> Vec<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let text: Vec<String> = lines.iter().map(Value::to_string).collect();
+    std::fs::write(&input, text.join("\n")).unwrap();
+    let m = model_dir();
+    let out = Command::new(BIN)
+        .args(["batch", "--model", &m])
+        .args(ONE_CPU_THREAD)
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), lines.len());
+    results
+}
+
+/// A chat request and the batch line that asks the same.
+struct Case {
+    openai: Value,
+    batch: Value,
+}
+
+fn user(text: &str) -> Value {
+    json!({"role": "user", "content": text})
+}
+
+fn cases() -> Vec<Case> {
+    let jpg = image("image1.jpg");
+    vec![
+        // sampled, text only
+        Case {
+            openai: json!({"messages": [user("Tell me a story about a cat.")],
+                "max_tokens": 12, "temperature": 0.8, "top_p": 0.9, "seed": 7}),
+            batch: json!({"question": "Tell me a story about a cat.",
+                "max_new_tokens": 12, "temperature": 0.8, "top_p": 0.9, "seed": 7}),
+        },
+        // greedy (temperature 0), with a system message
+        Case {
+            openai: json!({"messages": [{"role": "system", "content": "Be brief."}, user("Hello, who are you?")],
+                "max_tokens": 10, "temperature": 0}),
+            batch: json!({"question": "Hello, who are you?", "system": "Be brief.",
+                "max_new_tokens": 10, "temperature": 0}),
+        },
+        // a picture as a data: URL, two tiles and the thumbnail
+        Case {
+            openai: json!({"messages": [{"role": "user", "content": [
+                    {"type": "text", "text": "What is in the picture?"},
+                    {"type": "image_url", "image_url": {"url": data_url("image1.jpg"), "max_dynamic_patch": 2}}]}],
+                "max_tokens": 10, "seed": 3}),
+            batch: json!({"question": "What is in the picture?", "images": [{"path": jpg, "max_tiles": 2}],
+                "max_new_tokens": 10, "seed": 3}),
+        },
+        // a picture as a file:// URL, greedy; the model's own tile limit
+        Case {
+            openai: json!({"messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": format!("file://{}", image("image2.jpg"))}},
+                    {"type": "text", "text": "Describe it."}]}],
+                "max_tokens": 8, "temperature": 0}),
+            batch: json!({"question": "Describe it.", "images": [{"path": image("image2.jpg")}],
+                "max_new_tokens": 8, "do_sample": false}),
+        },
+        // a conversation: the picture in the first turn, a follow-up question
+        Case {
+            openai: json!({"messages": [
+                    {"role": "user", "content": [
+                        {"type": "image_url", "image_url": {"url": data_url("image1.jpg"), "max_dynamic_patch": 1}},
+                        {"type": "text", "text": "What is this?"}]},
+                    {"role": "assistant", "content": "A harbour."},
+                    user("And the colours?")],
+                "max_tokens": 8, "seed": 11, "top_k": 5, "repetition_penalty": 1.3}),
+            batch: json!({"question": "And the colours?",
+                "history": [["<image>\nWhat is this?", "A harbour."]],
+                "images": [{"path": jpg, "max_tiles": 1}],
+                "max_new_tokens": 8, "seed": 11, "top_k": 5, "repetition_penalty": 1.3}),
+        },
+    ]
+}
+
+fn usage(prompt: u64, completion: u64) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// A result of `ask` in openai_client.py equals the batch mode's result `b`.
+fn assert_same_answer(label: &str, got: &Value, b: &Value) {
+    assert!(got.get("status").is_none(), "{label}: {got}");
+    assert_eq!(got["answer"], b["response"], "{label}");
+    assert_eq!(got["finish_reason"], b["finish_reason"], "{label}");
+    assert_eq!(
+        got["usage"],
+        usage(
+            b["prompt_tokens"].as_u64().unwrap(),
+            b["completion_tokens"].as_u64().unwrap()
+        ),
+        "{label}"
+    );
+    assert_eq!(got["role"], "assistant", "{label}");
+    assert!(
+        got["id"].as_str().unwrap().starts_with("chatcmpl-"),
+        "{label}: {got}"
+    );
+}
+
+fn streamed_too(requests: &[Value]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for r in requests {
+        out.push(r.clone());
+        let mut s = r.clone();
+        s["stream"] = json!(true);
+        out.push(s);
+    }
+    out
+}
+
+#[test]
+fn answers_equal_the_batch_modes_streamed_or_not() {
+    let cases = cases();
+    let expected = batch(&cases.iter().map(|c| c.batch.clone()).collect::<Vec<_>>());
+    let server = Server::start(&[]);
+    let models = client("models", &server, "none", &json!({}));
+    assert_eq!(models, json!({"ids": [MODEL]}));
+    let requests: Vec<Value> = cases.iter().map(|c| c.openai.clone()).collect();
+    let got = client("complete", &server, "none", &json!(streamed_too(&requests)));
+    let got = got.as_array().unwrap();
+    for (i, b) in expected.iter().enumerate() {
+        let whole = &got[2 * i];
+        let stream = &got[2 * i + 1];
+        assert_same_answer(&format!("case {i}"), whole, b);
+        assert_eq!(whole["object"], "chat.completion");
+        assert_eq!(whole["model"], MODEL);
+        assert_same_answer(&format!("case {i}, streamed"), stream, b);
+        assert_eq!(stream["object"], "chat.completion.chunk");
+        assert!(stream["pieces"].as_u64().unwrap() > 1, "{stream}");
+        assert_ne!(whole["id"], stream["id"]);
+    }
+    // the random tiny model keeps going: every answer hit max_tokens
+    assert!(expected.iter().all(|b| b["finish_reason"] == "length"));
+}
+
+/// How many tokens of `ids` the stream needs before `stop` shows in its text.
+fn tokens_until(ids: &[u32], stop: &str) -> usize {
+    let tok = Tokenizer::from_dir(&fixture(&format!("models/{MODEL}"))).unwrap();
+    (1..=ids.len())
+        .find(|&k| {
+            let text = tok.decode(&ids[..k], true);
+            !text.ends_with('\u{FFFD}') && text.contains(stop)
+        })
+        .unwrap()
+}
+
+#[test]
+fn stop_strings_end_the_answer_before_them() {
+    let case = &cases()[0];
+    let mut long = case.batch.clone();
+    long["max_new_tokens"] = json!(24);
+    let b = &batch(&[long])[0];
+    let full = b["response"].as_str().unwrap();
+    let ids: Vec<u32> = b["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    // a stop string from the middle of the answer: its first non-space character on
+    let mid = full
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| i >= full.len() / 2 && !full[i..].starts_with(char::is_whitespace))
+        .unwrap();
+    let stop: String = full[mid..].chars().take(2).collect();
+    let at = full.find(&stop).unwrap();
+    let answer = full[..at].trim_end();
+    let k = tokens_until(&ids, &stop);
+    assert!(
+        k < ids.len(),
+        "the stop string {stop:?} ends the answer early"
+    );
+
+    let server = Server::start(&[]);
+    let mut r = case.openai.clone();
+    r["max_tokens"] = json!(24);
+    r["stop"] = json!(["never in this answer", stop]);
+    let mut absent = r.clone();
+    absent["stop"] = json!("never in this answer");
+    let mut got = client("complete", &server, "none", &json!(streamed_too(&[r])))
+        .as_array()
+        .unwrap()
+        .clone();
+    got.extend(
+        client("complete", &server, "none", &json!([absent]))
+            .as_array()
+            .unwrap()
+            .clone(),
+    );
+    let prompt = b["prompt_tokens"].as_u64().unwrap();
+    for g in &got[..2] {
+        assert_eq!(g["answer"], answer, "stop {stop:?} in {full:?}");
+        assert_eq!(g["finish_reason"], "stop");
+        assert_eq!(g["usage"], usage(prompt, k as u64));
+    }
+    // a stop string that never shows changes nothing
+    assert_same_answer("absent stop", &got[2], b);
+}
+
+#[test]
+fn http_pictures_are_fetched_when_allowed() {
+    let server = Server::start(&["--allow-remote-images"]);
+    let ask = |url: &str| {
+        json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url, "max_dynamic_patch": 1}},
+            {"type": "text", "text": "Describe it."}]}],
+            "max_tokens": 6, "temperature": 0})
+    };
+    let dir = fixture("media/images").display().to_string();
+    let got = client(
+        "served_images",
+        &server,
+        "none",
+        &json!({"dir": dir, "requests": [ask("{images}/image2.jpg"), ask("{images}/none.jpg")]}),
+    );
+    let b = &batch(&[json!({"question": "Describe it.",
+        "images": [{"path": image("image2.jpg"), "max_tiles": 1}],
+        "max_new_tokens": 6, "do_sample": false})])[0];
+    assert_same_answer("fetched over http", &got[0], b);
+    assert_eq!(got[1]["status"], 400, "{}", got[1]);
+    let message = error_of(&got[1]["body"])["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("messages[0].content[0]: cannot fetch http://127.0.0.1:")
+            && message.ends_with("none.jpg: HTTP 404 Not Found"),
+        "{message}"
+    );
+}
+
+/// `{"error": {"message", "type", "code"}}` (the openai client hands over the inner object).
+fn error_of(body: &Value) -> &Value {
+    let e = body.get("error").unwrap_or(body);
+    for k in ["message", "type", "code"] {
+        assert!(e[k].is_string(), "{k} in {body}");
+    }
+    e
+}
+
+#[test]
+fn the_api_key_is_required() {
+    let server = Server::start(&["--api-key", "s3cret"]);
+    let denied = client("models", &server, "wrong", &json!({}));
+    assert_eq!(denied["status"], 401, "{denied}");
+    assert_eq!(error_of(&denied["body"])["code"], "invalid_api_key");
+    let case = &cases()[1];
+    let got = client("complete", &server, "wrong", &json!([case.openai]));
+    assert_eq!(got[0]["status"], 401);
+    let raw = client(
+        "raw",
+        &server,
+        "",
+        &json!([
+            {"method": "GET", "path": "/v1/models"},
+            {"method": "POST", "path": "/v1/chat/completions", "body": case.openai.to_string()},
+            {"method": "POST", "path": "/v1/chat/completions", "body": case.openai.to_string(), "key": "s3cret"},
+        ]),
+    );
+    for r in &raw.as_array().unwrap()[..2] {
+        assert_eq!(r["status"], 401, "no key: {r}");
+        assert!(error_of(&r["body"])["message"]
+            .as_str()
+            .unwrap()
+            .contains("API key"));
+    }
+    assert_eq!(raw[2]["status"], 200, "{}", raw[2]);
+    let allowed = client("complete", &server, "s3cret", &json!([case.openai]));
+    let b = &batch(std::slice::from_ref(&case.batch))[0];
+    assert_same_answer("with the key", &allowed[0], b);
+    assert_eq!(
+        raw[2]["body"]["choices"][0]["message"]["content"],
+        b["response"]
+    );
+}
+
+#[test]
+fn malformed_requests_get_a_json_error_naming_the_problem() {
+    let server = Server::start(&[]);
+    let post = |body: &str| json!({"method": "POST", "path": "/v1/chat/completions", "body": body});
+    let hello = |extra: Value| {
+        let mut b = json!({"messages": [user("Hello")], "max_tokens": 2});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b.to_string()
+    };
+    let image = |url: &str| {
+        json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}]})
+        .to_string()
+    };
+    let cases: Vec<(Value, u64, &str)> = vec![
+        (post("{\"messages\": ["), 400, "invalid JSON body"),
+        (post("[]"), 400, "the request body must be a JSON object"),
+        (post("{\"max_tokens\": 2}"), 400, "messages: missing"),
+        (
+            post(&hello(json!({"messages": "Hello"}))),
+            400,
+            "messages: expected an array",
+        ),
+        (
+            post(&hello(json!({"max_tokens": -3}))),
+            400,
+            "max_tokens: invalid value: integer `-3`",
+        ),
+        (
+            post(&hello(json!({"temperature": "warm"}))),
+            400,
+            "temperature: invalid type: string",
+        ),
+        (
+            post(&hello(json!({"top_p": 0}))),
+            400,
+            "top_p must be in (0, 1]",
+        ),
+        (
+            post(&hello(
+                json!({"messages": [{"role": "user", "content": 5}]}),
+            )),
+            400,
+            "messages[0].content: expected a string or an array of parts",
+        ),
+        (
+            post(&image("http://example.com/a.jpg")),
+            400,
+            "--allow-remote-images",
+        ),
+        (
+            post(&image("data:image/png;base64,%%%")),
+            400,
+            "invalid base64",
+        ),
+        (
+            post(&image("file:///no/such/picture.jpg")),
+            400,
+            "/no/such/picture.jpg: no such file",
+        ),
+        // decodes as base64 but is no picture: the engine refuses it, still a 400
+        (
+            post(&image("data:image/png;base64,aGVsbG8gd29ybGQ=")),
+            400,
+            "messages[0].content[0] is not an image",
+        ),
+        (
+            post(&hello(json!({"max_tokens": 40000}))),
+            400,
+            "exceeds the context window",
+        ),
+        (
+            post(&hello(json!({"model": "gpt-4o"}))),
+            404,
+            "\"gpt-4o\" does not exist",
+        ),
+        (
+            json!({"method": "GET", "path": "/v1/chat/completions"}),
+            405,
+            "GET /v1/chat/completions",
+        ),
+        (
+            json!({"method": "GET", "path": "/v1/nothing"}),
+            404,
+            "unknown route: GET /v1/nothing",
+        ),
+        (
+            json!({"method": "GET", "path": "/v1/models/other"}),
+            404,
+            "\"other\" does not exist",
+        ),
+    ];
+    let spec: Vec<Value> = cases.iter().map(|c| c.0.clone()).collect();
+    let got = client("raw", &server, "", &json!(spec));
+    for ((req, status, want), r) in cases.iter().zip(got.as_array().unwrap()) {
+        assert_eq!(&r["status"], status, "{req}: {r}");
+        let message = error_of(&r["body"])["message"].as_str().unwrap();
+        assert!(
+            message.contains(want),
+            "{req}: {message:?} should say {want:?}"
+        );
+    }
+    // the official client sees the same
+    let via_client = client(
+        "complete",
+        &server,
+        "none",
+        &json!([{"messages": [user("Hello")], "max_tokens": -1}, {"messages": [], "max_tokens": 2}]),
+    );
+    assert_eq!(via_client[0]["status"], 400);
+    assert_eq!(via_client[1]["status"], 400);
+    assert!(error_of(&via_client[1]["body"])["message"]
+        .as_str()
+        .unwrap()
+        .contains("messages: must not be empty"));
+    // and the server still answers
+    let fine = client(
+        "complete",
+        &server,
+        "none",
+        &json!([{"messages": [user("Hello")], "max_tokens": 2}]),
+    );
+    assert_eq!(fine[0]["usage"]["completion_tokens"], 2, "{fine}");
+}
+
+#[test]
+fn a_client_that_leaves_cancels_its_request() {
+    let server = Server::start(&[]);
+    let endless =
+        json!({"messages": [user("Go on and on.")], "max_tokens": 30000, "min_tokens": 30000});
+    let last = cases()[1].openai.clone();
+    let got = client(
+        "disconnect",
+        &server,
+        "none",
+        &json!({"long": endless, "read": 5, "waiting": endless, "give_up_after_s": 1.0, "last": last}),
+    );
+    assert_eq!(got["long_pieces"], 5);
+    assert_eq!(got["waiting"], "gave up");
+    let long_id = got["long_id"].as_str().unwrap();
+    let (prefix, n) = long_id.rsplit_once('-').unwrap();
+    let waiting_id = format!("{prefix}-{}", n.parse::<u64>().unwrap() + 1);
+    let line = server.wait_log("the streamed request's cancel", |l| {
+        l.contains(&format!("{long_id}: cancelled: the client went away"))
+    });
+    let generated: usize = line
+        .split('(')
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(generated < 30000, "{line}");
+    // the waiting one was dropped from the queue, or cancelled as soon as it started
+    server.wait_log("the waiting request's cancel", |l| {
+        l.contains(&format!("{waiting_id}: cancelled"))
+    });
+    let log = server.log();
+    for id in [long_id, &waiting_id] {
+        let finished = log
+            .lines()
+            .any(|l| l.contains(&format!("{id}: ")) && l.contains("completion tokens"));
+        assert!(!finished, "{id} was not cut short:\n{log}");
+    }
+    // the next request is answered, and answered right
+    let b = &batch(&[cases()[1].batch.clone()])[0];
+    assert_same_answer("after the cancels", &got["last"], b);
+}
+
+#[test]
+fn eight_clients_twenty_requests_each() {
+    // five different requests, half of them streamed: every client sends all twenty
+    let base: Vec<Case> = (0..5)
+        .map(|i| Case {
+            openai: json!({"messages": [user(&format!("Count to {i}."))], "max_tokens": 1 + i % 3, "seed": 100 + i}),
+            batch: json!({"question": format!("Count to {i}."), "max_new_tokens": 1 + i % 3, "seed": 100 + i}),
+        })
+        .collect();
+    let expected = batch(&base.iter().map(|c| c.batch.clone()).collect::<Vec<_>>());
+    let requests: Vec<Value> = (0..20)
+        .map(|j| {
+            let mut r = base[j % 5].openai.clone();
+            r["stream"] = json!(j % 2 == 1);
+            r
+        })
+        .collect();
+    let server = Server::start(&[]);
+    let got = client(
+        "load",
+        &server,
+        "none",
+        &json!({"clients": 8, "requests": requests}),
+    );
+    assert_eq!(got["errors"], json!([]), "{}", server.log());
+    let results = got["results"].as_array().unwrap();
+    assert_eq!(results.len(), 8);
+    let mut ids = std::collections::HashSet::new();
+    for (c, per_client) in results.iter().enumerate() {
+        let per_client = per_client.as_array().unwrap();
+        assert_eq!(per_client.len(), 20, "client {c}");
+        for (j, r) in per_client.iter().enumerate() {
+            assert_same_answer(&format!("client {c} request {j}"), r, &expected[j % 5]);
+            assert!(ids.insert(r["id"].as_str().unwrap().to_string()), "{r}");
+        }
+    }
+    assert_eq!(ids.len(), 160, "every request answered once");
+}
+
+fn run_bin(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn remote_one_shot_answers_as_the_local_one_shot() {
+    let server = Server::start(&["--api-key", "k1"]);
+    let m = model_dir();
+    let jpg = format!("{}:2", image("image1.jpg"));
+    let asks: [&[&str]; 3] = [
+        &[
+            "--prompt",
+            "Tell me about boats.",
+            "--seed",
+            "5",
+            "--max-new-tokens",
+            "12",
+        ],
+        &[
+            "--prompt",
+            "Hello",
+            "--greedy",
+            "--max-new-tokens",
+            "9",
+            "--system",
+            "Be brief.",
+        ],
+        &[
+            "--image",
+            &jpg,
+            "--prompt",
+            "What is this?",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0.5",
+        ],
+    ];
+    for ask in asks {
+        let mut local = vec!["--model", m.as_str()];
+        local.extend(ONE_CPU_THREAD);
+        local.extend(ask);
+        let want = run_bin(&local);
+        assert!(
+            want.status.success(),
+            "{}",
+            String::from_utf8_lossy(&want.stderr)
+        );
+        let mut remote = vec!["--remote", &server.url, "--api-key", "k1"];
+        remote.extend(ask);
+        let got = run_bin(&remote);
+        assert!(
+            got.status.success(),
+            "{ask:?}: {}",
+            String::from_utf8_lossy(&got.stderr)
+        );
+        assert_eq!(
+            String::from_utf8(got.stdout).unwrap(),
+            String::from_utf8(want.stdout).unwrap(),
+            "{ask:?}"
+        );
+    }
+    // failures are one line: a wrong key, an unknown model, a video, no server
+    let video = fixture("media/videos/video_90.mov").display().to_string();
+    let url = server.url.clone();
+    let failures: [(Vec<&str>, &str); 4] = [
+        (
+            vec!["--remote", &url, "--api-key", "bad", "--prompt", "Hi"],
+            "HTTP 401: invalid or missing API key",
+        ),
+        (
+            vec![
+                "--remote",
+                &url,
+                "--api-key",
+                "k1",
+                "--remote-model",
+                "x",
+                "--prompt",
+                "Hi",
+            ],
+            "no model \"x\" (the server has tiny-qwen2)",
+        ),
+        (
+            vec![
+                "--remote",
+                &url,
+                "--api-key",
+                "k1",
+                "--video",
+                &video,
+                "--prompt",
+                "Hi",
+            ],
+            "videos are not supported",
+        ),
+        (
+            vec!["--remote", "http://127.0.0.1:9", "--prompt", "Hi"],
+            "cannot reach http://127.0.0.1:9/v1/models",
+        ),
+    ];
+    for (args, want) in failures {
+        let o = run_bin(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with("internvl-chat: error: ") && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn remote_chat_streams_and_cancels() {
+    let server = Server::start(&[]);
+    let home = tempfile::tempdir().unwrap();
+    let args: Vec<String> = [
+        "--remote",
+        &server.url,
+        "--max-new-tokens",
+        "30000",
+        "--min-new-tokens",
+        "30000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let t = Tmux::start("ivl-remote", home.path(), &args);
+    let ready = t.wait("the connection", 60, |s| s.contains("ready"));
+    assert!(
+        ready.contains("tiny-qwen2 · remote · 127.0.0.1:"),
+        "{ready}"
+    );
+    t.text(&format!("/image {} 2", image("image1.jpg")));
+    t.keys(&["Enter"]);
+    t.wait("the staged image", 30, |s| {
+        s.contains("image1.jpg") && s.contains("1×1 = 1 tiles · 256 tokens")
+    });
+    t.text("Describe the image.");
+    t.keys(&["Enter"]);
+    let first = t.wait("tokens", 60, |s| streamed(s) > 5);
+    t.wait("more tokens", 60, |s| streamed(s) > streamed(&first) + 5);
+    t.keys(&["Escape"]);
+    let stopped = t.wait("the cancel", 30, |s| {
+        s.contains("stopped") && s.contains("ready")
+    });
+    assert_eq!(streamed(&stopped), 0);
+    // the server saw the stream close and stopped generating
+    let line = server.wait_log("the cancel on the server", |l| {
+        l.contains(": cancelled: the client went away")
+    });
+    assert!(line.contains("-1: cancelled"), "{line}");
+    // a short answer next, with the cancelled exchange as history
+    t.text("/set min_new_tokens 0");
+    t.keys(&["Enter"]);
+    t.text("/set max_new_tokens 8");
+    t.keys(&["Enter"]);
+    t.text("And the colours?");
+    t.keys(&["Enter"]);
+    t.wait("the second answer", 60, |s| {
+        s.contains("And the colours?")
+            && s.matches("first token after").count() >= 2
+            && s.contains("ready")
+    });
+    let done = server.wait_log("the second request", |l| l.contains("-2: "));
+    assert!(
+        done.contains("prompt + 8 completion tokens, finish length, streamed"),
+        "{done}"
+    );
+}
+
+#[test]
+fn startup_errors_are_one_line_and_a_signal_stops_the_server() {
+    let m = model_dir();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let failures: [(Vec<&str>, String); 3] = [
+        (
+            vec!["serve", "--model", &m, "--device", "cpu", "--port", &port],
+            format!("cannot listen on 127.0.0.1:{port}"),
+        ),
+        (
+            vec!["serve", "--model", "/nonexistent/model"],
+            "/nonexistent/model".into(),
+        ),
+        (
+            vec!["serve", "--model", &m, "--api-key", ""],
+            "--api-key: the key must not be empty".into(),
+        ),
+    ];
+    for (args, want) in failures {
+        let o = run_bin(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(&want), "{args:?}: {err}");
+    }
+    // SIGTERM: the server ends at once, taking its pictures folder with it
+    let server = Server::start(&["-v"]);
+    let got = client("complete", &server, "none", &json!([cases()[2].openai]));
+    assert_eq!(got[0]["usage"]["completion_tokens"], 10, "{got}");
+    let line = server.wait_log("the pictures folder", |l| {
+        l.contains("pictures of requests go to ")
+    });
+    let dir = PathBuf::from(line.split("go to ").nth(1).unwrap());
+    assert!(dir.is_dir(), "{}", dir.display());
+    let log = server.log.clone();
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    // the last lines may still be on their way from the pipe
+    let t = Instant::now();
+    while !log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("stopping (signal 15)"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
