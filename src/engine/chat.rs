@@ -1,6 +1,6 @@
 //! `model.chat` end to end: attachments -> tiles -> query -> ids -> generation -> answer, with the
 //! conversation's KV cache kept between turns so a follow-up only prefills its new tokens.
-use super::features::FeatureCache;
+use super::features::{self, FeatureCache};
 use super::generate::{generate, Flow, GenInput, GenOutput};
 use super::protocol::{with_placeholders, Attachment, Finish, Turn};
 use super::stream::AnswerStream;
@@ -11,7 +11,6 @@ use crate::prompt::template::{get_template, Template};
 use crate::prompt::tokenizer::Tokenizer;
 use crate::prompt::{build_query, PromptError};
 use crate::sampling::{Sampler, SamplingParams};
-use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::Tensor;
@@ -85,9 +84,7 @@ pub struct Engine {
     cached_ids: Vec<i64>,
     /// Fingerprints of the pictures behind the cached ids' `<IMG_CONTEXT>` runs, in order: the
     /// ids of two different pictures with the same tile count are the same.
-    cached_images: Vec<u64>,
-    /// Keyed per process, so fingerprints cannot be forged from outside.
-    fingerprint_keys: std::collections::hash_map::RandomState,
+    cached_images: Vec<Vec<features::Key>>,
     cache: KvCache,
     /// Vision features by tile content; kept across conversations (see features.rs).
     features: FeatureCache,
@@ -137,7 +134,6 @@ impl Engine {
             tiles,
             cached_ids: Vec::new(),
             cached_images: Vec::new(),
-            fingerprint_keys: Default::default(),
             cache,
             features: FeatureCache::new(FEATURE_CACHE_BYTES),
         })
@@ -248,7 +244,13 @@ impl Engine {
 
     /// Features [tiles, 256, hidden] of the tiles of `prepared` (each conversation's tiles
     /// after its first `skip`), in order; tiles seen before come from the feature cache.
-    fn image_features(&mut self, prepared: &[&Prepared], skip: usize) -> Option<Tensor> {
+    /// `keys`: the tiles' content keys when known (all of them, before `skip`).
+    fn image_features(
+        &mut self,
+        prepared: &[&Prepared],
+        skip: usize,
+        keys: Option<&[features::Key]>,
+    ) -> Option<Tensor> {
         let tiles: Vec<&::image::RgbImage> = prepared
             .iter()
             .flat_map(|p| {
@@ -262,8 +264,12 @@ impl Engine {
         if tiles.is_empty() {
             return None;
         }
+        let keys: Vec<features::Key> = match keys {
+            Some(k) => k[skip..].to_vec(),
+            None => tiles.iter().map(|t| features::key(t)).collect(),
+        };
         let (model, size) = (&self.model, self.tiles.image_size as i64);
-        Some(self.features.features(&tiles, |todo| {
+        Some(self.features.features(&tiles, &keys, |todo| {
             let data = preprocess::image::normalize_tiles(todo);
             model.extract_feature(&Tensor::from_slice(&data).view([
                 todo.len() as i64,
@@ -279,8 +285,9 @@ impl Engine {
         (self.features.hits, self.features.misses)
     }
 
-    /// One fingerprint per `<IMG_CONTEXT>` run: a hash of the tiles of each placeholder.
-    fn image_fingerprints(&self, p: &Prepared) -> Vec<u64> {
+    /// One fingerprint per `<IMG_CONTEXT>` run: the content keys of its placeholder's tiles
+    /// (sha256 of each tile, the feature cache's keys).
+    fn image_fingerprints(p: &Prepared) -> Vec<Vec<features::Key>> {
         let mut tiles = p
             .visuals
             .iter()
@@ -288,15 +295,7 @@ impl Engine {
             .flatten();
         p.num_patches
             .iter()
-            .map(|&n| {
-                let mut h = self.fingerprint_keys.build_hasher();
-                for t in tiles.by_ref().take(n) {
-                    h.write_u32(t.width());
-                    h.write_u32(t.height());
-                    h.write(t.as_raw());
-                }
-                h.finish()
-            })
+            .map(|&n| tiles.by_ref().take(n).map(features::key).collect())
             .collect()
     }
 
@@ -326,7 +325,7 @@ impl Engine {
             .count()
             .min(p.ids.len() - 1);
         let runs = image_runs(&p.ids, self.img_context_id);
-        let fingerprints = self.image_fingerprints(p);
+        let fingerprints = Self::image_fingerprints(p);
         debug_assert_eq!(runs.len(), fingerprints.len(), "one run per placeholder");
         // equal ids do not mean equal pictures: reuse stops at the first picture not cached
         if let Some((r, _)) = runs
@@ -348,7 +347,8 @@ impl Engine {
             .sum();
         self.cache.truncate(reuse as i64);
         self.cached_ids.truncate(reuse);
-        let image_embeds = self.image_features(&[p], cached_tiles);
+        let keys: Vec<features::Key> = fingerprints.iter().flatten().copied().collect();
+        let image_embeds = self.image_features(&[p], cached_tiles, Some(&keys));
         let mut sampler = Sampler::new(params.clone());
         let result = generate(
             &self.model,
@@ -423,7 +423,7 @@ impl Engine {
             }
         }
         let _guard = tch::no_grad_guard();
-        let image_embeds = self.image_features(prepared, 0);
+        let image_embeds = self.image_features(prepared, 0, None);
         let rows: Vec<Vec<i64>> = prepared.iter().map(|p| p.ids.clone()).collect();
         let mut samplers: Vec<Sampler> = params.iter().cloned().map(Sampler::new).collect();
         let mut cache = self.model.llm.new_cache();

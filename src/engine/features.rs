@@ -10,7 +10,8 @@ use sha2::{Digest, Sha256};
 use std::collections::{HashMap, VecDeque};
 use tch::Tensor;
 
-type Key = [u8; 32];
+/// sha256 of a tile's size and RGB bytes.
+pub type Key = [u8; 32];
 
 pub struct FeatureCache {
     map: HashMap<Key, Tensor>,
@@ -83,14 +84,16 @@ impl FeatureCache {
         }
     }
 
-    /// Features [tiles, tokens, hidden] of `tiles`, computing only the tiles not cached with
+    /// Features [tiles, tokens, hidden] of `tiles` (whose [`key`]s are `keys`), computing only
+    /// the tiles not cached with
     /// `compute` (which receives the missing tiles, in order, and returns their features).
     pub fn features(
         &mut self,
         tiles: &[&RgbImage],
+        keys: &[Key],
         compute: impl FnOnce(&[&RgbImage]) -> Tensor,
     ) -> Tensor {
-        let keys: Vec<Key> = tiles.iter().map(|t| key(t)).collect();
+        debug_assert_eq!(tiles.len(), keys.len());
         let mut out: Vec<Option<Tensor>> = keys
             .iter()
             .map(|k| self.map.get(k).map(Tensor::shallow_clone))
@@ -109,7 +112,7 @@ impl FeatureCache {
             let feats = compute(&todo);
             for (j, &i) in missing.iter().enumerate() {
                 let f = feats.get(j as i64);
-                for (slot, k) in out.iter_mut().zip(&keys) {
+                for (slot, k) in out.iter_mut().zip(keys) {
                     if slot.is_none() && *k == keys[i] {
                         *slot = Some(f.shallow_clone());
                     }
@@ -117,7 +120,7 @@ impl FeatureCache {
                 self.insert(keys[i], f);
             }
         }
-        for k in &keys {
+        for k in keys {
             if self.map.contains_key(k) {
                 self.touch(k);
             }
@@ -151,6 +154,14 @@ mod tests {
         }
     }
 
+    fn keys(tiles: &[&RgbImage]) -> Vec<Key> {
+        tiles.iter().map(|t| key(t)).collect()
+    }
+
+    fn get(cache: &mut FeatureCache, tiles: &[&RgbImage], seen: &mut Vec<u8>) -> Tensor {
+        cache.features(tiles, &keys(tiles), fake(seen))
+    }
+
     fn values(t: &Tensor) -> Vec<f32> {
         let t = t.select(2, 0).select(1, 0).to_kind(Kind::Float);
         Vec::<f32>::try_from(&t).unwrap()
@@ -161,12 +172,12 @@ mod tests {
         let (a, b, c) = (tile(1), tile(2), tile(3));
         let mut cache = FeatureCache::new(1 << 20);
         let mut seen = Vec::new();
-        let f = cache.features(&[&a, &b, &a], fake(&mut seen));
+        let f = cache.features(&[&a, &b, &a], &keys(&[&a, &b, &a]), fake(&mut seen));
         assert_eq!(values(&f), [1.0, 2.0, 1.0]);
         assert_eq!(f.size(), [3, 2, 3]);
         assert_eq!(seen, [1, 2]);
         let mut seen = Vec::new();
-        let f = cache.features(&[&c, &b, &a], fake(&mut seen));
+        let f = cache.features(&[&c, &b, &a], &keys(&[&c, &b, &a]), fake(&mut seen));
         assert_eq!(values(&f), [3.0, 2.0, 1.0]);
         assert_eq!(seen, [3], "only the new tile goes through the model");
         assert_eq!((cache.hits, cache.misses), (3, 3));
@@ -179,18 +190,19 @@ mod tests {
         // room for two tiles' features (2 x 3 f32 = 24 bytes each)
         let mut cache = FeatureCache::new(48);
         let mut seen = Vec::new();
-        let _ = cache.features(&[&tiles[0], &tiles[1]], fake(&mut seen));
-        let _ = cache.features(&[&tiles[0]], fake(&mut seen)); // 0 is now the most recent
-        let _ = cache.features(&[&tiles[2]], fake(&mut seen)); // evicts 1
+        let _ = get(&mut cache, &[&tiles[0], &tiles[1]], &mut seen);
+        let _ = get(&mut cache, &[&tiles[0]], &mut seen); // 0 is now the most recent
+        let _ = get(&mut cache, &[&tiles[2]], &mut seen); // evicts 1
         assert_eq!(cache.len(), 2);
         let mut seen = Vec::new();
-        let _ = cache.features(&[&tiles[0], &tiles[1], &tiles[2]], fake(&mut seen));
+        let _ = get(&mut cache, &[&tiles[0], &tiles[1], &tiles[2]], &mut seen);
         assert_eq!(seen, [1]);
         // a request larger than the budget still gets all its features
         let mut seen = Vec::new();
-        let f = cache.features(
+        let f = get(
+            &mut cache,
             &[&tiles[3], &tiles[0], &tiles[1], &tiles[2]],
-            fake(&mut seen),
+            &mut seen,
         );
         assert_eq!(values(&f), [3.0, 0.0, 1.0, 2.0]);
         assert!(cache.bytes <= 48);
