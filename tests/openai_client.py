@@ -132,6 +132,8 @@ def disconnect(base, key, spec):
         waited = "answered"
     except openai.APITimeoutError:
         waited = "gave up"
+    finally:
+        impatient.close()  # hangs up at once rather than whenever the pool is collected
     s.close()
     last = ask(c, spec["last"])
     return {"long_id": first_id, "long_pieces": len(seen), "waiting": waited, "last": last}
