@@ -6,6 +6,7 @@
 mod commands;
 pub mod config;
 mod editor;
+pub mod graphics;
 mod grounding;
 mod highlight;
 mod input;
