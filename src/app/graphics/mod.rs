@@ -1,11 +1,15 @@
 //! Pictures through terminal graphics protocols: kitty, sixel and iTerm2, with half blocks
 //! (preview.rs) as the fallback. ratatui only knows cells, so a picture lives beside the cell
 //! grid: [`place`] decides which cells a picture covers for a given cell size in pixels (the
-//! view reserves them as blanks), and the canvas sent for them ([`raster`]).
+//! view reserves them as blanks), and the canvas sent for them ([`raster`]). Which protocol,
+//! if any, is decided once at start-up ([`detect`]).
+pub mod detect;
 pub mod iterm2;
 pub mod kitty;
 pub mod raster;
 pub mod sixel;
+
+pub use detect::{detect, Detected, LateReplyFilter};
 
 use super::grounding::Grounding;
 use image::RgbImage;
