@@ -1,15 +1,28 @@
 //! Pictures through terminal graphics protocols: kitty, sixel and iTerm2, with half blocks
-//! (preview.rs) as the fallback. ratatui only knows cells, so a picture lives beside the cell
-//! grid: [`place`] decides which cells a picture covers for a given cell size in pixels (the
-//! view reserves them as blanks), and the canvas sent for them ([`raster`]). Which protocol,
-//! if any, is decided once at start-up ([`detect`]).
+//! (preview.rs) as the fallback.
+//!
+//! ratatui only knows cells, so a picture lives beside the cell grid:
+//! - the view reserves the picture's cells as blanks ([`place`] decides which, from the cell
+//!   size in pixels), so ratatui never draws under it;
+//! - after each frame, [`Layer`] compares the pictures wanted with those on screen and writes
+//!   the difference as escape sequences into the cell rectangles: kitty places a transmitted
+//!   image by id and deletes the placement when it goes; sixel and iTerm2 images become part
+//!   of the cells they cover, so when one goes, its cells are repainted from the frame just
+//!   drawn (ratatui's diff cannot know they changed);
+//! - an overlay (help, sessions) hides the pictures: while one is open the preview falls back
+//!   to half blocks under it, and the images come back when it closes.
+//!
+//! Which protocol, if any, is decided once at start-up ([`detect`]): the environment, then a
+//! short query of the terminal before the input thread starts.
 pub mod detect;
-pub mod iterm2;
-pub mod kitty;
-pub mod raster;
-pub mod sixel;
+mod iterm2;
+mod kitty;
+mod layer;
+mod raster;
+mod sixel;
 
 pub use detect::{detect, Detected, LateReplyFilter};
+pub use layer::{cells, Layer};
 
 use super::grounding::Grounding;
 use image::RgbImage;
