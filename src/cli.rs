@@ -40,6 +40,10 @@ pub struct Cli {
     /// Open a saved chat session (see /sessions in the chat).
     #[arg(long, value_name = "NAME")]
     pub session: Option<String>,
+    /// How the chat draws pictures: auto (detected; half blocks inside tmux), a terminal
+    /// graphics protocol, or half blocks [default: config.toml's graphics, else auto].
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub graphics: Option<Graphics>,
     /// Tiles per video frame.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub video_max_tiles: usize,
@@ -149,6 +153,15 @@ pub enum DType {
     Bf16,
     F16,
     F32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Graphics {
+    Auto,
+    Kitty,
+    Sixel,
+    Iterm2,
+    Halfblocks,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -324,6 +324,18 @@ fn attachments_from(cli: &Cli) -> Result<Vec<Attachment>> {
     Ok(attachments)
 }
 
+fn graphics_mode(g: crate::cli::Graphics) -> crate::app::graphics::GraphicsMode {
+    use crate::app::graphics::GraphicsMode;
+    use crate::cli::Graphics;
+    match g {
+        Graphics::Auto => GraphicsMode::Auto,
+        Graphics::Kitty => GraphicsMode::Kitty,
+        Graphics::Sixel => GraphicsMode::Sixel,
+        Graphics::Iterm2 => GraphicsMode::Iterm2,
+        Graphics::Halfblocks => GraphicsMode::Halfblocks,
+    }
+}
+
 fn dtype_name(d: DType) -> &'static str {
     match d {
         DType::Bf16 => "bf16",
@@ -491,6 +503,7 @@ fn tui(cli: &Cli) -> Result<ExitCode> {
         max_tiles: g.max_tiles,
         sampling: sampling_overrides(g),
         combine_images: cli.combine_images,
+        graphics: cli.graphics.map(graphics_mode),
     };
     options.attachments = attachments;
     options.resume = cli.session.clone();

@@ -9,6 +9,7 @@
 //! video_segments = 8
 //! video_max_tiles = 1
 //! mouse = true              # wheel scrolling (hold Shift to select text)
+//! graphics = "auto"         # pictures: auto | kitty | sixel | iterm2 | halfblocks
 //! system = "You are a careful assistant."
 //!
 //! [sampling]
@@ -23,6 +24,7 @@
 //! send = "enter"
 //! newline = ["alt+enter", "shift+enter", "ctrl+j"]
 //! ```
+use super::graphics::GraphicsMode;
 use super::keys::{Action, Key, KeyMap};
 use super::theme::{Theme, THEMES};
 use crate::sampling::SamplingParams;
@@ -44,6 +46,8 @@ pub struct Settings {
     pub system: Option<String>,
     pub theme: Theme,
     pub mouse: bool,
+    /// How pictures are drawn (`Auto`: detected at start-up).
+    pub graphics: GraphicsMode,
     pub keys: KeyMap,
 }
 
@@ -58,6 +62,7 @@ impl Default for Settings {
             system: None,
             theme: Theme::default(),
             mouse: true,
+            graphics: GraphicsMode::Auto,
             keys: KeyMap::default(),
         }
     }
@@ -71,6 +76,7 @@ pub struct Overrides {
     /// Sampling flags, applied as the one-shot and batch modes apply them.
     pub sampling: crate::sampling::Overrides,
     pub combine_images: bool,
+    pub graphics: Option<GraphicsMode>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +106,7 @@ struct File {
     video_max_tiles: Option<Spanned<usize>>,
     system: Option<String>,
     mouse: Option<bool>,
+    graphics: Option<Spanned<String>>,
     sampling: Option<Spanned<Sampling>>,
     #[serde(default)]
     keys: BTreeMap<Action, Spanned<OneOrMany>>,
@@ -182,6 +189,18 @@ pub fn parse(src: &str, path: &Path) -> Result<Settings, ConfigError> {
     s.combine_images = file.combine_images.unwrap_or(s.combine_images);
     s.system = file.system;
     s.mouse = file.mouse.unwrap_or(s.mouse);
+    if let Some(g) = file.graphics {
+        s.graphics = GraphicsMode::named(g.get_ref()).ok_or_else(|| {
+            invalid(
+                Some(g.span()),
+                format!(
+                    "unknown graphics \"{}\" (one of {})",
+                    g.get_ref(),
+                    GraphicsMode::NAMES.join(", ")
+                ),
+            )
+        })?;
+    }
     if let Some(sampling) = file.sampling {
         let span = sampling.span();
         let f = sampling.into_inner();
@@ -231,6 +250,7 @@ impl Settings {
         self.max_tiles = o.max_tiles.or(self.max_tiles);
         self.system = o.system.clone().or(self.system.take());
         self.combine_images |= o.combine_images;
+        self.graphics = o.graphics.unwrap_or(self.graphics);
         Ok(())
     }
 }
@@ -257,13 +277,14 @@ mod tests {
     fn full_file_sets_everything() {
         let s = parse_str(
             "theme = \"light\"\nmax_tiles = 6\ncombine_images = true\nvideo_segments = 4\n\
-             system = \"be brief\"\nmouse = false\n[sampling]\ntemperature = 0\nseed = 7\n\
+             system = \"be brief\"\nmouse = false\ngraphics = \"sixel\"\n[sampling]\ntemperature = 0\nseed = 7\n\
              [keys]\nsend = \"ctrl+s\"\nnewline = [\"enter\"]\n",
         )
         .unwrap();
         assert_eq!(s.theme.name, "light");
         assert_eq!(s.max_tiles, Some(6));
         assert!(s.combine_images && !s.mouse);
+        assert_eq!(s.graphics, GraphicsMode::Sixel);
         assert_eq!(s.video_segments, 4);
         assert_eq!(s.system.as_deref(), Some("be brief"));
         assert!(s.params.is_greedy());
@@ -294,6 +315,11 @@ mod tests {
         assert_eq!(
             parse_str("[keys]\nsend = \"f5\"\nhelp = \"f5\"\n").unwrap_err(),
             "config /cfg/config.toml line 3: key \"f5\" is bound to both Send and Help"
+        );
+        assert_eq!(
+            parse_str("mouse = true\ngraphics = \"ascii\"\n").unwrap_err(),
+            "config /cfg/config.toml line 2: unknown graphics \"ascii\" \
+             (one of auto, kitty, sixel, iterm2, halfblocks)"
         );
         assert_eq!(
             parse_str("max_tiles = 0\n").unwrap_err(),
@@ -328,6 +354,13 @@ mod tests {
         assert_eq!(s.params.temperature, 0.2);
         assert!(!s.params.do_sample);
         assert_eq!(s.max_tiles, Some(2));
+        assert_eq!(s.graphics, GraphicsMode::Auto);
+        s.apply(&Overrides {
+            graphics: Some(GraphicsMode::Halfblocks),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.graphics, GraphicsMode::Halfblocks);
         let bad = s.apply(&Overrides {
             sampling: crate::sampling::Overrides {
                 top_p: Some(0.0),

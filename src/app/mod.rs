@@ -6,6 +6,7 @@
 mod commands;
 pub mod config;
 mod editor;
+pub mod graphics;
 mod grounding;
 mod highlight;
 mod input;
@@ -123,6 +124,7 @@ pub fn run(handle: EngineHandle, opts: AppOptions) -> anyhow::Result<()> {
         id: format!("{unix:x}{nanos:08x}-{:x}", std::process::id()),
     };
     let mouse = settings.mouse;
+    let graphics_mode = settings.graphics;
     let mut app = App::new(settings, paths, sessions_dir, session);
     for p in problems {
         app.notice(p, true);
@@ -135,7 +137,22 @@ pub fn run(handle: EngineHandle, opts: AppOptions) -> anyhow::Result<()> {
         startup.extend(app.command(SlashCommand::Load(name)));
     }
     let mut tui = terminal::enter(mouse).context("cannot set up the terminal")?;
-    let result = event_loop(&mut tui, &mut app, &handle, opts.probe, startup);
+    // the one time the terminal is asked anything: before the input thread reads it
+    let detected = graphics::detect(graphics_mode);
+    tracing::info!("pictures: {}", detected.reason);
+    if detected.queried {
+        // a terminal that does not know a query may have printed it
+        tui.terminal.clear().context("cannot clear the terminal")?;
+    }
+    app.graphics = detected.graphics;
+    let mut layer = detected.graphics.map(|g| graphics::Layer::new(g.protocol));
+    let late = graphics::LateReplyFilter::new(detected.late_replies);
+    let result = event_loop(
+        &mut tui, &mut app, &handle, opts.probe, startup, &mut layer, late,
+    );
+    if let Some(layer) = layer.as_mut() {
+        let _ = layer.clear(tui.terminal.backend_mut());
+    }
     if app.busy() {
         handle.cancel.store(true, Ordering::SeqCst);
     }
@@ -172,10 +189,12 @@ fn event_loop(
     handle: &EngineHandle,
     probe: Probe,
     startup: Vec<Command>,
+    layer: &mut Option<graphics::Layer>,
+    late: graphics::LateReplyFilter,
 ) -> anyhow::Result<()> {
     let (tx, rx) = crossbeam_channel::unbounded::<Msg>();
     let stop = Arc::new(AtomicBool::new(false));
-    let input = spawn_input(tx.clone(), stop.clone())?;
+    let input = spawn_input(tx.clone(), stop.clone(), late)?;
     #[cfg(unix)]
     let signals = spawn_signals(tx.clone())?;
     let mut runner = Runner::new(handle, probe, tx)?;
@@ -186,14 +205,7 @@ fn event_loop(
     let mut dirty = true;
     while !quit {
         if dirty {
-            tui.terminal
-                .draw(|f| {
-                    f.render_widget(&*app, f.area());
-                    if let Some(p) = app.cursor(f.area()) {
-                        f.set_cursor_position(p);
-                    }
-                })
-                .context("cannot draw to the terminal")?;
+            draw(&mut tui.terminal, app, layer.as_mut()).context("cannot draw to the terminal")?;
             dirty = false;
         }
         if queue.is_empty() {
@@ -222,6 +234,12 @@ fn event_loop(
             next_tick = now + TICK;
         }
         while let Some(msg) = queue.pop_front() {
+            if let (Msg::Resize(..), Some(g)) = (&msg, app.graphics.as_mut()) {
+                // the font may have changed with the window
+                if let Some(cell) = graphics::detect::window_cell() {
+                    g.cell = cell;
+                }
+            }
             let tick = matches!(msg, Msg::Tick { .. });
             let moving = app.animating();
             for cmd in app.update(msg) {
@@ -240,6 +258,40 @@ fn event_loop(
     #[cfg(unix)]
     signals.close();
     Ok(())
+}
+
+/// Draws a frame; with a graphics protocol, then the pictures over it (the terminal shows
+/// both at once where it knows synchronized output).
+fn draw<B>(
+    terminal: &mut ratatui::Terminal<B>,
+    app: &App,
+    layer: Option<&mut graphics::Layer>,
+) -> std::io::Result<()>
+where
+    B: ratatui::backend::Backend<Error = std::io::Error> + std::io::Write,
+{
+    let render = |f: &mut ratatui::Frame| {
+        f.render_widget(app, f.area());
+        if let Some(p) = app.cursor(f.area()) {
+            f.set_cursor_position(p);
+        }
+    };
+    let Some(layer) = layer else {
+        terminal.draw(render)?;
+        return Ok(());
+    };
+    crossterm::queue!(
+        terminal.backend_mut(),
+        crossterm::terminal::BeginSynchronizedUpdate
+    )?;
+    let frame = terminal.draw(render)?;
+    let area = frame.area;
+    let wanted = app.pictures(area);
+    let plan = layer.plan(area, &wanted);
+    let repaint = graphics::cells(&plan.repaint, frame.buffer);
+    let out = terminal.backend_mut();
+    layer.apply(area, &wanted, &plan, &repaint, out)?;
+    crossterm::execute!(out, crossterm::terminal::EndSynchronizedUpdate)
 }
 
 /// Carries out commands; results come back as messages.
@@ -316,7 +368,12 @@ impl<'h> Runner<'h> {
 }
 
 /// Reads terminal events on their own thread (polling, so it stops when asked).
-fn spawn_input(tx: Sender<Msg>, stop: Arc<AtomicBool>) -> anyhow::Result<thread::JoinHandle<()>> {
+/// `late` drops answers to the start-up graphics query that come after it gave up.
+fn spawn_input(
+    tx: Sender<Msg>,
+    stop: Arc<AtomicBool>,
+    mut late: graphics::LateReplyFilter,
+) -> anyhow::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("input".into())
         .spawn(move || {
@@ -327,6 +384,7 @@ fn spawn_input(tx: Sender<Msg>, stop: Arc<AtomicBool>) -> anyhow::Result<thread:
                     Err(e) => Err(e),
                 };
                 let msg = match event {
+                    Ok(ev) if late.swallow(&ev) => None,
                     Ok(ev) => to_msg(ev),
                     Err(e) => {
                         // no more input: save and leave as on a signal
@@ -543,6 +601,85 @@ mod tests {
         let cmds = submit(&mut app, "/save! chat-test");
         drive(&mut app, &mut runner, cmds);
         assert_eq!(session::load(&file).unwrap().id, "id-test");
+    }
+
+    /// Bytes written to a terminal, readable while the terminal holds the writer.
+    #[derive(Clone, Default)]
+    struct Tape(std::rc::Rc<std::cell::RefCell<Vec<u8>>>);
+
+    impl std::io::Write for Tape {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.borrow_mut().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Tape {
+        /// What was written since the last call.
+        fn take(&self) -> String {
+            String::from_utf8_lossy(&std::mem::take(&mut *self.0.borrow_mut())).into_owned()
+        }
+    }
+
+    #[test]
+    fn kitty_pictures_follow_the_frames_and_overlays() {
+        use ratatui::backend::CrosstermBackend;
+        use ratatui::layout::Rect;
+        use ratatui::{Terminal, TerminalOptions, Viewport};
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("harbour.jpg"), b"jpg").unwrap();
+        let mut app = app_in(dir.path());
+        ready(&mut app);
+        let cmds = submit(&mut app, "/image harbour.jpg");
+        app.update(Msg::Probed {
+            id: probes(&cmds)[0],
+            result: Ok(info("harbour.jpg")),
+        });
+        app.graphics = Some(graphics::Graphics {
+            protocol: graphics::Protocol::Kitty,
+            cell: graphics::CellSize { w: 10, h: 20 },
+        });
+        let tape = Tape::default();
+        let mut t = Terminal::with_options(
+            CrosstermBackend::new(tape.clone()),
+            TerminalOptions {
+                viewport: Viewport::Fixed(Rect::new(0, 0, 90, 24)),
+            },
+        )
+        .unwrap();
+        let mut layer = Some(graphics::Layer::new(graphics::Protocol::Kitty));
+        draw(&mut t, &app, layer.as_mut()).unwrap();
+        let first = tape.take();
+        assert!(first.starts_with("\x1b[?2026h") && first.ends_with("\x1b[?2026l"));
+        assert!(first.contains("harbour.jpg"), "the cells are drawn");
+        assert!(!first.contains('▀'), "no half blocks under the image");
+        let transmit = first.find("\x1b_Ga=t,t=d,f=100,").expect("transmitted");
+        let place = first.find("\x1b_Ga=p,").expect("placed");
+        assert!(transmit < place && first.rfind("harbour.jpg").unwrap() < transmit);
+        // a frame with nothing new writes no graphics
+        draw(&mut t, &app, layer.as_mut()).unwrap();
+        assert!(!tape.take().contains("\x1b_G"));
+        // the help overlay: the placement is deleted (the image stays in the terminal)
+        key(&mut app, crossterm::event::KeyCode::F(1));
+        draw(&mut t, &app, layer.as_mut()).unwrap();
+        let help = tape.take();
+        assert!(help.contains("\x1b_Ga=d,d=i,"), "{help:?}");
+        assert!(!help.contains("a=p,") && !help.contains("a=t,"));
+        // closed: placed again, not transmitted again
+        key(&mut app, crossterm::event::KeyCode::Esc);
+        draw(&mut t, &app, layer.as_mut()).unwrap();
+        let back = tape.take();
+        assert!(back.contains("\x1b_Ga=p,") && !back.contains("a=t,"));
+        // F2 hides the preview: deleted again
+        key(&mut app, crossterm::event::KeyCode::F(2));
+        draw(&mut t, &app, layer.as_mut()).unwrap();
+        assert!(tape.take().contains("\x1b_Ga=d,d=i,"));
+        // leaving frees the image
+        layer.as_mut().unwrap().clear(t.backend_mut()).unwrap();
+        assert!(tape.take().contains("\x1b_Ga=d,d=I,"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Overlays drawn over the chat: the help (keys from the live key map, commands) and the list
 //! of saved sessions.
+use super::graphics::Protocol;
 use super::input::{COMMANDS, SET_KEYS};
 use super::keys::Action;
 use super::session;
@@ -62,6 +63,15 @@ impl App {
             format!("/set keys: {}.", SET_KEYS.join(", ")),
             "Paths typed, pasted or dropped into the prompt attach the file (quotes, \\ escapes and ~ work).".to_string(),
             "Pictures and grounding boxes show in the preview on the right.".to_string(),
+            format!(
+                "Pictures are drawn with {} (--graphics or graphics = in config.toml).",
+                match self.graphics.map(|g| g.protocol) {
+                    Some(Protocol::Kitty) => "kitty graphics",
+                    Some(Protocol::Sixel) => "sixel",
+                    Some(Protocol::Iterm2) => "iTerm2 inline images",
+                    None => "half blocks",
+                }
+            ),
         ] {
             lines.push(Line::styled(text, t.notice));
         }

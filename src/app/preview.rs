@@ -2,9 +2,12 @@
 //! lower one as background, so a cell holds two roughly square pixels. Grounding boxes are drawn
 //! into the pixels (one-pixel outlines) and labelled in the cells above them.
 //!
-//! Terminal graphics protocols (kitty, sixel, iTerm2) are left out: their images sit outside
-//! the cell grid, so overlays (help, labels) and tmux break them, and detecting them needs a
-//! terminal query racing the input thread. Half blocks work in every terminal and in tests.
+//! This is the fallback. Where the terminal speaks kitty's graphics protocol, sixel or iTerm2's
+//! inline images, the preview draws through `graphics` instead (the view reserves the cells,
+//! the images are written after each frame). Half blocks remain for every other terminal, for
+//! tmux (which does not pass images on), for `--graphics halfblocks`, and under an overlay:
+//! while the help or the session list is open the pictures are drawn here, in cells, so the
+//! popup covers them as it covers text.
 use super::grounding::{self, Grounding};
 use image::RgbImage;
 use ratatui::buffer::Buffer;

@@ -273,6 +273,67 @@ fn grounding_boxes_on_the_turns_picture() {
 }
 
 #[test]
+fn a_graphics_protocol_reserves_blank_cells_for_the_picture() {
+    use super::graphics::{CellSize, Graphics, Protocol};
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = grounded_app(dir.path());
+    app.graphics = Some(Graphics {
+        protocol: Protocol::Kitty,
+        cell: CellSize { w: 10, h: 20 },
+    });
+    let t = drawn(&app, 90, 24);
+    assert_snapshot!(t.backend().to_string());
+    let buf = t.backend().buffer();
+    assert!(!buf.content().iter().any(|c| c.symbol() == "▀"));
+    // the layer gets one picture, with the turn's boxes, over cells left blank
+    let pics = app.pictures(buf.area);
+    assert_eq!(pics.len(), 1);
+    assert_eq!(pics[0].groundings.len(), 2);
+    let r = pics[0].place.rect;
+    assert!(r.width >= 30 && r.height >= 5, "{r:?}");
+    for pos in r.positions() {
+        assert_eq!(buf[pos], ratatui::buffer::Cell::EMPTY, "{pos:?}");
+    }
+    // the legend and caption stay text
+    let text = t.backend().to_string();
+    assert!(text.contains("[1] a red boat") && text.contains("harbour.jpg"));
+    // the help overlay takes the picture away and half blocks show around the popup
+    submit(&mut app, "/help");
+    let t = drawn(&app, 200, 30);
+    assert!(app.pictures(t.backend().buffer().area).is_empty());
+    assert!(t
+        .backend()
+        .buffer()
+        .content()
+        .iter()
+        .any(|c| c.symbol() == "▀"));
+}
+
+#[test]
+fn sixel_pictures_fit_whole_bands_in_their_cells() {
+    use super::graphics::{CellSize, Graphics, Protocol};
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = grounded_app(dir.path());
+    let cell = CellSize { w: 7, h: 15 };
+    app.graphics = Some(Graphics {
+        protocol: Protocol::Sixel,
+        cell,
+    });
+    for (w, h) in [(90, 24), (61, 9), (200, 60)] {
+        let t = drawn(&app, w, h);
+        for p in app.pictures(t.backend().buffer().area) {
+            let r = p.place.rect;
+            assert_eq!(p.place.canvas.1 % 6, 0);
+            assert!(p.place.canvas.1 <= u32::from(r.height) * 15);
+            assert_eq!(p.place.canvas.0, u32::from(r.width) * 7);
+            for pos in r.positions() {
+                assert_eq!(t.backend().buffer()[pos].symbol(), " ");
+            }
+        }
+    }
+}
+
+#[test]
 fn video_frames_as_a_gallery() {
     let dir = tempfile::tempdir().unwrap();
     fs::write(dir.path().join("clip.mp4"), b"mp4").unwrap();

@@ -34,6 +34,8 @@ pub struct App {
     /// First transcript line shown; `None` follows the end.
     pub(super) scroll: Option<usize>,
     pub(super) show_preview: bool,
+    /// Pictures through a terminal graphics protocol; `None`: half blocks.
+    pub(super) graphics: Option<super::graphics::Graphics>,
     pub(super) flash: Option<Flash>,
     /// Ctrl+C was pressed once while idle.
     pub(super) quit_armed: bool,
@@ -210,6 +212,7 @@ impl App {
             mode: Mode::Chat,
             scroll: None,
             show_preview: true,
+            graphics: None,
             flash: None,
             quit_armed: false,
             ticks: 0,

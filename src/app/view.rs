@@ -1,6 +1,7 @@
 //! `impl Widget for &App`: the conversation, the picture preview, staged attachments, the
 //! prompt and the status line, with the help and session overlays on top. Degrades to the
 //! prompt and status line on tiny terminals; never indexes outside the area it is given.
+use super::graphics::{self, Graphics, Picture};
 use super::grounding::{self, Grounding};
 use super::keys::Action;
 use super::markdown;
@@ -569,13 +570,10 @@ impl App {
         Some(PreviewSource::Turn { number: n + 1, x })
     }
 
-    fn render_preview(&self, area: Rect, buf: &mut Buffer) {
-        let Some(source) = self.preview_source() else {
-            return;
-        };
-        let t = &self.settings.theme;
-        let block = Block::new().borders(Borders::LEFT).border_style(t.border);
-        let inner = block.inner(area);
+    /// Where the preview's title, captions, pictures and legend go inside `area`.
+    fn preview_layout(&self, area: Rect) -> Option<PreviewLayout<'_>> {
+        let source = self.preview_source()?;
+        let inner = preview_block(&self.settings.theme).inner(area);
         let (title, pictures, groundings) = match source {
             PreviewSource::Staged(staged) => (
                 " staged".to_string(),
@@ -595,17 +593,23 @@ impl App {
                 grounding::parse(&x.answer),
             ),
         };
-        block.render(area, buf);
+        let mut layout = PreviewLayout {
+            inner,
+            title,
+            legend_h: 0,
+            groundings,
+            captions: Vec::new(),
+            pictures: Vec::new(),
+        };
         if inner.height < 2 || inner.width < 2 {
-            return;
+            return Some(layout);
         }
-        buf.set_stringn(inner.x, inner.y, &title, usize::from(inner.width), t.accent);
-        let legend_h = (groundings.len().min(5) as u16).min(inner.height - 1);
+        layout.legend_h = (layout.groundings.len().min(5) as u16).min(inner.height - 1);
         let body = Rect::new(
             inner.x,
             inner.y + 1,
             inner.width,
-            (inner.height - 1).saturating_sub(legend_h),
+            (inner.height - 1).saturating_sub(layout.legend_h),
         );
         let shown = pictures.len().min(usize::from(body.height / 3).max(1));
         let mut y = body.y;
@@ -624,6 +628,54 @@ impl App {
             if k + 1 == shown && pictures.len() > shown {
                 caption.push_str(&format!("  (+{} more)", pictures.len() - shown));
             }
+            layout.captions.push((section, caption));
+            let pic_area = Rect::new(section.x, section.y + 1, section.width, section.height - 1);
+            // boxes belong to the first picture of the turn
+            layout.pictures.extend(
+                picture_cells(info, pic_area)
+                    .into_iter()
+                    .map(|(img, r, single)| (img, r, k == 0 && single)),
+            );
+        }
+        Some(layout)
+    }
+
+    /// The protocol pictures are drawn with now: none while an overlay covers the preview.
+    fn graphics_in_use(&self) -> Option<Graphics> {
+        self.graphics.filter(|_| self.mode == Mode::Chat)
+    }
+
+    /// The pictures the graphics layer is to draw over a frame of `area` (none with half
+    /// blocks).
+    pub fn pictures(&self, area: Rect) -> Vec<Picture<'_>> {
+        let Some(g) = self.graphics_in_use() else {
+            return Vec::new();
+        };
+        let Some(preview) = self.areas(area).preview else {
+            return Vec::new();
+        };
+        self.preview_layout(preview)
+            .map_or_else(Vec::new, |l| placed(&l, g))
+    }
+
+    fn render_preview(&self, area: Rect, buf: &mut Buffer) {
+        let Some(layout) = self.preview_layout(area) else {
+            return;
+        };
+        let t = &self.settings.theme;
+        preview_block(t).render(area, buf);
+        let inner = layout.inner;
+        if inner.height < 2 || inner.width < 2 {
+            return;
+        }
+        buf.set_stringn(
+            inner.x,
+            inner.y,
+            &layout.title,
+            usize::from(inner.width),
+            t.accent,
+        );
+        for (section, caption) in &layout.captions {
             buf.set_stringn(
                 section.x,
                 section.y,
@@ -631,12 +683,30 @@ impl App {
                 usize::from(section.width),
                 t.dim,
             );
-            let pic_area = Rect::new(section.x, section.y + 1, section.width, section.height - 1);
-            // boxes belong to the first picture of the turn
-            let boxes = if k == 0 { groundings.as_slice() } else { &[] };
-            draw_pictures(info, boxes, pic_area, buf);
         }
-        for (n, g) in groundings.iter().take(usize::from(legend_h)).enumerate() {
+        match self.graphics_in_use() {
+            // blank cells under the images, which are drawn after the frame
+            Some(g) => {
+                for p in placed(&layout, g) {
+                    for pos in p.place.rect.intersection(buf.area).positions() {
+                        buf[pos].reset();
+                    }
+                }
+            }
+            None => {
+                for &(img, r, boxes) in &layout.pictures {
+                    let groundings = if boxes { &layout.groundings[..] } else { &[] };
+                    preview::render(img, groundings, r, buf);
+                }
+            }
+        }
+        let legend_h = layout.legend_h;
+        for (n, g) in layout
+            .groundings
+            .iter()
+            .take(usize::from(legend_h))
+            .enumerate()
+        {
             let ly = inner.bottom() - legend_h + n as u16;
             let text = format!(
                 "[{}] {}",
@@ -656,10 +726,45 @@ enum PreviewSource<'a> {
     Turn { number: usize, x: &'a Exchange },
 }
 
-/// The picture of an attachment, or its video frames as a gallery.
-fn draw_pictures(info: &AttachmentInfo, groundings: &[Grounding], area: Rect, buf: &mut Buffer) {
+struct PreviewLayout<'a> {
+    inner: Rect,
+    title: String,
+    groundings: Vec<Grounding>,
+    legend_h: u16,
+    /// Each attachment's section and its caption (on the section's first row).
+    captions: Vec<(Rect, String)>,
+    /// Each picture, the cells it may use, and whether the turn's boxes go on it.
+    pictures: Vec<(&'a RgbImage, Rect, bool)>,
+}
+
+fn preview_block(t: &super::theme::Theme) -> Block<'static> {
+    Block::new().borders(Borders::LEFT).border_style(t.border)
+}
+
+/// The layout's pictures placed for graphics protocol `g`.
+fn placed<'a>(layout: &PreviewLayout<'a>, g: Graphics) -> Vec<Picture<'a>> {
+    layout
+        .pictures
+        .iter()
+        .filter_map(|&(image, r, boxes)| {
+            Some(Picture {
+                place: graphics::place(image.width(), image.height(), r, g)?,
+                image,
+                groundings: if boxes {
+                    layout.groundings.clone()
+                } else {
+                    Vec::new()
+                },
+            })
+        })
+        .collect()
+}
+
+/// The picture of an attachment in `area`, or its video frames as a gallery; true for a
+/// single picture (boxes are only drawn on one).
+fn picture_cells(info: &AttachmentInfo, area: Rect) -> Vec<(&RgbImage, Rect, bool)> {
     if area.is_empty() {
-        return;
+        return Vec::new();
     }
     let frames: Vec<&RgbImage> = if info.frames.is_empty() {
         info.preview.iter().collect()
@@ -667,25 +772,25 @@ fn draw_pictures(info: &AttachmentInfo, groundings: &[Grounding], area: Rect, bu
         info.frames.iter().collect()
     };
     if let [one] = frames.as_slice() {
-        preview::render(one, groundings, area, buf);
-        return;
+        return vec![(one, area, true)];
     }
     let aspect = frames
         .first()
         .map_or(1.0, |f| f64::from(f.width()) / f64::from(f.height().max(1)));
-    for (frame, cell) in frames
+    frames
         .iter()
         .zip(preview::gallery(frames.len(), aspect, area))
-    {
-        // a column and a row between frames
-        let inner = Rect::new(
-            cell.x,
-            cell.y,
-            cell.width.saturating_sub(u16::from(cell.width > 2)),
-            cell.height.saturating_sub(u16::from(cell.height > 2)),
-        );
-        preview::render(frame, &[], inner, buf);
-    }
+        .map(|(frame, cell)| {
+            // a column and a row between frames
+            let inner = Rect::new(
+                cell.x,
+                cell.y,
+                cell.width.saturating_sub(u16::from(cell.width > 2)),
+                cell.height.saturating_sub(u16::from(cell.height > 2)),
+            );
+            (*frame, inner, false)
+        })
+        .collect()
 }
 
 /// The probe's name for it, else its file name, after a picture or video mark.

@@ -137,7 +137,9 @@ fn thumbnail(img: &RgbImage, max_side: u32) -> RgbImage {
 
 /// Decodes an attachment (so an undecodable file is refused when staged) and computes its cost.
 pub fn probe(att: &Attachment, cfg: &TileConfig) -> Result<Probe, VisualError> {
-    let thumb_side = 192;
+    // big enough for a sharp picture through a terminal graphics protocol (a preview pane is
+    // up to 64 cells, ~600 px, wide); half blocks average it down
+    let thumb_side = 512;
     match att {
         Attachment::Image { path, max_tiles } => {
             let max = image_max_tiles(path, *max_tiles, cfg)?;

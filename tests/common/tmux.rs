@@ -12,15 +12,14 @@ pub struct Tmux {
 
 impl Tmux {
     pub fn start(name: &str, home: &Path, args: &[String]) -> Self {
+        Self::start_cmd(name, &chat_command(home, "", args))
+    }
+
+    /// Runs `cmd` (a shell command line) in a new detached 110x32 session.
+    pub fn start_cmd(name: &str, cmd: &str) -> Self {
         let _ = Command::new("tmux")
             .args(["kill-session", "-t", name])
             .output();
-        let bin = env!("CARGO_BIN_EXE_internvl-chat");
-        let cmd = format!(
-            "env XDG_DATA_HOME={h}/data XDG_CONFIG_HOME={h}/config XDG_STATE_HOME={h}/state {bin} {}",
-            args.join(" "),
-            h = home.display()
-        );
         let ok = Command::new("tmux")
             .args([
                 "new-session",
@@ -31,7 +30,7 @@ impl Tmux {
                 "110",
                 "-y",
                 "32",
-                &cmd,
+                cmd,
             ])
             .status()
             .expect("tmux is installed by scripts/setup.sh");
@@ -110,4 +109,15 @@ pub fn streamed(screen: &str) -> usize {
         .and_then(|s| s.split(" tokens").next())
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// The chat with its folders under `home` and `env` (`VAR=value ...`) in its environment.
+pub fn chat_command(home: &Path, env: &str, args: &[String]) -> String {
+    let bin = env!("CARGO_BIN_EXE_internvl-chat");
+    format!(
+        "env XDG_DATA_HOME={h}/data XDG_CONFIG_HOME={h}/config XDG_STATE_HOME={h}/state {env} \
+         {bin} {}",
+        args.join(" "),
+        h = home.display()
+    )
 }
