@@ -56,6 +56,7 @@ impl Linear {
             return Self::dense(p.get(w, &name, &[dout, din]), bias);
         }
         let full = w.get(&name, &[dout, din], Kind::Float, Device::Cpu);
+        w.release(&name);
         let (q, scale) = quantize_rows(&full, p.kind);
         Self {
             weight: q.to_device(p.dev),

@@ -216,6 +216,26 @@ impl Weights {
         }
     }
 
+    /// Gives the file pages behind `name` back to the kernel (MADV_DONTNEED) once the tensor
+    /// has been copied elsewhere (int8 weights), so that the mapped bf16 bytes no longer count
+    /// in the process's resident memory. The mapping is private and read-only: a later read of
+    /// those pages (a neighbouring tensor sharing a page) faults them in again from the file.
+    pub fn release(&self, name: &str) {
+        let Some(e) = self.entries.get(name) else {
+            return;
+        };
+        let map = &self.files[e.file].1;
+        // SAFETY: the map is a read-only private file mapping that is never written, so dropping
+        // its pages loses nothing; zero-copy tensors on the same pages read the file again.
+        let _ = unsafe {
+            map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                e.start,
+                e.end - e.start,
+            )
+        };
+    }
+
     /// Marks every key starting with `prefix` as accounted for without loading it.
     pub fn skip_prefix(&mut self, prefix: &str) {
         let keys: Vec<String> = self
