@@ -32,7 +32,7 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub video: Option<PathBuf>,
     /// Number of frames sampled from the video.
-    #[arg(long, default_value_t = 8, value_name = "N")]
+    #[arg(long, default_value_t = 8, value_name = "N", value_parser = tile_count())]
     pub segments: usize,
     /// Only sample the video between START and END seconds.
     #[arg(long, value_name = "START,END")]
@@ -41,8 +41,13 @@ pub struct Cli {
     #[arg(long, value_name = "NAME")]
     pub session: Option<String>,
     /// Tiles per video frame.
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = tile_count())]
     pub video_max_tiles: usize,
+}
+
+/// 1..=128: tiles of an image, frames of a video (see `preprocess::MAX_TILES_LIMIT`).
+fn tile_count() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..=crate::preprocess::MAX_TILES_LIMIT as u64)
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,7 +144,7 @@ pub struct GenArgs {
     #[arg(long, global = true)]
     pub system: Option<String>,
     /// Most tiles per image (default: config's max_dynamic_patch).
-    #[arg(long, global = true, value_name = "N")]
+    #[arg(long, global = true, value_name = "N", value_parser = tile_count())]
     pub max_tiles: Option<usize>,
     #[arg(long, global = true, value_name = "N")]
     pub max_new_tokens: Option<usize>,
