@@ -869,33 +869,12 @@ mod tests {
         );
     }
 
-    /// A file with one 16x16 MPEG-4 video stream and no packets.
-    fn write_video_without_frames(path: &Path) {
-        ffmpeg::init().unwrap();
-        let codec = ffmpeg::encoder::find(codec::Id::MPEG4).expect("FFmpeg has the MPEG-4 encoder");
-        let mut octx = format::output(&path).unwrap();
-        let mut enc = codec::context::Context::new_with_codec(codec)
-            .encoder()
-            .video()
-            .unwrap();
-        enc.set_width(16);
-        enc.set_height(16);
-        enc.set_format(format::Pixel::YUV420P);
-        enc.set_time_base((1, 25));
-        let enc = enc.open_as(codec).unwrap();
-        let mut st = octx.add_stream(codec).unwrap();
-        st.set_parameters(&enc);
-        st.set_avg_frame_rate((25, 1));
-        octx.write_header().unwrap();
-        octx.write_trailer().unwrap();
-    }
-
     #[test]
     fn a_video_stream_without_frames_and_an_empty_file_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         // AVI keeps the stream: decord would count zero frames and have nothing to decode
         let avi = dir.path().join("no-frames.avi");
-        write_video_without_frames(&avi);
+        crate::testutil::write_video_without_frames(&avi);
         let (input, _, decoder) = open_stream(&avi).unwrap();
         assert_eq!((decoder.width(), decoder.height()), (16, 16));
         drop(input);
@@ -907,7 +886,7 @@ mod tests {
         );
         // Matroska: FFmpeg reaches the end of the file while probing the stream
         let mkv = dir.path().join("no-frames.mkv");
-        write_video_without_frames(&mkv);
+        crate::testutil::write_video_without_frames(&mkv);
         assert_eq!(
             probe(&mkv).unwrap_err().to_string(),
             format!(
@@ -917,7 +896,7 @@ mod tests {
         );
         // MP4: the demuxer drops a track without samples
         let mp4 = dir.path().join("no-frames.mp4");
-        write_video_without_frames(&mp4);
+        crate::testutil::write_video_without_frames(&mp4);
         assert!(matches!(probe(&mp4), Err(VideoError::NoVideoStream { .. })));
         let empty = dir.path().join("empty.mp4");
         std::fs::write(&empty, b"").unwrap();
