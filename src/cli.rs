@@ -165,4 +165,8 @@ pub struct GenArgs {
     /// Greedy decoding (do_sample=False), as the reference goldens.
     #[arg(long, global = true)]
     pub greedy: bool,
+    /// When a prompt would not fit the context window, leave out the oldest whole turns of
+    /// the history (chat, batch `history`) instead of refusing it.
+    #[arg(long, global = true)]
+    pub truncate_history: bool,
 }

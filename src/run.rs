@@ -2,7 +2,7 @@
 use crate::batch;
 use crate::cli::{BenchArgs, Cli, Command, DType, GenArgs, ModelArgs, PlanArgs};
 use crate::device_map::{self, Target};
-use crate::engine::chat::{ChatInput, Engine};
+use crate::engine::chat::{ChatInput, Engine, Fit};
 use crate::engine::generate::Flow;
 use crate::engine::protocol::Attachment;
 use crate::model::config::InternVLConfig;
@@ -248,6 +248,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 &params,
                 cli.gen.system.as_deref(),
                 b.batch_size,
+                cli.gen.truncate_history,
             )?;
             output.flush()?;
             Ok(if failed > 0 {
@@ -349,6 +350,7 @@ fn tui(cli: &Cli) -> Result<ExitCode> {
         max_tiles: g.max_tiles,
         sampling: sampling_overrides(g),
         combine_images: cli.combine_images,
+        truncate_history: g.truncate_history,
     };
     options.attachments = attachments;
     options.resume = cli.session.clone();
@@ -374,13 +376,18 @@ fn one_shot(cli: &Cli, prompt: &str) -> Result<ExitCode> {
     if let Some(t) = cli.gen.max_tiles {
         engine.tiles.max_tiles = t as u32;
     }
-    let prepared = engine.prepare(&ChatInput {
+    let input = ChatInput {
         system: cli.gen.system.as_deref(),
         history: &[],
         question: prompt,
         attachments: &attachments,
         combine_images: cli.combine_images,
-    })?;
+    };
+    let fit = Fit {
+        max_new_tokens: params.max_new_tokens,
+        truncate_history: cli.gen.truncate_history,
+    };
+    let prepared = engine.prepare_to_fit(&input, fit)?;
     let mut stream = engine.answer_stream();
     let mut out = std::io::stdout().lock();
     let mut sink = |text: Option<String>| -> std::io::Result<()> {

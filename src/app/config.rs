@@ -10,6 +10,7 @@
 //! video_max_tiles = 1
 //! mouse = true              # wheel scrolling (hold Shift to select text)
 //! system = "You are a careful assistant."
+//! truncate_history = false  # when the context is full, leave out the oldest turns
 //!
 //! [sampling]
 //! temperature = 0.7         # 0 = greedy
@@ -42,6 +43,9 @@ pub struct Settings {
     pub combine_images: bool,
     /// `None`: the template's system message.
     pub system: Option<String>,
+    /// When a prompt would not fit the context window, leave out the oldest turns instead of
+    /// refusing it.
+    pub truncate_history: bool,
     pub theme: Theme,
     pub mouse: bool,
     pub keys: KeyMap,
@@ -56,6 +60,7 @@ impl Default for Settings {
             video_max_tiles: 1,
             combine_images: false,
             system: None,
+            truncate_history: false,
             theme: Theme::default(),
             mouse: true,
             keys: KeyMap::default(),
@@ -71,6 +76,7 @@ pub struct Overrides {
     /// Sampling flags, applied as the one-shot and batch modes apply them.
     pub sampling: crate::sampling::Overrides,
     pub combine_images: bool,
+    pub truncate_history: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +105,7 @@ struct File {
     video_segments: Option<Spanned<usize>>,
     video_max_tiles: Option<Spanned<usize>>,
     system: Option<String>,
+    truncate_history: Option<bool>,
     mouse: Option<bool>,
     sampling: Option<Spanned<Sampling>>,
     #[serde(default)]
@@ -181,6 +188,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Settings, ConfigError> {
     }
     s.combine_images = file.combine_images.unwrap_or(s.combine_images);
     s.system = file.system;
+    s.truncate_history = file.truncate_history.unwrap_or(s.truncate_history);
     s.mouse = file.mouse.unwrap_or(s.mouse);
     if let Some(sampling) = file.sampling {
         let span = sampling.span();
@@ -231,6 +239,7 @@ impl Settings {
         self.max_tiles = o.max_tiles.or(self.max_tiles);
         self.system = o.system.clone().or(self.system.take());
         self.combine_images |= o.combine_images;
+        self.truncate_history |= o.truncate_history;
         Ok(())
     }
 }
@@ -257,13 +266,13 @@ mod tests {
     fn full_file_sets_everything() {
         let s = parse_str(
             "theme = \"light\"\nmax_tiles = 6\ncombine_images = true\nvideo_segments = 4\n\
-             system = \"be brief\"\nmouse = false\n[sampling]\ntemperature = 0\nseed = 7\n\
+             system = \"be brief\"\nmouse = false\ntruncate_history = true\n[sampling]\ntemperature = 0\nseed = 7\n\
              [keys]\nsend = \"ctrl+s\"\nnewline = [\"enter\"]\n",
         )
         .unwrap();
         assert_eq!(s.theme.name, "light");
         assert_eq!(s.max_tiles, Some(6));
-        assert!(s.combine_images && !s.mouse);
+        assert!(s.combine_images && !s.mouse && s.truncate_history);
         assert_eq!(s.video_segments, 4);
         assert_eq!(s.system.as_deref(), Some("be brief"));
         assert!(s.params.is_greedy());

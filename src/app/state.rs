@@ -104,6 +104,8 @@ pub struct Exchange {
     pub pieces: usize,
     /// Added to the seed: each /retry draws a new sample.
     pub seed_offset: u64,
+    /// Oldest turns the engine left out of this prompt to fit the context window.
+    pub dropped_turns: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]

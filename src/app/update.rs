@@ -373,6 +373,7 @@ impl App {
             attachments: attachments.clone(),
             combine_images: self.settings.combine_images,
             params,
+            truncate_history: self.settings.truncate_history,
         };
         let entry = self.push_entry(EntryKind::Exchange(Exchange {
             typed,
@@ -385,6 +386,7 @@ impl App {
             stats: None,
             pieces: 0,
             seed_offset,
+            dropped_turns: 0,
         }));
         self.gen = Some(Generation {
             id,
@@ -597,10 +599,12 @@ impl App {
                 id,
                 question,
                 prompt_tokens,
+                dropped_turns,
             } if current(id) => {
                 if let Some(x) = self.generating() {
                     x.question = Some(question);
                     x.prompt_tokens = Some(prompt_tokens);
+                    x.dropped_turns = dropped_turns;
                     x.status = Status::Streaming;
                 }
                 // the worker clears the flag when a request starts: a stop asked for
@@ -802,6 +806,7 @@ mod tests {
                 id,
                 question: "hi".into(),
                 prompt_tokens: 20,
+                dropped_turns: 0,
             },
         );
         assert_eq!(last(&app).status, Status::Streaming);
@@ -916,6 +921,7 @@ mod tests {
             id,
             question: "queued while loading".into(),
             prompt_tokens: 9,
+            dropped_turns: 0,
         };
         assert_eq!(engine(&mut app, started), vec![Command::Cancel]);
     }

@@ -58,6 +58,10 @@ pub struct GenerateRequest {
     /// Several images as one `<image>` (tiles concatenated) instead of `Image-1: <image>` lines.
     pub combine_images: bool,
     pub params: SamplingParams,
+    /// When the prompt would not fit the context window, leave out the oldest turns instead of
+    /// refusing it.
+    #[serde(default)]
+    pub truncate_history: bool,
 }
 
 pub enum EngineCmd {
@@ -111,6 +115,8 @@ pub enum EngineEvent {
         id: RequestId,
         question: String,
         prompt_tokens: usize,
+        /// Oldest turns left out of the prompt to fit the context window.
+        dropped_turns: usize,
     },
     /// Newly decoded text (never a partial UTF-8 character).
     Token {

@@ -1,6 +1,6 @@
 //! The thread that owns the model. Commands in, events out; a failure inside a request (an
 //! error or a panic in libtorch) becomes an `Error` event and the next request still works.
-use super::chat::{ChatInput, Engine};
+use super::chat::{ChatInput, Engine, Fit};
 use super::generate::Flow;
 use super::protocol::{DoneStats, EngineCmd, EngineEvent, GenerateRequest, ModelInfo};
 use super::EngineHandle;
@@ -119,19 +119,25 @@ fn serve(
     cancel: &AtomicBool,
 ) -> Result<(), String> {
     let t0 = Instant::now();
+    let input = ChatInput {
+        system: req.system.as_deref(),
+        history: &req.history,
+        question: &req.question,
+        attachments: &req.attachments,
+        combine_images: req.combine_images,
+    };
+    let fit = Fit {
+        max_new_tokens: req.params.max_new_tokens,
+        truncate_history: req.truncate_history,
+    };
     let prepared = engine
-        .prepare(&ChatInput {
-            system: req.system.as_deref(),
-            history: &req.history,
-            question: &req.question,
-            attachments: &req.attachments,
-            combine_images: req.combine_images,
-        })
+        .prepare_to_fit(&input, fit)
         .map_err(|e| e.to_string())?;
     let _ = tx.send(EngineEvent::Started {
         id: req.id,
         question: prepared.question.clone(),
         prompt_tokens: prepared.prompt_tokens(),
+        dropped_turns: prepared.dropped_turns,
     });
     let mut first_token = None;
     let mut stream = engine.answer_stream();

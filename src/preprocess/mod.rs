@@ -143,6 +143,42 @@ pub fn load_visual(att: &Attachment, cfg: &TileConfig) -> Result<Visual, VisualE
     }
 }
 
+/// Tiles sent for one picture whose grid is chosen among at most `max` tiles.
+fn tiles_for(width: u32, height: u32, cfg: &TileConfig, max: u32) -> ((u32, u32), usize) {
+    let grid = image::find_grid(width, height, cfg.min_tiles.min(max), max, cfg.image_size);
+    let n = (grid.0 * grid.1) as usize;
+    (grid, if n > 1 && cfg.use_thumbnail { n + 1 } else { n })
+}
+
+/// The tiles of each placeholder `att` fills, as [`load_visual`] gives them, without resizing
+/// anything: an image is decoded for its size; a video's frames are counted from its packet
+/// index and tiled by its frame size.
+pub fn placeholder_tiles(att: &Attachment, cfg: &TileConfig) -> Result<Vec<usize>, VisualError> {
+    match att {
+        Attachment::Image { path, max_tiles } => {
+            let max = image_max_tiles(path, *max_tiles, cfg)?;
+            let img = image::load_rgb(path)?;
+            Ok(vec![tiles_for(img.width(), img.height(), cfg, max).1])
+        }
+        Attachment::Video {
+            path,
+            segments,
+            bound,
+            max_tiles,
+        } => {
+            if *max_tiles == 0 {
+                return Err(VisualError::ZeroTiles { path: path.clone() });
+            }
+            check_limit(path, "max tiles", *max_tiles)?;
+            check_limit(path, "segments", *segments)?;
+            let meta = video::probe(path)?;
+            let frames = video::sample_indices(path, &meta, *bound, *segments)?.len();
+            let per_frame = tiles_for(meta.width, meta.height, cfg, *max_tiles as u32).1;
+            Ok(vec![per_frame; frames])
+        }
+    }
+}
+
 /// What staging an attachment shows before anything is sent: its tile grid and token cost,
 /// and small pictures (the image, or the sampled video frames).
 #[derive(Debug)]
@@ -171,10 +207,7 @@ pub fn probe(att: &Attachment, cfg: &TileConfig) -> Result<Probe, VisualError> {
         Attachment::Image { path, max_tiles } => {
             let max = image_max_tiles(path, *max_tiles, cfg)?;
             let img = image::load_rgb(path)?;
-            let (w, h) = img.dimensions();
-            let grid = image::find_grid(w, h, cfg.min_tiles.min(max), max, cfg.image_size);
-            let n = (grid.0 * grid.1) as usize;
-            let tiles = if n > 1 && cfg.use_thumbnail { n + 1 } else { n };
+            let (grid, tiles) = tiles_for(img.width(), img.height(), cfg, max);
             Ok(Probe {
                 grid,
                 tiles,
@@ -214,6 +247,37 @@ mod tests {
             max_tiles: 12,
             use_thumbnail: true,
             tokens_per_tile: 256,
+        }
+    }
+
+    #[test]
+    fn placeholder_tiles_are_the_tiles_load_visual_makes() {
+        let mut atts: Vec<Attachment> = ["alpaca.png", "benchmark.png", "image1.jpg", "image3.jpg"]
+            .iter()
+            .flat_map(|i| {
+                [None, Some(1), Some(6)].map(|max_tiles| Attachment::Image {
+                    path: fixture(&format!("media/images/{i}")),
+                    max_tiles,
+                })
+            })
+            .collect();
+        for (v, segments, bound, max_tiles) in [
+            ("video_90.mov", 4, None, 1),
+            ("video_90.mov", 2, None, 3),
+            ("flipping_a_pancake.mkv", 8, Some((1.0, 3.0)), 2),
+            ("unordered.mov", 3, None, 1),
+        ] {
+            atts.push(Attachment::Video {
+                path: fixture(&format!("media/videos/{v}")),
+                segments,
+                bound,
+                max_tiles,
+            });
+        }
+        for a in &atts {
+            let v = load_visual(a, &cfg()).unwrap();
+            let want: Vec<usize> = v.placeholders.iter().map(Vec::len).collect();
+            assert_eq!(placeholder_tiles(a, &cfg()).unwrap(), want, "{a:?}");
         }
     }
 
