@@ -115,7 +115,7 @@ impl Shell {
             name: name.into(),
             home: home.into(),
         };
-        s.wait("the shell prompt", 20, |s| s.contains(PROMPT));
+        s.wait("the shell prompt", 20, |s| s.contains(PROMPT.trim_end()));
         s
     }
 
@@ -157,8 +157,11 @@ impl Shell {
     /// Pastes `text` through a tmux buffer, bracketed as a terminal pastes.
     pub fn paste(&self, text: &str) {
         let buf = format!("{}-buf", self.name);
+        // through a file: tmux refuses long command lines
+        let file = self.home.join(format!("{buf}.txt"));
+        std::fs::write(&file, text).unwrap();
         assert!(Command::new("tmux")
-            .args(["set-buffer", "-b", &buf, "--", text])
+            .args(["load-buffer", "-b", &buf, file.to_str().unwrap()])
             .status()
             .unwrap()
             .success());
