@@ -454,6 +454,9 @@ fn read_packet(
     packet: &mut Packet,
 ) -> Result<bool, ffmpeg::Error> {
     loop {
+        // `Packet::read` is a bare av_read_frame, which overwrites the packet without releasing
+        // the buffer it holds: drop the previous one first, or every packet of the file leaks
+        *packet = Packet::empty();
         match packet.read(input) {
             Ok(()) => return Ok(true),
             Err(ffmpeg::Error::Eof) => return Ok(false),
