@@ -101,7 +101,7 @@ pub fn load_options(args: &ModelArgs, dir: &std::path::Path) -> Result<LoadOptio
 }
 
 /// Refuses, before anything is allocated, a model whose weights and KV cache (8192 positions)
-/// do not fit the CPU's available memory. (GPU memory is not queried.)
+/// do not fit the memory available to the CPU and to each GPU (see `plan::gpu_memory`).
 fn check_fits(dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
     let cfg = InternVLConfig::load(dir)?;
     let target = |d: Device| match d {
@@ -120,7 +120,7 @@ fn check_fits(dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
     let ram = crate::plan::available_ram();
     plan.check(&|t| match t {
         Target::Cpu => ram,
-        Target::Gpu(_) => None,
+        Target::Gpu(i) => crate::plan::gpu_memory(i),
     })
     .map_err(|e| anyhow::anyhow!("{}: {e} (see `internvl-chat plan`)", dir.display()))
 }
@@ -152,7 +152,7 @@ fn plan(args: &ModelArgs, p: &PlanArgs) -> Result<ExitCode> {
     let ram = crate::plan::available_ram();
     let fits = plan.check(&|t| match t {
         Target::Cpu => ram,
-        Target::Gpu(_) => gpu_mem,
+        Target::Gpu(i) => gpu_mem.or_else(|| crate::plan::gpu_memory(i)),
     });
     if p.json {
         let mut j = plan.json(map.to_json(cfg.llm_arch()));
