@@ -204,3 +204,47 @@ fn batch_truncates_history_only_when_asked() {
     refused(&r[2]);
     assert_eq!(r[0]["dropped_turns"], r[1]["dropped_turns"]);
 }
+
+/// Fitting a history remembers how many tiles each attachment gives, but not past a change of
+/// the file.
+#[test]
+fn a_picture_replaced_on_disk_is_read_again() {
+    let m = model_with_context("tiny-qwen2", 1024);
+    let mut e = engine(m.path());
+    let d = tempdir("replaced");
+    let pic = d.path().join("pic.png");
+    let save = |w: u32, h: u32| {
+        image::RgbImage::from_fn(w, h, |x, _| image::Rgb([x as u8, 9, 9]))
+            .save(&pic)
+            .unwrap()
+    };
+    save(40, 40);
+    let history: Vec<Turn> = (0..3)
+        .map(|i| Turn {
+            question: format!("<image>\nPicture {i}?"),
+            attachments: vec![Attachment::Image {
+                path: pic.clone(),
+                max_tiles: Some(2),
+            }],
+            answer: "A picture.".into(),
+        })
+        .collect();
+    let input = ChatInput {
+        system: None,
+        history: &history,
+        question: "Again?",
+        attachments: &[],
+        combine_images: false,
+    };
+    let fit = Fit {
+        max_new_tokens: 8,
+        truncate_history: true,
+    };
+    // square: one tile each, everything fits
+    let p = e.prepare_to_fit(&input, fit).unwrap();
+    assert_eq!((p.dropped_turns, p.num_patches.clone()), (0, vec![1, 1, 1]));
+    // wide: two tiles and a thumbnail each, 768 tokens a turn: only one turn fits
+    save(400, 100);
+    let p = e.prepare_to_fit(&input, fit).unwrap();
+    assert_eq!((p.dropped_turns, p.num_patches.clone()), (2, vec![3]));
+}

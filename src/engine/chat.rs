@@ -11,6 +11,8 @@ use crate::prompt::template::{get_template, Template};
 use crate::prompt::tokenizer::Tokenizer;
 use crate::prompt::PromptError;
 use crate::sampling::{Sampler, SamplingParams};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::Tensor;
@@ -101,7 +103,14 @@ pub struct Engine {
     /// Conversation state: the ids the KV cache holds.
     cached_ids: Vec<i64>,
     cache: KvCache,
+    /// Tile counts of attachments already read, so that fitting a long history into the
+    /// context does not decode every old picture again on every request. Keyed by the
+    /// attachment, the tile limit and the file's size and modification time.
+    tile_counts: RefCell<HashMap<String, Vec<usize>>>,
 }
+
+/// Entries of [`Engine::tile_counts`] kept at most (a few bytes each).
+const TILE_COUNTS_KEPT: usize = 4096;
 
 impl Engine {
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self, ChatError> {
@@ -145,6 +154,7 @@ impl Engine {
             tiles,
             cached_ids: Vec::new(),
             cache,
+            tile_counts: RefCell::default(),
         })
     }
 
@@ -220,7 +230,7 @@ impl Engine {
                     .map(|a| {
                         Ok(Media {
                             video: matches!(a, Attachment::Video { .. }),
-                            tiles: preprocess::placeholder_tiles(a, &self.tiles)?,
+                            tiles: self.placeholder_tiles(a)?,
                         })
                     })
                     .collect::<Result<Vec<_>, VisualError>>()
@@ -292,6 +302,29 @@ impl Engine {
             return Err(too_long(p.ids.len()));
         }
         Ok(p)
+    }
+
+    /// [`preprocess::placeholder_tiles`], remembered while the file stays the same.
+    fn placeholder_tiles(&self, a: &Attachment) -> Result<Vec<usize>, VisualError> {
+        let key = std::fs::metadata(a.path()).ok().map(|m| {
+            let modified = m.modified().ok();
+            format!("{a:?} {} {} {modified:?}", self.tiles.max_tiles, m.len())
+        });
+        if let Some(hit) = key
+            .as_ref()
+            .and_then(|k| self.tile_counts.borrow().get(k).cloned())
+        {
+            return Ok(hit);
+        }
+        let tiles = preprocess::placeholder_tiles(a, &self.tiles)?;
+        if let Some(k) = key {
+            let mut counts = self.tile_counts.borrow_mut();
+            if counts.len() >= TILE_COUNTS_KEPT {
+                counts.clear();
+            }
+            counts.insert(k, tiles.clone());
+        }
+        Ok(tiles)
     }
 
     fn system_of(&self, input: &ChatInput) -> String {
