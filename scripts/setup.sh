@@ -2,6 +2,7 @@
 # One-time (idempotent) set-up of everything the build needs on a fresh Debian machine:
 #   - Debian packages for ffmpeg-next (libav*-dev, pkg-config, clang/libclang-dev)
 #   - a project-local virtualenv (.venv) with torch==2.13.0 from PyPI, whose libtorch tch links against
+#   - cargo-fuzz, for the bounded fuzzing of the test command
 # Every step is skipped when already done, so the run and test commands can call it each time.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,4 +32,11 @@ if ! "$venv/bin/python" -c "import torch,sys; sys.exit(0 if torch.__version__.sp
   log "creating $venv with torch==$torch_version (libtorch for tch)"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check "torch==$torch_version"
+fi
+
+# --- cargo-fuzz (scripts/fuzz.sh, run by ./dev test) --------------------------------------------
+fuzz_version=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -qx "cargo-fuzz $fuzz_version"; then
+  log "installing cargo-fuzz $fuzz_version"
+  cargo install --quiet --locked --version "$fuzz_version" cargo-fuzz
 fi
