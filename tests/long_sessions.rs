@@ -210,7 +210,7 @@ fn batch_truncates_history_only_when_asked() {
 #[test]
 fn a_picture_replaced_on_disk_is_read_again() {
     let m = model_with_context("tiny-qwen2", 1024);
-    let mut e = engine(m.path());
+    let e = engine(m.path());
     let d = tempdir("replaced");
     let pic = d.path().join("pic.png");
     let save = |w: u32, h: u32| {

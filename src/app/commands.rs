@@ -319,7 +319,7 @@ impl App {
         for ex in s.exchanges {
             let n = ex.turn.attachments.len();
             let attachments = ex.turn.attachments;
-            let entry = self.push_entry(EntryKind::Exchange(Exchange {
+            let entry = self.push_entry(EntryKind::Exchange(Box::new(Exchange {
                 typed: ex.typed,
                 question: Some(ex.turn.question),
                 attachments: attachments.clone(),
@@ -331,7 +331,7 @@ impl App {
                 pieces: 0,
                 seed_offset: 0,
                 dropped_turns: 0,
-            }));
+            })));
             for (index, attachment) in attachments.into_iter().enumerate() {
                 let id = self.fresh_id();
                 self.probes.insert(id, ProbeTarget::Entry { entry, index });

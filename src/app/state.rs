@@ -83,8 +83,12 @@ pub struct Entry {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum EntryKind {
-    Exchange(Exchange),
-    Notice { text: String, error: bool },
+    /// Boxed: an exchange is ten times the size of a notice.
+    Exchange(Box<Exchange>),
+    Notice {
+        text: String,
+        error: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -262,14 +266,14 @@ impl App {
             .iter_mut()
             .find(|e| e.id == id)
             .and_then(|e| match &mut e.kind {
-                EntryKind::Exchange(x) => Some(x),
+                EntryKind::Exchange(x) => Some(&mut **x),
                 EntryKind::Notice { .. } => None,
             })
     }
 
     pub(super) fn exchanges(&self) -> impl DoubleEndedIterator<Item = (EntryId, &Exchange)> {
         self.entries.iter().filter_map(|e| match &e.kind {
-            EntryKind::Exchange(x) => Some((e.id, x)),
+            EntryKind::Exchange(x) => Some((e.id, &**x)),
             EntryKind::Notice { .. } => None,
         })
     }

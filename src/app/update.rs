@@ -392,7 +392,7 @@ impl App {
             params,
             truncate_history: self.settings.truncate_history,
         };
-        let entry = self.push_entry(EntryKind::Exchange(Exchange {
+        let entry = self.push_entry(EntryKind::Exchange(Box::new(Exchange {
             typed,
             question: None,
             attachments,
@@ -404,7 +404,7 @@ impl App {
             pieces: 0,
             seed_offset,
             dropped_turns: 0,
-        }));
+        })));
         self.gen = Some(Generation {
             id,
             entry,
