@@ -3,6 +3,7 @@
 #   - Debian packages for ffmpeg-next (libav*-dev, pkg-config, clang/libclang-dev)
 #   - a project-local virtualenv (.venv) with torch==2.13.0 from PyPI, whose libtorch tch links against
 #   - the official `openai` Python client in .venv, which the server tests drive `serve` with
+#   - cargo-fuzz, for the bounded fuzzing of the test command
 # Every step is skipped when already done, so the run and test commands can call it each time.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,4 +40,11 @@ openai_version=1.109.1
 if ! "$venv/bin/python" -c "import openai,sys; sys.exit(0 if openai.__version__=='$openai_version' else 1)" 2>/dev/null; then
   log "installing openai==$openai_version into $venv (client for the serve tests)"
   "$venv/bin/pip" install -q --disable-pip-version-check "openai==$openai_version"
+fi
+
+# --- cargo-fuzz (scripts/fuzz.sh, run by ./dev test) --------------------------------------------
+fuzz_version=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -qx "cargo-fuzz $fuzz_version"; then
+  log "installing cargo-fuzz $fuzz_version"
+  cargo install --quiet --locked --version "$fuzz_version" cargo-fuzz
 fi

@@ -1,6 +1,6 @@
 //! JSONL batches: one request per line in, one result per line out, in the same order.
 //! A bad line gives `{"id": ..., "error": "..."}` and the batch goes on.
-use crate::engine::chat::{ChatInput, ChatOutput, Engine, Prepared};
+use crate::engine::chat::{ChatInput, ChatOutput, Engine, Fit, Prepared};
 use crate::engine::generate::Flow;
 use crate::engine::protocol::{Attachment, Turn};
 use crate::sampling::{Overrides, SamplingParams};
@@ -63,6 +63,10 @@ pub struct Request {
     pub combine_images: bool,
     #[serde(default)]
     pub video: Option<VideoSpec>,
+    /// Leave out the oldest `history` turns when the prompt would not fit (default: the
+    /// command line's `--truncate-history`).
+    #[serde(default)]
+    pub truncate_history: Option<bool>,
 }
 
 impl Request {
@@ -133,12 +137,13 @@ pub fn parse_line(line: &str) -> Result<Request, (Value, String)> {
     })
 }
 
-fn result_json(id: &Value, out: &ChatOutput, elapsed: f64) -> Value {
+fn result_json(id: &Value, out: &ChatOutput, dropped_turns: usize, elapsed: f64) -> Value {
     json!({
         "id": id,
         "response": out.answer,
         "generated_ids": out.tokens,
         "prompt_tokens": out.prompt_tokens,
+        "dropped_turns": dropped_turns,
         "completion_tokens": out.tokens.len(),
         "finish_reason": out.finish,
         "timings": {
@@ -182,9 +187,13 @@ fn flush(
         }
     };
     let elapsed = t0.elapsed().as_secs_f64();
-    for ((id, _, _), r) in batch.iter().zip(results) {
+    for ((id, p, _), r) in batch.iter().zip(results) {
         match r {
-            Ok(out) => emit(result_json(id, &out, elapsed), output, true)?,
+            Ok(out) => emit(
+                result_json(id, &out, p.dropped_turns, elapsed),
+                output,
+                true,
+            )?,
             Err(e) => emit(error_json(id, &e), output, false)?,
         }
     }
@@ -200,6 +209,7 @@ pub fn run_batch(
     base: &SamplingParams,
     system: Option<&str>,
     batch_size: usize,
+    truncate_history: bool,
 ) -> anyhow::Result<(usize, usize)> {
     let batch_size = batch_size.max(1);
     let (mut ok, mut failed) = (0usize, 0usize);
@@ -258,13 +268,18 @@ pub fn run_batch(
             };
             let history = req.history();
             let attachments = req.attachments();
-            let prepared = engine.prepare(&ChatInput {
+            let input = ChatInput {
                 system: req.system.as_deref().or(system),
                 history: &history,
                 question: &req.question,
                 attachments: &attachments,
                 combine_images: req.combine_images,
-            });
+            };
+            let fit = Fit {
+                max_new_tokens: params.max_new_tokens,
+                truncate_history: req.truncate_history.unwrap_or(truncate_history),
+            };
+            let prepared = engine.prepare_to_fit(&input, fit);
             match prepared {
                 Ok(p) => {
                     pending.push((req.id.clone(), p, params));

@@ -32,7 +32,7 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub video: Option<PathBuf>,
     /// Number of frames sampled from the video.
-    #[arg(long, default_value_t = 8, value_name = "N")]
+    #[arg(long, default_value_t = 8, value_name = "N", value_parser = tile_count())]
     pub segments: usize,
     /// Only sample the video between START and END seconds.
     #[arg(long, value_name = "START,END")]
@@ -45,7 +45,7 @@ pub struct Cli {
     #[arg(long, value_enum, value_name = "HOW")]
     pub graphics: Option<Graphics>,
     /// Tiles per video frame.
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = tile_count())]
     pub video_max_tiles: usize,
     /// Ask an OpenAI-compatible server (`internvl-chat serve`, LMDeploy, vLLM) instead of
     /// loading a model: http://HOST:PORT.
@@ -62,6 +62,11 @@ pub struct Cli {
     /// The model to ask on --remote (default: the first the server lists).
     #[arg(long, value_name = "NAME", requires = "remote")]
     pub remote_model: Option<String>,
+}
+
+/// 1..=128: tiles of an image, frames of a video (see `preprocess::MAX_TILES_LIMIT`).
+fn tile_count() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..=crate::preprocess::MAX_TILES_LIMIT as u64)
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,7 +224,7 @@ pub struct GenArgs {
     #[arg(long, global = true)]
     pub system: Option<String>,
     /// Most tiles per image (default: config's max_dynamic_patch).
-    #[arg(long, global = true, value_name = "N")]
+    #[arg(long, global = true, value_name = "N", value_parser = tile_count())]
     pub max_tiles: Option<usize>,
     #[arg(long, global = true, value_name = "N")]
     pub max_new_tokens: Option<usize>,
@@ -240,4 +245,8 @@ pub struct GenArgs {
     /// Greedy decoding (do_sample=False), as the reference goldens.
     #[arg(long, global = true)]
     pub greedy: bool,
+    /// When a prompt would not fit the context window, leave out the oldest whole turns of
+    /// the history (chat, batch `history`) instead of refusing it.
+    #[arg(long, global = true)]
+    pub truncate_history: bool,
 }

@@ -204,6 +204,83 @@ pub fn available_ram() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Memory the model may use on CUDA device `i`, in bytes: `$INTERNVL_GPU_MEMORY_GIB` when set
+/// (one figure for every GPU, or one per GPU separated by commas), else the free memory the
+/// CUDA driver reports; `None` when unknown (then nothing is checked).
+pub fn gpu_memory(i: usize) -> Option<u64> {
+    match std::env::var("INTERNVL_GPU_MEMORY_GIB") {
+        Ok(spec) => gpu_memory_from(&spec, i),
+        Err(_) => cuda::free_memory(i),
+    }
+}
+
+/// GPU `i`'s figure of an `INTERNVL_GPU_MEMORY_GIB` value, in bytes.
+fn gpu_memory_from(spec: &str, i: usize) -> Option<u64> {
+    let figures: Vec<&str> = spec.split(',').map(str::trim).collect();
+    let figure = if figures.len() == 1 {
+        figures[0]
+    } else {
+        figures.get(i)?
+    };
+    let gib: f64 = figure
+        .parse()
+        .ok()
+        .filter(|g: &f64| g.is_finite() && *g >= 0.0)?;
+    Some((gib * (1u64 << 30) as f64) as u64)
+}
+
+/// The CUDA driver API, opened at run time.
+mod cuda {
+    use libloading::{Library, Symbol};
+    use std::ffi::c_void;
+
+    type CuResult = i32;
+
+    /// Free memory of device `ordinal` as `cuMemGetInfo` reports it in the device's primary
+    /// context (the one libtorch uses); `None` without a driver or on any error.
+    pub fn free_memory(ordinal: usize) -> Option<u64> {
+        let ordinal = i32::try_from(ordinal).ok()?;
+        // SAFETY: the symbols are the CUDA driver API's, called with the signatures of cuda.h
+        // (CUdevice is an int, CUcontext a pointer, sizes are size_t); the library outlives them.
+        unsafe {
+            let lib = Library::new("libcuda.so.1").ok()?;
+            let init: Symbol<unsafe extern "C" fn(u32) -> CuResult> = lib.get(b"cuInit\0").ok()?;
+            let device_get: Symbol<unsafe extern "C" fn(*mut i32, i32) -> CuResult> =
+                lib.get(b"cuDeviceGet\0").ok()?;
+            let retain: Symbol<unsafe extern "C" fn(*mut *mut c_void, i32) -> CuResult> =
+                lib.get(b"cuDevicePrimaryCtxRetain\0").ok()?;
+            let release: Symbol<unsafe extern "C" fn(i32) -> CuResult> =
+                lib.get(b"cuDevicePrimaryCtxRelease_v2\0").ok()?;
+            let push: Symbol<unsafe extern "C" fn(*mut c_void) -> CuResult> =
+                lib.get(b"cuCtxPushCurrent_v2\0").ok()?;
+            let pop: Symbol<unsafe extern "C" fn(*mut *mut c_void) -> CuResult> =
+                lib.get(b"cuCtxPopCurrent_v2\0").ok()?;
+            let mem_get_info: Symbol<unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult> =
+                lib.get(b"cuMemGetInfo_v2\0").ok()?;
+            if init(0) != 0 {
+                return None;
+            }
+            let mut device = 0;
+            if device_get(&mut device, ordinal) != 0 {
+                return None;
+            }
+            let mut ctx = std::ptr::null_mut();
+            if retain(&mut ctx, device) != 0 {
+                return None;
+            }
+            let (mut free, mut total) = (0usize, 0usize);
+            let ok = push(ctx) == 0 && {
+                let got = mem_get_info(&mut free, &mut total) == 0;
+                let mut popped = std::ptr::null_mut();
+                pop(&mut popped);
+                got
+            };
+            release(device);
+            ok.then_some(free as u64)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +361,43 @@ mod tests {
                 assert_eq!(got, want, "{model} {int8:?}");
             }
         }
+    }
+
+    /// What `check_fits` decides before loading onto GPUs, with the memory figures
+    /// `INTERNVL_GPU_MEMORY_GIB` gives in place of the CUDA driver's.
+    #[test]
+    fn each_gpu_is_checked_against_its_own_memory() {
+        assert_eq!(gpu_memory_from("80", 5), Some(80 << 30));
+        assert_eq!(gpu_memory_from(" 24, 4.5 ", 1), Some(9 << 29));
+        assert_eq!(
+            gpu_memory_from("24,4", 2),
+            None,
+            "no figure for a third GPU"
+        );
+        assert_eq!(gpu_memory_from("lots", 0), None);
+        assert_eq!(gpu_memory_from("-1", 0), None);
+        let cfg = InternVLConfig::load(&fixture("configs/InternVL2_5-8B.config.json")).unwrap();
+        let map = parse("0:16,1:16", cfg.llm_config.num_hidden_layers, 2).unwrap();
+        let plan = Plan::new(&cfg, &map, 2, 8192, Int8::Off);
+        let with = |spec: &'static str| {
+            move |t: Target| match t {
+                Target::Gpu(i) => gpu_memory_from(spec, i),
+                Target::Cpu => None,
+            }
+        };
+        assert!(plan.check(&with("24")).is_ok());
+        let e = plan.check(&with("24,4")).unwrap_err();
+        assert!(
+            e.starts_with("the model does not fit: cuda:1 needs "),
+            "{e}"
+        );
+        assert!(e.ends_with("but has 4.00 GiB"), "{e}");
+        assert!(!e.contains("cuda:0"), "{e}");
+        let e = plan.check(&with("2")).unwrap_err();
+        assert!(
+            e.contains("cuda:0 needs") && e.contains("; cuda:1 needs"),
+            "{e}"
+        );
     }
 
     #[test]

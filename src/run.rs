@@ -2,7 +2,7 @@
 use crate::batch;
 use crate::cli::{BenchArgs, Cli, Command, DType, GenArgs, ModelArgs, PlanArgs, ServeArgs};
 use crate::device_map::{self, Target};
-use crate::engine::chat::{ChatInput, Engine};
+use crate::engine::chat::{ChatInput, Engine, Fit};
 use crate::engine::generate::Flow;
 use crate::engine::protocol::{Attachment, EngineCmd, EngineEvent, GenerateRequest, ModelInfo};
 use crate::engine::EngineHandle;
@@ -124,7 +124,7 @@ pub fn int8_of(scope: Option<crate::cli::Int8Scope>) -> Int8 {
 }
 
 /// Refuses, before anything is allocated, a model whose weights and KV cache (8192 positions)
-/// do not fit the CPU's available memory. (GPU memory is not queried.)
+/// do not fit the memory available to the CPU and to each GPU (see `plan::gpu_memory`).
 fn check_fits(dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
     let cfg = InternVLConfig::load(dir)?;
     let target = |d: Device| match d {
@@ -149,7 +149,7 @@ fn check_fits(dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
     let ram = crate::plan::available_ram();
     plan.check(&|t| match t {
         Target::Cpu => ram,
-        Target::Gpu(_) => None,
+        Target::Gpu(i) => crate::plan::gpu_memory(i),
     })
     .map_err(|e| anyhow::anyhow!("{}: {e} (see `internvl-chat plan`)", dir.display()))
 }
@@ -181,7 +181,7 @@ fn plan(args: &ModelArgs, p: &PlanArgs) -> Result<ExitCode> {
     let ram = crate::plan::available_ram();
     let fits = plan.check(&|t| match t {
         Target::Cpu => ram,
-        Target::Gpu(_) => gpu_mem,
+        Target::Gpu(i) => gpu_mem.or_else(|| crate::plan::gpu_memory(i)),
     });
     if p.json {
         let mut j = plan.json(map.to_json(cfg.llm_arch()));
@@ -278,6 +278,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 &params,
                 cli.gen.system.as_deref(),
                 b.batch_size,
+                cli.gen.truncate_history,
             )?;
             output.flush()?;
             Ok(if failed > 0 {
@@ -504,6 +505,7 @@ fn tui(cli: &Cli) -> Result<ExitCode> {
         sampling: sampling_overrides(g),
         combine_images: cli.combine_images,
         graphics: cli.graphics.map(graphics_mode),
+        truncate_history: g.truncate_history,
     };
     options.attachments = attachments;
     options.resume = cli.session.clone();
@@ -529,13 +531,18 @@ fn one_shot(cli: &Cli, prompt: &str) -> Result<ExitCode> {
     if let Some(t) = cli.gen.max_tiles {
         engine.tiles.max_tiles = t as u32;
     }
-    let prepared = engine.prepare(&ChatInput {
+    let input = ChatInput {
         system: cli.gen.system.as_deref(),
         history: &[],
         question: prompt,
         attachments: &attachments,
         combine_images: cli.combine_images,
-    })?;
+    };
+    let fit = Fit {
+        max_new_tokens: params.max_new_tokens,
+        truncate_history: cli.gen.truncate_history,
+    };
+    let prepared = engine.prepare_to_fit(&input, fit)?;
     let mut stream = engine.answer_stream();
     let mut out = std::io::stdout().lock();
     let mut sink = |text: Option<String>| -> std::io::Result<()> {
@@ -589,6 +596,7 @@ fn remote_one_shot(cli: &Cli, url: &str, prompt: &str) -> Result<ExitCode> {
             combine_images: cli.combine_images,
             params,
             stop: Vec::new(),
+            truncate_history: false,
         },
     );
     let _ = handle.tx.send(EngineCmd::Shutdown);

@@ -29,3 +29,26 @@ pub fn fixture(rel: &str) -> PathBuf {
     assert!(p.exists(), "fixture missing: {}", p.display());
     p
 }
+
+/// Writes a video file (container from the extension) with one 16x16 MPEG-4 video stream and no
+/// frames, as a recorder that stopped before its first frame leaves it.
+pub fn write_video_without_frames(path: &std::path::Path) {
+    use ffmpeg_next::{codec, encoder, format};
+    ffmpeg_next::init().expect("ffmpeg init");
+    let mpeg4 = encoder::find(codec::Id::MPEG4).expect("FFmpeg has the MPEG-4 encoder");
+    let mut out = format::output(&path).expect("an output container for the extension");
+    let mut enc = codec::context::Context::new_with_codec(mpeg4)
+        .encoder()
+        .video()
+        .expect("a video encoder");
+    enc.set_width(16);
+    enc.set_height(16);
+    enc.set_format(format::Pixel::YUV420P);
+    enc.set_time_base((1, 25));
+    let enc = enc.open_as(mpeg4).expect("the encoder opens");
+    let mut st = out.add_stream(mpeg4).expect("a stream");
+    st.set_parameters(&enc);
+    st.set_avg_frame_rate((25, 1));
+    out.write_header().expect("header written");
+    out.write_trailer().expect("trailer written");
+}

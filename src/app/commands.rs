@@ -146,7 +146,7 @@ impl App {
         format!(
             "Settings: temperature {} ({}), top_p {}, top_k {}, repetition_penalty {}, \
              max_new_tokens {}, min_new_tokens {}, seed {}, max_tiles {tiles}, segments {}, \
-             combine {}",
+             combine {}, truncate_history {}",
             p.temperature,
             if p.is_greedy() { "greedy" } else { "sampling" },
             p.top_p,
@@ -157,6 +157,7 @@ impl App {
             p.seed,
             s.video_segments,
             if s.combine_images { "on" } else { "off" },
+            if s.truncate_history { "on" } else { "off" },
         )
     }
 
@@ -195,6 +196,13 @@ impl App {
             "max_tiles" if value == "default" => self.settings.max_tiles = None,
             "max_tiles" => self.settings.max_tiles = Some(count()?),
             "segments" => self.settings.video_segments = count()?,
+            "truncate_history" => {
+                self.settings.truncate_history = match value {
+                    "on" | "true" | "yes" => true,
+                    "off" | "false" | "no" => false,
+                    _ => return Err(format!("expected on or off, got \"{value}\"")),
+                }
+            }
             _ => {
                 return Err(format!(
                     "unknown setting (one of {})",
@@ -311,7 +319,7 @@ impl App {
         for ex in s.exchanges {
             let n = ex.turn.attachments.len();
             let attachments = ex.turn.attachments;
-            let entry = self.push_entry(EntryKind::Exchange(Exchange {
+            let entry = self.push_entry(EntryKind::Exchange(Box::new(Exchange {
                 typed: ex.typed,
                 question: Some(ex.turn.question),
                 attachments: attachments.clone(),
@@ -322,7 +330,8 @@ impl App {
                 stats: None,
                 pieces: 0,
                 seed_offset: 0,
-            }));
+                dropped_turns: 0,
+            })));
             for (index, attachment) in attachments.into_iter().enumerate() {
                 let id = self.fresh_id();
                 self.probes.insert(id, ProbeTarget::Entry { entry, index });

@@ -11,6 +11,7 @@
 //! mouse = true              # wheel scrolling (hold Shift to select text)
 //! graphics = "auto"         # pictures: auto | kitty | sixel | iterm2 | halfblocks
 //! system = "You are a careful assistant."
+//! truncate_history = false  # when the context is full, leave out the oldest turns
 //!
 //! [sampling]
 //! temperature = 0.7         # 0 = greedy
@@ -44,6 +45,9 @@ pub struct Settings {
     pub combine_images: bool,
     /// `None`: the template's system message.
     pub system: Option<String>,
+    /// When a prompt would not fit the context window, leave out the oldest turns instead of
+    /// refusing it.
+    pub truncate_history: bool,
     pub theme: Theme,
     pub mouse: bool,
     /// How pictures are drawn (`Auto`: detected at start-up).
@@ -60,6 +64,7 @@ impl Default for Settings {
             video_max_tiles: 1,
             combine_images: false,
             system: None,
+            truncate_history: false,
             theme: Theme::default(),
             mouse: true,
             graphics: GraphicsMode::Auto,
@@ -77,6 +82,7 @@ pub struct Overrides {
     pub sampling: crate::sampling::Overrides,
     pub combine_images: bool,
     pub graphics: Option<GraphicsMode>,
+    pub truncate_history: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +111,7 @@ struct File {
     video_segments: Option<Spanned<usize>>,
     video_max_tiles: Option<Spanned<usize>>,
     system: Option<String>,
+    truncate_history: Option<bool>,
     mouse: Option<bool>,
     graphics: Option<Spanned<String>>,
     sampling: Option<Spanned<Sampling>>,
@@ -188,6 +195,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Settings, ConfigError> {
     }
     s.combine_images = file.combine_images.unwrap_or(s.combine_images);
     s.system = file.system;
+    s.truncate_history = file.truncate_history.unwrap_or(s.truncate_history);
     s.mouse = file.mouse.unwrap_or(s.mouse);
     if let Some(g) = file.graphics {
         s.graphics = GraphicsMode::named(g.get_ref()).ok_or_else(|| {
@@ -251,6 +259,7 @@ impl Settings {
         self.system = o.system.clone().or(self.system.take());
         self.combine_images |= o.combine_images;
         self.graphics = o.graphics.unwrap_or(self.graphics);
+        self.truncate_history |= o.truncate_history;
         Ok(())
     }
 }
@@ -277,13 +286,13 @@ mod tests {
     fn full_file_sets_everything() {
         let s = parse_str(
             "theme = \"light\"\nmax_tiles = 6\ncombine_images = true\nvideo_segments = 4\n\
-             system = \"be brief\"\nmouse = false\ngraphics = \"sixel\"\n[sampling]\ntemperature = 0\nseed = 7\n\
+             system = \"be brief\"\nmouse = false\ngraphics = \"sixel\"\ntruncate_history = true\n[sampling]\ntemperature = 0\nseed = 7\n\
              [keys]\nsend = \"ctrl+s\"\nnewline = [\"enter\"]\n",
         )
         .unwrap();
         assert_eq!(s.theme.name, "light");
         assert_eq!(s.max_tiles, Some(6));
-        assert!(s.combine_images && !s.mouse);
+        assert!(s.combine_images && !s.mouse && s.truncate_history);
         assert_eq!(s.graphics, GraphicsMode::Sixel);
         assert_eq!(s.video_segments, 4);
         assert_eq!(s.system.as_deref(), Some("be brief"));

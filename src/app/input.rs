@@ -76,6 +76,7 @@ pub const SET_KEYS: &[&str] = &[
     "max_tiles",
     "segments",
     "seed",
+    "truncate_history",
 ];
 
 /// A shell-like word: its text with quotes and escapes removed, and where it is.

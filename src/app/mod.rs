@@ -243,7 +243,17 @@ fn event_loop(
             let tick = matches!(msg, Msg::Tick { .. });
             let moving = app.animating();
             for cmd in app.update(msg) {
-                quit |= runner.execute(cmd, &mut queue);
+                match cmd {
+                    Command::Suspend => {
+                        terminal::suspend(tui).context("cannot take the terminal back")?;
+                        dirty = true;
+                    }
+                    Command::Resume => {
+                        terminal::resume(tui).context("cannot take the terminal back")?;
+                        dirty = true;
+                    }
+                    cmd => quit |= runner.execute(cmd, &mut queue),
+                }
             }
             dirty |= !tick || moving || app.animating();
             if quit {
@@ -361,6 +371,8 @@ impl<'h> Runner<'h> {
                     session::list(&dir).map_err(|e| e.to_string()),
                 ));
             }
+            // the run loop does these, as they need the terminal
+            Command::Suspend | Command::Resume => {}
             Command::Quit => return true,
         }
         false
@@ -419,18 +431,25 @@ fn to_msg(ev: Event) -> Option<Msg> {
 }
 
 /// SIGTERM, SIGINT and SIGHUP become `Msg::Signal` (the chat saves, then the terminal is
-/// restored on the way out).
+/// restored on the way out); SIGTSTP stops the chat as Ctrl+Z does, and SIGCONT makes it take
+/// the terminal back.
 #[cfg(unix)]
 fn spawn_signals(tx: Sender<Msg>) -> anyhow::Result<signal_hook::iterator::Handle> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
-        .context("cannot listen for signals")?;
+    use signal_hook::consts::{SIGCONT, SIGHUP, SIGINT, SIGTERM, SIGTSTP};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGTSTP, SIGCONT])
+            .context("cannot listen for signals")?;
     let handle = signals.handle();
     thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            for _ in signals.forever() {
-                if tx.send(Msg::Signal).is_err() {
+            for signal in signals.forever() {
+                let msg = match signal {
+                    SIGTSTP => Msg::Suspend,
+                    SIGCONT => Msg::Continued,
+                    _ => Msg::Signal,
+                };
+                if tx.send(msg).is_err() {
                     break;
                 }
             }

@@ -33,6 +33,7 @@ impl App {
                 ("Ctrl+A / Ctrl+E", "start / end of the line"),
                 ("Ctrl+K / Ctrl+U", "delete to the end / start of the line"),
                 ("Ctrl+W, Alt+Backspace", "delete the word before the cursor"),
+                ("Ctrl+Z", "suspend to the shell (fg comes back)"),
             ]
             .map(|(k, d)| (k.to_string(), d.to_string())),
         );

@@ -56,6 +56,7 @@ fn streaming_app(dir: &std::path::Path) -> App {
             id,
             question: "Show me a loop, briefly.".into(),
             prompt_tokens: 64,
+            dropped_turns: 0,
         },
     );
     for t in [
@@ -431,4 +432,56 @@ fn readme_screen() {
     );
     type_text(&mut app, "How long is the red one?");
     assert_snapshot!(screen(&app, 100, 26));
+}
+
+/// `/set truncate_history on` goes into the next request, and an answer whose prompt lost its
+/// oldest turns says so.
+#[test]
+fn truncate_history_is_a_setting_and_left_out_turns_are_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = app_in(dir.path());
+    ready(&mut app);
+    let first = request(&submit(&mut app, "first")).clone();
+    assert!(!first.truncate_history, "off unless asked");
+    answer(&mut app, first.id, &["one"], Finish::Stop);
+    submit(&mut app, "/set truncate_history maybe");
+    assert_eq!(
+        last_notice(&app),
+        (
+            "/set truncate_history: expected on or off, got \"maybe\"".to_string(),
+            true
+        )
+    );
+    submit(&mut app, "/set truncate_history on");
+    let req = request(&submit(&mut app, "second")).clone();
+    assert!(req.truncate_history);
+    assert_eq!(
+        req.history.len(),
+        1,
+        "the whole history goes; the engine cuts it"
+    );
+    engine(
+        &mut app,
+        EngineEvent::Started {
+            id: req.id,
+            question: "second".into(),
+            prompt_tokens: 4000,
+            dropped_turns: 3,
+        },
+    );
+    engine(
+        &mut app,
+        EngineEvent::Done {
+            id: req.id,
+            answer: "two".into(),
+            stats: stats(Finish::Stop, 1),
+        },
+    );
+    let s = screen(&app, 110, 20);
+    assert!(
+        s.contains("3 earlier turns left out to fit the context"),
+        "{s}"
+    );
+    submit(&mut app, "/set");
+    assert!(last_notice(&app).0.ends_with("truncate_history on"));
 }

@@ -85,8 +85,12 @@ pub struct Entry {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum EntryKind {
-    Exchange(Exchange),
-    Notice { text: String, error: bool },
+    /// Boxed: an exchange is ten times the size of a notice.
+    Exchange(Box<Exchange>),
+    Notice {
+        text: String,
+        error: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -106,6 +110,8 @@ pub struct Exchange {
     pub pieces: usize,
     /// Added to the seed: each /retry draws a new sample.
     pub seed_offset: u64,
+    /// Oldest turns the engine left out of this prompt to fit the context window.
+    pub dropped_turns: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -263,14 +269,14 @@ impl App {
             .iter_mut()
             .find(|e| e.id == id)
             .and_then(|e| match &mut e.kind {
-                EntryKind::Exchange(x) => Some(x),
+                EntryKind::Exchange(x) => Some(&mut **x),
                 EntryKind::Notice { .. } => None,
             })
     }
 
     pub(super) fn exchanges(&self) -> impl DoubleEndedIterator<Item = (EntryId, &Exchange)> {
         self.entries.iter().filter_map(|e| match &e.kind {
-            EntryKind::Exchange(x) => Some((e.id, x)),
+            EntryKind::Exchange(x) => Some((e.id, &**x)),
             EntryKind::Notice { .. } => None,
         })
     }

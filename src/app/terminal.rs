@@ -1,7 +1,8 @@
 //! Taking the terminal and giving it back: raw mode, alternate screen, bracketed paste, mouse
 //! wheel, and, where the terminal supports it, unambiguous keys (so Shift+Enter is seen).
 //! A panic on the UI thread restores the terminal before the message prints; a panic on another
-//! thread while the chat is up goes to the log instead of over the screen.
+//! thread while the chat is up goes to the log instead of over the screen. Ctrl+Z (or SIGTSTP)
+//! gives the terminal back before the process stops, and it is taken again when continued.
 use crossterm::event::{
     DisableBracketedPaste, DisableMouseCapture, EnableBracketedPaste, EnableMouseCapture,
     KeyboardEnhancementFlags, PopKeyboardEnhancementFlags, PushKeyboardEnhancementFlags,
@@ -25,6 +26,7 @@ static UI_THREAD: Mutex<Option<ThreadId>> = Mutex::new(None);
 /// The terminal while the chat owns it; dropping it gives the terminal back.
 pub struct Tui {
     pub terminal: Terminal<CrosstermBackend<Stdout>>,
+    mouse: bool,
 }
 
 impl Drop for Tui {
@@ -37,6 +39,23 @@ impl Drop for Tui {
 pub fn enter(mouse: bool) -> io::Result<Tui> {
     install_panic_hook();
     *UI_THREAD.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread::current().id());
+    take(mouse)?;
+    let setup = (|| {
+        let mut terminal = Terminal::new(CrosstermBackend::new(io::stdout()))?;
+        terminal.clear()?;
+        Ok(terminal)
+    })();
+    match setup {
+        Ok(terminal) => Ok(Tui { terminal, mouse }),
+        Err(e) => {
+            restore();
+            Err(e)
+        }
+    }
+}
+
+/// Raw mode, the alternate screen, bracketed paste, the mouse wheel and unambiguous keys.
+fn take(mouse: bool) -> io::Result<()> {
     enable_raw_mode()?;
     ACTIVE.store(true, Ordering::SeqCst);
     let mut out = io::stdout();
@@ -53,17 +72,29 @@ pub fn enter(mouse: bool) -> io::Result<Tui> {
             )?;
             KEYBOARD.store(true, Ordering::SeqCst);
         }
-        let mut terminal = Terminal::new(CrosstermBackend::new(io::stdout()))?;
-        terminal.clear()?;
-        Ok(terminal)
+        Ok(())
     })();
-    match setup {
-        Ok(terminal) => Ok(Tui { terminal }),
-        Err(e) => {
-            restore();
-            Err(e)
-        }
+    if setup.is_err() {
+        restore();
     }
+    setup
+}
+
+/// Ctrl+Z: gives the terminal back to the shell and stops the process, as the terminal's own
+/// suspend key would (raw mode turns that off); once continued (`fg`), takes it again.
+pub fn suspend(tui: &mut Tui) -> io::Result<()> {
+    restore();
+    #[cfg(unix)]
+    signal_hook::low_level::emulate_default_handler(signal_hook::consts::SIGTSTP)?;
+    resume(tui)
+}
+
+/// Takes the terminal again after the process was stopped and continued: the shell had it
+/// meanwhile and may have changed its modes. The next frame redraws everything.
+pub fn resume(tui: &mut Tui) -> io::Result<()> {
+    restore();
+    take(tui.mouse)?;
+    tui.terminal.clear()
 }
 
 /// Gives the terminal back; does nothing when it is not taken. Errors are ignored: this runs

@@ -113,6 +113,7 @@ pub fn answer(app: &mut App, id: RequestId, tokens: &[&str], finish: Finish) -> 
             id,
             question: "<image>\nquestion".into(),
             prompt_tokens: 1812,
+            dropped_turns: 0,
         },
     );
     for t in tokens {

@@ -43,6 +43,10 @@ pub enum Msg {
     },
     /// SIGTERM, SIGINT or SIGHUP.
     Signal,
+    /// SIGTSTP from outside (`kill -TSTP`): stop as Ctrl+Z does.
+    Suspend,
+    /// SIGCONT: the process was stopped and continued; the terminal must be taken again.
+    Continued,
 }
 
 /// Work with effects, done by the run loop.
@@ -69,6 +73,10 @@ pub enum Command {
         path: PathBuf,
     },
     ListSessions(PathBuf),
+    /// Give the terminal back and stop the process until it is continued (Ctrl+Z).
+    Suspend,
+    /// Take the terminal again and redraw it all (after SIGCONT).
+    Resume,
     Quit,
 }
 
@@ -140,11 +148,20 @@ impl App {
                 cmds.push(Command::Quit);
                 cmds
             }
+            Msg::Suspend => vec![Command::Suspend],
+            Msg::Continued => vec![Command::Resume],
         }
     }
 
     fn key(&mut self, k: KeyEvent) -> Vec<Command> {
         let action = self.settings.keys.action(&k);
+        // the terminal's suspend key, which raw mode delivers as a key
+        if action.is_none()
+            && k.code == KeyCode::Char('z')
+            && k.modifiers.contains(KeyModifiers::CONTROL)
+        {
+            return vec![Command::Suspend];
+        }
         if action != Some(Action::Interrupt) {
             self.quit_armed = false;
         }
@@ -374,8 +391,9 @@ impl App {
             combine_images: self.settings.combine_images,
             params,
             stop: Vec::new(),
+            truncate_history: self.settings.truncate_history,
         };
-        let entry = self.push_entry(EntryKind::Exchange(Exchange {
+        let entry = self.push_entry(EntryKind::Exchange(Box::new(Exchange {
             typed,
             question: None,
             attachments,
@@ -386,7 +404,8 @@ impl App {
             stats: None,
             pieces: 0,
             seed_offset,
-        }));
+            dropped_turns: 0,
+        })));
         self.gen = Some(Generation {
             id,
             entry,
@@ -598,10 +617,12 @@ impl App {
                 id,
                 question,
                 prompt_tokens,
+                dropped_turns,
             } if current(id) => {
                 if let Some(x) = self.generating() {
                     x.question = Some(question);
                     x.prompt_tokens = Some(prompt_tokens);
+                    x.dropped_turns = dropped_turns;
                     x.status = Status::Streaming;
                 }
                 // the worker clears the flag when a request starts: a stop asked for
@@ -803,6 +824,7 @@ mod tests {
                 id,
                 question: "hi".into(),
                 prompt_tokens: 20,
+                dropped_turns: 0,
             },
         );
         assert_eq!(last(&app).status, Status::Streaming);
@@ -917,6 +939,7 @@ mod tests {
             id,
             question: "queued while loading".into(),
             prompt_tokens: 9,
+            dropped_turns: 0,
         };
         assert_eq!(engine(&mut app, started), vec![Command::Cancel]);
     }
@@ -1089,6 +1112,28 @@ mod tests {
         type_text(&mut app, "/image hol");
         key(&mut app, KeyCode::Tab);
         assert_eq!(app.editor.text(), "/image holiday.jpg ");
+    }
+
+    #[test]
+    fn ctrl_z_and_sigtstp_suspend_and_sigcont_takes_the_terminal_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut app = app_in(dir.path());
+        ready(&mut app);
+        type_text(&mut app, "half a question");
+        assert_eq!(ctrl(&mut app, 'z'), vec![Command::Suspend]);
+        assert_eq!(app.update(Msg::Suspend), vec![Command::Suspend]);
+        assert_eq!(app.update(Msg::Continued), vec![Command::Resume]);
+        assert_eq!(
+            app.editor.text(),
+            "half a question",
+            "nothing typed is lost"
+        );
+        submit(&mut app, "/help");
+        assert_eq!(
+            ctrl(&mut app, 'z'),
+            vec![Command::Suspend],
+            "also over the help"
+        );
     }
 
     #[test]

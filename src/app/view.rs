@@ -297,6 +297,12 @@ impl App {
                 Finish::Cancelled => text.push_str(" · stopped"),
                 Finish::Stop => {}
             }
+            if x.dropped_turns > 0 {
+                text.push_str(&format!(
+                    " · {} left out to fit the context",
+                    count(x.dropped_turns, "earlier turn")
+                ));
+            }
             out.push(Para::indented(indent(), vec![Span::styled(text, t.dim)]));
         }
     }

@@ -2,15 +2,18 @@
 //! conversation's KV cache kept between turns so a follow-up only prefills its new tokens.
 use super::features::{self, FeatureCache};
 use super::generate::{generate, Flow, GenInput, GenOutput};
-use super::protocol::{with_placeholders, Attachment, Finish, Turn};
+use super::protocol::{Attachment, Finish, Turn};
 use super::stream::AnswerStream;
 use crate::model::llm::kv_cache::KvCache;
 use crate::model::{InternVL, LoadOptions, ModelError};
 use crate::preprocess::{self, TileConfig, Visual, VisualError};
+use crate::prompt::conversation::{droppable_turns, expand, Conversation, Media, PastTurn};
 use crate::prompt::template::{get_template, Template};
 use crate::prompt::tokenizer::Tokenizer;
-use crate::prompt::{build_query, PromptError};
+use crate::prompt::PromptError;
 use crate::sampling::{Sampler, SamplingParams};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::Tensor;
@@ -35,6 +38,13 @@ pub enum ChatError {
         max_new: usize,
         context: usize,
     },
+    #[error("prompt of {prompt} tokens plus {max_new} new tokens exceeds the context window of {context} tokens even with the {dropped} oldest turns left out")]
+    TooLongAlone {
+        prompt: usize,
+        max_new: usize,
+        context: usize,
+        dropped: usize,
+    },
 }
 
 /// One question of a request, ready for the model.
@@ -47,6 +57,8 @@ pub struct Prepared {
     pub num_patches: Vec<usize>,
     /// The visuals of the whole conversation (history first), for the placeholders in order.
     visuals: Vec<Arc<Visual>>,
+    /// Oldest turns of the history left out of the prompt to fit the context window.
+    pub dropped_turns: usize,
 }
 
 impl Prepared {
@@ -55,7 +67,16 @@ impl Prepared {
     }
 }
 
+/// What a prompt must leave room for (see [`Engine::prepare_to_fit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fit {
+    pub max_new_tokens: usize,
+    /// Leave out the oldest turns when the prompt would not fit, instead of refusing it.
+    pub truncate_history: bool,
+}
+
 /// A chat request in model.chat's terms.
+#[derive(Clone, Copy)]
 pub struct ChatInput<'a> {
     pub system: Option<&'a str>,
     pub history: &'a [Turn],
@@ -88,10 +109,17 @@ pub struct Engine {
     cache: KvCache,
     /// Vision features by tile content; kept across conversations (see features.rs).
     features: FeatureCache,
+    /// Tile counts of attachments already read, so that fitting a long history into the
+    /// context does not decode every old picture again on every request. Keyed by the
+    /// attachment, the tile limit and the file's size and modification time.
+    tile_counts: RefCell<HashMap<String, Vec<usize>>>,
 }
 
 /// Bytes of image features the engine keeps (about 570 tiles of InternVL2_5-1B, 64 of -78B).
 const FEATURE_CACHE_BYTES: usize = 256 << 20;
+
+/// Entries of [`Engine::tile_counts`] kept at most (a few bytes each).
+const TILE_COUNTS_KEPT: usize = 4096;
 
 impl Engine {
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self, ChatError> {
@@ -123,7 +151,8 @@ impl Engine {
             )));
         }
         let tiles = model.cfg.tile_config();
-        let cache = model.llm.new_cache();
+        let mut cache = model.llm.new_cache();
+        cache.set_limit(model.cfg.llm_config.max_position_embeddings);
         Ok(Self {
             model,
             tokenizer: Arc::new(tokenizer),
@@ -136,6 +165,7 @@ impl Engine {
             cached_images: Vec::new(),
             cache,
             features: FeatureCache::new(FEATURE_CACHE_BYTES),
+            tile_counts: RefCell::default(),
         })
     }
 
@@ -151,6 +181,12 @@ impl Engine {
         self.model.cfg.llm_config.max_position_embeddings
     }
 
+    /// Positions held by the conversation's KV cache, and the positions its buffers have room
+    /// for; neither exceeds [`Engine::context_len`].
+    pub fn kv_cache_size(&self) -> (usize, usize) {
+        (self.cache.len() as usize, self.cache.capacity() as usize)
+    }
+
     /// Forgets the cached conversation.
     pub fn reset(&mut self) {
         self.cached_ids.clear();
@@ -158,7 +194,8 @@ impl Engine {
         self.cache.truncate(0);
     }
 
-    /// Loads attachments, adds placeholders, builds the query and its ids.
+    /// Loads attachments, adds placeholders, builds the query and its ids (the whole history,
+    /// whatever its length; see [`Engine::prepare_to_fit`]).
     ///
     /// Each turn's `<image>` placeholders take its attachments' tiles: one placeholder per image
     /// or frame, or a single placeholder for all of them (combined). History turns without
@@ -166,79 +203,223 @@ impl Engine {
     /// it) are filled by the request's attachments first, and the question then gets no
     /// automatic prefix, as in `chat` when `history` is given.
     pub fn prepare(&self, input: &ChatInput) -> Result<Prepared, ChatError> {
-        let mut visuals = Vec::new();
-        let mut num_patches = Vec::new();
-        let mut history = Vec::new();
-        let mut pending = 0;
-        for t in input.history {
-            let slots = t.question.matches("<image>").count();
-            if t.attachments.is_empty() {
-                pending += slots;
-            } else {
-                let vs = t
-                    .attachments
-                    .iter()
-                    .map(|a| preprocess::load_visual_shared(a, &self.tiles))
-                    .collect::<Result<Vec<_>, _>>()?;
-                num_patches.extend(assign(slots, &vs)?);
-                visuals.extend(vs);
-            }
-            history.push((t.question.clone(), t.answer.clone()));
-        }
-        // images first, then videos: the order placeholders are added in
-        let mut order: Vec<&Attachment> = input
-            .attachments
+        let new = self.load_new(input.attachments)?;
+        let history = input
+            .history
             .iter()
-            .filter(|a| matches!(a, Attachment::Image { .. }))
-            .collect();
-        order.extend(
-            input
-                .attachments
-                .iter()
-                .filter(|a| matches!(a, Attachment::Video { .. })),
-        );
-        let new: Vec<Arc<Visual>> = order
-            .iter()
-            .map(|a| preprocess::load_visual_shared(a, &self.tiles))
-            .collect::<Result<_, _>>()?;
-        let question = if pending > 0 {
-            input.question.to_string()
-        } else {
-            let counts: Vec<(&Attachment, usize)> = order
-                .iter()
-                .zip(&new)
-                .map(|(a, v)| (*a, v.placeholders.len()))
-                .collect();
-            with_placeholders(input.question, &counts, input.combine_images)
+            .map(|t| self.load_all(&t.attachments))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.assemble(input, history, new, 0)
+    }
+
+    /// [`Engine::prepare`] for a prompt that must leave room for `fit.max_new_tokens` in the
+    /// context window. When it does not fit, it is refused with the numbers, or, with
+    /// `fit.truncate_history`, the oldest whole turns (their pictures with them) are left out
+    /// until it fits; `Prepared::dropped_turns` says how many. The system message and the new
+    /// question are always kept.
+    pub fn prepare_to_fit(&self, input: &ChatInput, fit: Fit) -> Result<Prepared, ChatError> {
+        let context = self.context_len();
+        let too_long = |prompt: usize| ChatError::TooLong {
+            prompt,
+            max_new: fit.max_new_tokens,
+            context,
         };
-        num_patches.extend(assign(pending + question.matches("<image>").count(), &new)?);
-        visuals.extend(new);
-        let system = input
+        if !fit.truncate_history || input.history.is_empty() {
+            let p = self.prepare(input)?;
+            if p.ids.len() + fit.max_new_tokens > context {
+                return Err(too_long(p.ids.len()));
+            }
+            return Ok(p);
+        }
+        let new = self.load_new(input.attachments)?;
+        // tile counts of every turn (cheap: no resizing), to find the cut before loading pictures
+        let shapes: Vec<Vec<Media>> = input
+            .history
+            .iter()
+            .map(|t| {
+                t.attachments
+                    .iter()
+                    .map(|a| {
+                        Ok(Media {
+                            video: matches!(a, Attachment::Video { .. }),
+                            tiles: self.placeholder_tiles(a)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, VisualError>>()
+            })
+            .collect::<Result<_, _>>()?;
+        let new_media: Vec<Media> = new.iter().map(|(m, _)| m.clone()).collect();
+        let turns: Vec<PastTurn> = input
+            .history
+            .iter()
+            .zip(&shapes)
+            .map(|(t, m)| PastTurn {
+                question: &t.question,
+                answer: &t.answer,
+                media: m.clone(),
+            })
+            .collect();
+        let system = self.system_of(input);
+        let tokens = |drop: usize| -> Result<usize, ChatError> {
+            let e = expand(
+                &self.template,
+                &Conversation {
+                    system: &system,
+                    history: &turns[drop..],
+                    question: input.question,
+                    media: &new_media,
+                    combine_images: input.combine_images,
+                },
+                self.tiles.tokens_per_tile,
+            )?;
+            Ok(self.encode(&e.query)?.len())
+        };
+        let fits = |n: usize| n + fit.max_new_tokens <= context;
+        let all = tokens(0)?;
+        let drop = if fits(all) {
+            0
+        } else {
+            // fewer turns, fewer tokens: the smallest cut that fits, by bisection
+            let max_drop = droppable_turns(&turns);
+            let least = tokens(max_drop)?;
+            if !fits(least) {
+                return Err(ChatError::TooLongAlone {
+                    prompt: least,
+                    max_new: fit.max_new_tokens,
+                    context,
+                    dropped: max_drop,
+                });
+            }
+            let (mut lo, mut hi) = (0, max_drop); // !fits(lo), fits(hi)
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if fits(tokens(mid)?) {
+                    hi = mid;
+                } else {
+                    lo = mid;
+                }
+            }
+            hi
+        };
+        let history = input.history[drop..]
+            .iter()
+            .map(|t| self.load_all(&t.attachments))
+            .collect::<Result<Vec<_>, _>>()?;
+        let kept = ChatInput {
+            history: &input.history[drop..],
+            ..*input
+        };
+        let p = self.assemble(&kept, history, new, drop)?;
+        if !fits(p.ids.len()) {
+            return Err(too_long(p.ids.len()));
+        }
+        Ok(p)
+    }
+
+    /// [`preprocess::placeholder_tiles`], remembered while the file stays the same.
+    fn placeholder_tiles(&self, a: &Attachment) -> Result<Vec<usize>, VisualError> {
+        let key = std::fs::metadata(a.path()).ok().map(|m| {
+            let modified = m.modified().ok();
+            format!("{a:?} {} {} {modified:?}", self.tiles.max_tiles, m.len())
+        });
+        if let Some(hit) = key
+            .as_ref()
+            .and_then(|k| self.tile_counts.borrow().get(k).cloned())
+        {
+            return Ok(hit);
+        }
+        let tiles = preprocess::placeholder_tiles(a, &self.tiles)?;
+        if let Some(k) = key {
+            let mut counts = self.tile_counts.borrow_mut();
+            if counts.len() >= TILE_COUNTS_KEPT {
+                counts.clear();
+            }
+            counts.insert(k, tiles.clone());
+        }
+        Ok(tiles)
+    }
+
+    fn system_of(&self, input: &ChatInput) -> String {
+        input
             .system
             .map(str::to_string)
-            .unwrap_or_else(|| self.system_message());
-        let query = build_query(
-            &self.template,
-            &system,
-            &history,
-            &question,
-            &num_patches,
-            self.tiles.tokens_per_tile,
-            input.history.is_empty(),
-        )?;
-        let ids = self
+            .unwrap_or_else(|| self.system_message())
+    }
+
+    fn encode(&self, query: &str) -> Result<Vec<i64>, ChatError> {
+        Ok(self
             .tokenizer
-            .encode(&query)
+            .encode(query)
             .map_err(|e| ChatError::Tokenizer(e.to_string()))?
             .into_iter()
             .map(|t| t as i64)
-            .collect();
+            .collect())
+    }
+
+    fn load_all(&self, attachments: &[Attachment]) -> Result<Vec<(Media, Arc<Visual>)>, ChatError> {
+        attachments
+            .iter()
+            .map(|a| {
+                let v = preprocess::load_visual_shared(a, &self.tiles)?;
+                let m = Media {
+                    video: matches!(a, Attachment::Video { .. }),
+                    tiles: v.placeholders.iter().map(Vec::len).collect(),
+                };
+                Ok((m, v))
+            })
+            .collect()
+    }
+
+    /// The new question's attachments in the order placeholders are added: images, then videos.
+    fn load_new(&self, attachments: &[Attachment]) -> Result<Vec<(Media, Arc<Visual>)>, ChatError> {
+        let (images, videos): (Vec<Attachment>, Vec<Attachment>) = attachments
+            .iter()
+            .cloned()
+            .partition(|a| matches!(a, Attachment::Image { .. }));
+        self.load_all(&[images, videos].concat())
+    }
+
+    /// The prepared request from loaded attachments: `history` holds those of `input.history`.
+    fn assemble(
+        &self,
+        input: &ChatInput,
+        history: Vec<Vec<(Media, Arc<Visual>)>>,
+        new: Vec<(Media, Arc<Visual>)>,
+        dropped_turns: usize,
+    ) -> Result<Prepared, ChatError> {
+        let mut visuals = Vec::new();
+        let mut turns = Vec::with_capacity(history.len());
+        for (t, loaded) in input.history.iter().zip(history) {
+            let (media, vs): (Vec<Media>, Vec<Arc<Visual>>) = loaded.into_iter().unzip();
+            visuals.extend(vs);
+            turns.push(PastTurn {
+                question: &t.question,
+                answer: &t.answer,
+                media,
+            });
+        }
+        let (new_media, new_visuals): (Vec<Media>, Vec<Arc<Visual>>) = new.into_iter().unzip();
+        visuals.extend(new_visuals);
+        let system = self.system_of(input);
+        let e = expand(
+            &self.template,
+            &Conversation {
+                system: &system,
+                history: &turns,
+                question: input.question,
+                media: &new_media,
+                combine_images: input.combine_images,
+            },
+            self.tiles.tokens_per_tile,
+        )?;
+        let ids = self.encode(&e.query)?;
         Ok(Prepared {
-            question,
-            query,
+            question: e.question,
+            query: e.query,
             ids,
-            num_patches,
+            num_patches: e.num_patches,
             visuals,
+            dropped_turns,
         })
     }
 
@@ -460,24 +641,6 @@ impl Engine {
             })
             .collect();
         Ok(outs)
-    }
-}
-
-/// Tiles per placeholder when `slots` placeholders take `visuals`: one each, or all in one.
-fn assign(slots: usize, visuals: &[Arc<Visual>]) -> Result<Vec<usize>, ChatError> {
-    let per: Vec<usize> = visuals
-        .iter()
-        .flat_map(|v| v.placeholders.iter().map(|p| p.len()))
-        .collect();
-    if slots == per.len() {
-        Ok(per)
-    } else if slots == 1 && !per.is_empty() {
-        Ok(vec![per.iter().sum()])
-    } else {
-        Err(ChatError::Invalid(format!(
-            "{slots} <image> placeholders but {} images/frames attached",
-            per.len()
-        )))
     }
 }
 

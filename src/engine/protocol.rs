@@ -92,6 +92,10 @@ pub struct GenerateRequest {
     /// Generation ends once the answer contains one of these; the answer ends before it.
     #[serde(default)]
     pub stop: Vec<String>,
+    /// When the prompt would not fit the context window, leave out the oldest turns instead of
+    /// refusing it.
+    #[serde(default)]
+    pub truncate_history: bool,
 }
 
 pub enum EngineCmd {
@@ -155,6 +159,8 @@ pub enum EngineEvent {
         id: RequestId,
         question: String,
         prompt_tokens: usize,
+        /// Oldest turns left out of the prompt to fit the context window.
+        dropped_turns: usize,
     },
     /// Newly decoded text (never a partial UTF-8 character).
     Token {

@@ -1,6 +1,6 @@
 //! The thread that owns the model. Commands in, events out; a failure inside a request (an
 //! error or a panic in libtorch) becomes an `Error` event and the next request still works.
-use super::chat::{ChatError, ChatInput, Engine};
+use super::chat::{ChatError, ChatInput, Engine, Fit};
 use super::generate::Flow;
 use super::protocol::{
     DoneStats, EngineCmd, EngineEvent, Fault, Finish, GenerateRequest, ModelInfo,
@@ -90,19 +90,61 @@ fn run(
         context_len: engine.context_len(),
         max_tiles: engine.tiles.max_tiles as usize,
     }));
+    serve_requests(&mut engine, &rx, &tx, &cancel);
+}
+
+/// What the request loop needs of a model: the engine, or a stand-in in tests.
+pub trait Backend {
+    /// Answers one request, sending `Started`, `Token`s and `Done`; `Err` is the message of a
+    /// failed request.
+    fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        tx: &Sender<EngineEvent>,
+        cancel: &AtomicBool,
+    ) -> Result<(), ChatError>;
+    /// Forgets the cached conversation.
+    fn reset(&mut self);
+}
+
+impl Backend for Engine {
+    fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        tx: &Sender<EngineEvent>,
+        cancel: &AtomicBool,
+    ) -> Result<(), ChatError> {
+        serve(self, req, tx, cancel)
+    }
+
+    fn reset(&mut self) {
+        Engine::reset(self)
+    }
+}
+
+/// Serves commands until `Shutdown` or until the channel closes. A request that fails, with
+/// an error or a panic (libtorch's errors surface as panics from tch), becomes an `Error`
+/// event; after a panic the cached conversation is dropped, as it may be half-written, and the
+/// next request starts afresh.
+pub fn serve_requests(
+    backend: &mut dyn Backend,
+    rx: &Receiver<EngineCmd>,
+    tx: &Sender<EngineEvent>,
+    cancel: &AtomicBool,
+) {
     while let Ok(cmd) = rx.recv() {
         match cmd {
             EngineCmd::Shutdown => break,
-            EngineCmd::Reset => engine.reset(),
+            EngineCmd::Reset => backend.reset(),
             EngineCmd::Generate(req) => {
                 let id = req.id;
                 cancel.store(false, Ordering::SeqCst);
-                let r = catch_unwind(AssertUnwindSafe(|| serve(&mut engine, &req, &tx, &cancel)));
+                let r = catch_unwind(AssertUnwindSafe(|| backend.generate(&req, tx, cancel)));
                 let failure = match r {
                     Ok(Ok(())) => None,
                     Ok(Err(e)) => Some((e.to_string(), fault_of(&e))),
                     Err(p) => {
-                        engine.reset();
+                        backend.reset();
                         let message = format!("internal error: {}", panic_message(&*p));
                         Some((message, Fault::Engine))
                     }
@@ -121,7 +163,8 @@ fn fault_of(e: &ChatError) -> Fault {
         ChatError::Visual(_)
         | ChatError::Prompt(_)
         | ChatError::Invalid(_)
-        | ChatError::TooLong { .. } => Fault::Request,
+        | ChatError::TooLong { .. }
+        | ChatError::TooLongAlone { .. } => Fault::Request,
         ChatError::Model(_) | ChatError::Template(_) | ChatError::Tokenizer(_) => Fault::Engine,
     }
 }
@@ -133,17 +176,23 @@ fn serve(
     cancel: &AtomicBool,
 ) -> Result<(), ChatError> {
     let t0 = Instant::now();
-    let prepared = engine.prepare(&ChatInput {
+    let input = ChatInput {
         system: req.system.as_deref(),
         history: &req.history,
         question: &req.question,
         attachments: &req.attachments,
         combine_images: req.combine_images,
-    })?;
+    };
+    let fit = Fit {
+        max_new_tokens: req.params.max_new_tokens,
+        truncate_history: req.truncate_history,
+    };
+    let prepared = engine.prepare_to_fit(&input, fit)?;
     let _ = tx.send(EngineEvent::Started {
         id: req.id,
         question: prepared.question.clone(),
         prompt_tokens: prepared.prompt_tokens(),
+        dropped_turns: prepared.dropped_turns,
     });
     let mut first_token = None;
     let mut stream = engine.answer_stream().with_stop_strings(&req.stop);
@@ -186,4 +235,135 @@ fn serve(
         },
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::protocol::{DoneStats, Finish};
+    use crate::model::ModelError;
+    use crate::sampling::SamplingParams;
+    use std::time::Duration;
+    use tch::{Device, Kind, Tensor};
+
+    /// A stand-in model whose requests do real libtorch work: "panic" multiplies matrices of
+    /// mismatched shapes through tch's panicking API, "torch" through its fallible one, anything
+    /// else answers.
+    #[derive(Default)]
+    struct Faulty {
+        resets: usize,
+    }
+
+    impl Backend for Faulty {
+        fn generate(
+            &mut self,
+            req: &GenerateRequest,
+            tx: &Sender<EngineEvent>,
+            _cancel: &AtomicBool,
+        ) -> Result<(), ChatError> {
+            let a = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
+            let b = Tensor::ones([4, 5], (Kind::Float, Device::Cpu));
+            match req.question.as_str() {
+                "panic" => {
+                    let _ = a.matmul(&b);
+                    unreachable!("the shapes cannot be multiplied");
+                }
+                "torch" => {
+                    let _ = a.f_matmul(&b).map_err(ModelError::from)?;
+                    unreachable!("the shapes cannot be multiplied");
+                }
+                q => {
+                    let sum = a
+                        .matmul(&a.transpose(0, 1))
+                        .sum(Kind::Float)
+                        .double_value(&[]);
+                    let answer = format!("{q}: {sum}");
+                    let _ = tx.send(EngineEvent::Done {
+                        id: req.id,
+                        answer,
+                        stats: DoneStats {
+                            finish: Finish::Stop,
+                            prompt_tokens: 1,
+                            completion_tokens: 1,
+                            ttft: Duration::ZERO,
+                            tokens_per_s: 0.0,
+                        },
+                    });
+                    Ok(())
+                }
+            }
+        }
+
+        fn reset(&mut self) {
+            self.resets += 1;
+        }
+    }
+
+    fn request(id: u64, question: &str) -> EngineCmd {
+        EngineCmd::Generate(GenerateRequest {
+            id,
+            system: None,
+            history: Vec::new(),
+            question: question.into(),
+            attachments: Vec::new(),
+            combine_images: false,
+            params: SamplingParams::greedy(4),
+            stop: Vec::new(),
+            truncate_history: false,
+        })
+    }
+
+    #[test]
+    fn a_libtorch_panic_or_error_is_an_error_event_and_the_next_request_works() {
+        let (cmd_tx, cmd_rx) = unbounded();
+        let (ev_tx, ev_rx) = unbounded();
+        for (id, q) in [
+            (1, "panic"),
+            (2, "after the panic"),
+            (3, "torch"),
+            (4, "again"),
+        ] {
+            cmd_tx.send(request(id, q)).unwrap();
+        }
+        cmd_tx.send(EngineCmd::Shutdown).unwrap();
+        let mut backend = Faulty::default();
+        serve_requests(&mut backend, &cmd_rx, &ev_tx, &AtomicBool::new(false));
+        drop(ev_tx);
+        let events: Vec<EngineEvent> = ev_rx.iter().collect();
+        assert_eq!(events.len(), 4, "{events:?}");
+        let EngineEvent::Error {
+            id: 1,
+            message,
+            fault: Fault::Engine,
+        } = &events[0]
+        else {
+            panic!("{:?}", events[0]);
+        };
+        assert!(message.starts_with("internal error: "), "{message}");
+        assert!(
+            message.contains("size mismatch") || message.contains("cannot be multiplied"),
+            "{message}"
+        );
+        assert!(!message.contains('\n'), "one line: {message:?}");
+        assert!(
+            matches!(&events[1], EngineEvent::Done { id: 2, answer, .. } if answer == "after the panic: 12")
+        );
+        let EngineEvent::Error {
+            id: 3,
+            message,
+            fault: Fault::Engine,
+        } = &events[2]
+        else {
+            panic!("{:?}", events[2]);
+        };
+        assert!(message.starts_with("libtorch: "), "{message}");
+        assert!(!message.contains('\n'), "one line: {message:?}");
+        assert!(
+            matches!(&events[3], EngineEvent::Done { id: 4, answer, .. } if answer == "again: 12")
+        );
+        assert_eq!(
+            backend.resets, 1,
+            "the panic dropped the cached conversation"
+        );
+    }
 }

@@ -228,11 +228,7 @@ impl Weights {
         // SAFETY: the map is a read-only private file mapping that is never written, so dropping
         // its pages loses nothing; zero-copy tensors on the same pages read the file again.
         let _ = unsafe {
-            map.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                e.start,
-                e.end - e.start,
-            )
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, e.start, e.end - e.start)
         };
     }
 

@@ -1037,6 +1037,64 @@ mod tests {
         assert_eq!(got, strip);
     }
 
+    #[test]
+    fn long_strip_is_tiled_like_the_reference() {
+        // 200000x1: the widest grid wins (6x1 for max 6) and the one row is stretched to 448,
+        // so every row of every tile equals the first; the thumbnail is squeezed the same way.
+        let strip = RgbImage::from_fn(200_000, 1, |x, _| {
+            Rgb([(x % 256) as u8, (x / 800) as u8, 9])
+        });
+        let t = dynamic_preprocess(&strip, 1, 6, 448, true);
+        assert_eq!(t.grid, (6, 1));
+        assert_eq!(t.tiles.len(), 7);
+        for tile in &t.tiles {
+            assert_eq!(tile.dimensions(), (448, 448));
+            let first_row: Vec<_> = (0..448).map(|x| *tile.get_pixel(x, 0)).collect();
+            for y in 1..448 {
+                assert!((0..448).all(|x| *tile.get_pixel(x, y) == first_row[x as usize]));
+            }
+        }
+        // the green channel counts up along the strip: left tiles are darker than right ones
+        let mean_green = |t: &RgbImage| t.pixels().map(|p| u64::from(p[1])).sum::<u64>();
+        assert!(mean_green(&t.tiles[0]) < mean_green(&t.tiles[5]));
+    }
+
+    /// A GIF of 2x2 frames on a 2x2 screen, one frame per entry of `frames` (palette indices).
+    fn animated_gif(frames: &[[u8; 4]]) -> Vec<u8> {
+        let palette = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120];
+        let mut out = Vec::new();
+        {
+            let mut enc = gif::Encoder::new(&mut out, 2, 2, &palette).unwrap();
+            enc.set_repeat(gif::Repeat::Infinite).unwrap();
+            for f in frames {
+                let frame = gif::Frame {
+                    width: 2,
+                    height: 2,
+                    delay: 10,
+                    buffer: std::borrow::Cow::Borrowed(&f[..]),
+                    ..gif::Frame::default()
+                };
+                enc.write_frame(&frame).unwrap();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn animated_gif_gives_its_first_frame_like_pillow_convert() {
+        // `Image.open(p).convert('RGB')` of an animated GIF is its first frame.
+        let first = [0u8, 1, 2, 3];
+        let gif = animated_gif(&[first, [3, 3, 3, 3], [2, 2, 1, 1]]);
+        let img = decode_rgb(&gif, "anim.gif").unwrap();
+        assert_eq!(img.dimensions(), (2, 2));
+        let want = [[10u8, 20, 30], [40, 50, 60], [70, 80, 90], [100, 110, 120]];
+        for (i, p) in img.pixels().enumerate() {
+            assert_eq!(p.0, want[i], "pixel {i}");
+        }
+        // and the same image as a one-frame GIF
+        assert_eq!(decode_rgb(&animated_gif(&[first]), "one.gif").unwrap(), img);
+    }
+
     /// CRC-32 (PNG chunks), to forge headers.
     fn crc32(bytes: &[u8]) -> u32 {
         let mut crc = !0u32;

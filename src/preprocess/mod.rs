@@ -39,6 +39,33 @@ pub enum VisualError {
     Video(#[from] video::VideoError),
     #[error("{path}: max tiles must be at least 1")]
     ZeroTiles { path: std::path::PathBuf },
+    #[error("{path}: {what} {value} is more than {MAX_TILES_LIMIT}, which already fill the largest context window")]
+    OverLimit {
+        path: std::path::PathBuf,
+        what: &'static str,
+        value: usize,
+    },
+}
+
+/// Most tiles of one image or video frame, and most frames sampled from one video. 128 tiles
+/// of 256 tokens fill 32768 positions, the largest context window of the InternVL 2.5 family,
+/// so a larger limit could never be sent; unbounded, a limit of billions would make the tile
+/// search (and a frame list) run out of time or memory before anything is refused.
+pub const MAX_TILES_LIMIT: usize = 128;
+
+fn check_limit(
+    path: &std::path::Path,
+    what: &'static str,
+    value: usize,
+) -> Result<(), VisualError> {
+    if value > MAX_TILES_LIMIT {
+        return Err(VisualError::OverLimit {
+            path: path.into(),
+            what,
+            value,
+        });
+    }
+    Ok(())
 }
 
 impl Visual {
@@ -53,9 +80,11 @@ fn image_max_tiles(
     max_tiles: Option<usize>,
     cfg: &TileConfig,
 ) -> Result<u32, VisualError> {
-    match max_tiles.map(|m| m as u32).unwrap_or(cfg.max_tiles) {
+    let m = max_tiles.unwrap_or(cfg.max_tiles as usize);
+    check_limit(path, "max tiles", m)?;
+    match m {
         0 => Err(VisualError::ZeroTiles { path: path.into() }),
-        m => Ok(m),
+        m => Ok(m as u32),
     }
 }
 
@@ -92,6 +121,8 @@ pub fn load_visual(att: &Attachment, cfg: &TileConfig) -> Result<Visual, VisualE
             if *max_tiles == 0 {
                 return Err(VisualError::ZeroTiles { path: path.clone() });
             }
+            check_limit(path, "max tiles", *max_tiles)?;
+            check_limit(path, "segments", *segments)?;
             let (_meta, indices, frames) = video::load_video(path, *bound, *segments)?;
             let mut grid = (1, 1);
             let placeholders = frames
@@ -110,6 +141,42 @@ pub fn load_visual(att: &Attachment, cfg: &TileConfig) -> Result<Visual, VisualE
                 grid,
                 frame_indices: indices,
             })
+        }
+    }
+}
+
+/// Tiles sent for one picture whose grid is chosen among at most `max` tiles.
+fn tiles_for(width: u32, height: u32, cfg: &TileConfig, max: u32) -> ((u32, u32), usize) {
+    let grid = image::find_grid(width, height, cfg.min_tiles.min(max), max, cfg.image_size);
+    let n = (grid.0 * grid.1) as usize;
+    (grid, if n > 1 && cfg.use_thumbnail { n + 1 } else { n })
+}
+
+/// The tiles of each placeholder `att` fills, as [`load_visual`] gives them, without resizing
+/// anything: an image is decoded for its size; a video's frames are counted from its packet
+/// index and tiled by its frame size.
+pub fn placeholder_tiles(att: &Attachment, cfg: &TileConfig) -> Result<Vec<usize>, VisualError> {
+    match att {
+        Attachment::Image { path, max_tiles } => {
+            let max = image_max_tiles(path, *max_tiles, cfg)?;
+            let img = image::load_rgb(path)?;
+            Ok(vec![tiles_for(img.width(), img.height(), cfg, max).1])
+        }
+        Attachment::Video {
+            path,
+            segments,
+            bound,
+            max_tiles,
+        } => {
+            if *max_tiles == 0 {
+                return Err(VisualError::ZeroTiles { path: path.clone() });
+            }
+            check_limit(path, "max tiles", *max_tiles)?;
+            check_limit(path, "segments", *segments)?;
+            let meta = video::probe(path)?;
+            let frames = video::sample_indices(path, &meta, *bound, *segments)?.len();
+            let per_frame = tiles_for(meta.width, meta.height, cfg, *max_tiles as u32).1;
+            Ok(vec![per_frame; frames])
         }
     }
 }
@@ -146,10 +213,7 @@ pub fn probe(att: &Attachment, cfg: &TileConfig) -> Result<Probe, VisualError> {
             let img = image::load_rgb(path)?;
             // tile it in the background now, so that sending finds the tiles ready
             prefetch(att, cfg);
-            let (w, h) = img.dimensions();
-            let grid = image::find_grid(w, h, cfg.min_tiles.min(max), max, cfg.image_size);
-            let n = (grid.0 * grid.1) as usize;
-            let tiles = if n > 1 && cfg.use_thumbnail { n + 1 } else { n };
+            let (grid, tiles) = tiles_for(img.width(), img.height(), cfg, max);
             Ok(Probe {
                 grid,
                 tiles,
@@ -173,6 +237,99 @@ pub fn probe(att: &Attachment, cfg: &TileConfig) -> Result<Probe, VisualError> {
                 preview: frames.first().cloned(),
                 frames,
             })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::fixture;
+
+    fn cfg() -> TileConfig {
+        TileConfig {
+            image_size: 448,
+            min_tiles: 1,
+            max_tiles: 12,
+            use_thumbnail: true,
+            tokens_per_tile: 256,
+        }
+    }
+
+    #[test]
+    fn placeholder_tiles_are_the_tiles_load_visual_makes() {
+        let mut atts: Vec<Attachment> = ["alpaca.png", "benchmark.png", "image1.jpg", "image3.jpg"]
+            .iter()
+            .flat_map(|i| {
+                [None, Some(1), Some(6)].map(|max_tiles| Attachment::Image {
+                    path: fixture(&format!("media/images/{i}")),
+                    max_tiles,
+                })
+            })
+            .collect();
+        for (v, segments, bound, max_tiles) in [
+            ("video_90.mov", 4, None, 1),
+            ("video_90.mov", 2, None, 3),
+            ("flipping_a_pancake.mkv", 8, Some((1.0, 3.0)), 2),
+            ("unordered.mov", 3, None, 1),
+        ] {
+            atts.push(Attachment::Video {
+                path: fixture(&format!("media/videos/{v}")),
+                segments,
+                bound,
+                max_tiles,
+            });
+        }
+        for a in &atts {
+            let v = load_visual(a, &cfg()).unwrap();
+            let want: Vec<usize> = v.placeholders.iter().map(Vec::len).collect();
+            assert_eq!(placeholder_tiles(a, &cfg()).unwrap(), want, "{a:?}");
+        }
+    }
+
+    #[test]
+    fn tile_and_frame_limits_are_refused_before_any_work() {
+        let image = fixture("media/images/image1.jpg");
+        for (max_tiles, ok) in [
+            (Some(128), true),
+            (Some(129), false),
+            (Some(usize::MAX), false),
+        ] {
+            let a = Attachment::Image {
+                path: image.clone(),
+                max_tiles,
+            };
+            let r = probe(&a, &cfg());
+            assert_eq!(r.is_ok(), ok, "{max_tiles:?}: {r:?}");
+            if !ok {
+                let e = r.unwrap_err().to_string();
+                assert!(
+                    e.starts_with(&format!("{}: max tiles ", image.display())),
+                    "{e}"
+                );
+                assert!(e.contains("more than 128"), "{e}");
+            }
+        }
+        // 2^32 + 1 once wrapped to 1 tile when cast to u32
+        let a = Attachment::Image {
+            path: image.clone(),
+            max_tiles: Some((1usize << 32) + 1),
+        };
+        assert!(matches!(
+            load_visual(&a, &cfg()),
+            Err(VisualError::OverLimit { .. })
+        ));
+        let video = fixture("media/videos/video_90.mov");
+        for (segments, max_tiles) in [(1_000_000_000, 1), (4, 4096)] {
+            let a = Attachment::Video {
+                path: video.clone(),
+                segments,
+                bound: None,
+                max_tiles,
+            };
+            let e = load_visual(&a, &cfg()).unwrap_err();
+            assert!(matches!(e, VisualError::OverLimit { .. }), "{e}");
+            assert!(e.to_string().contains("video_90.mov"), "{e}");
         }
     }
 }

@@ -50,6 +50,8 @@ pub struct VideoMeta {
 pub enum VideoError {
     #[error("video file not found: {}", path.display())]
     NotFound { path: PathBuf },
+    #[error("video {} is an empty file", path.display())]
+    Empty { path: PathBuf },
     #[error("{} is a directory, not a video file", path.display())]
     IsDirectory { path: PathBuf },
     #[error("cannot read {}: {source}", path.display())]
@@ -64,6 +66,8 @@ pub enum VideoError {
         path: PathBuf,
         source: ffmpeg::Error,
     },
+    #[error("video {} ends before its first frame (no frames)", path.display())]
+    EndsBeforeFrames { path: PathBuf },
     #[error("{} has no video stream", path.display())]
     NoVideoStream { path: PathBuf },
     #[error("cannot set up a decoder for the video stream of {}: {source}", path.display())]
@@ -413,6 +417,7 @@ fn open_stream(path: &Path) -> Result<(format::context::Input, usize, decoder::V
             })
         }
         Ok(m) if m.is_dir() => return Err(VideoError::IsDirectory { path: owned() }),
+        Ok(m) if m.is_file() && m.len() == 0 => return Err(VideoError::Empty { path: owned() }),
         Ok(_) => {}
     }
     // ffmpeg-next panics on non-utf-8 paths and nul bytes; `file:` keeps FFmpeg from reading a
@@ -421,9 +426,12 @@ fn open_stream(path: &Path) -> Result<(format::context::Input, usize, decoder::V
         Some(s) if !s.contains('\0') => format!("file:{s}"),
         _ => return Err(VideoError::UnsupportedPath { path: owned() }),
     };
-    let input = format::input(&url).map_err(|source| VideoError::Open {
-        path: owned(),
-        source,
+    let input = format::input(&url).map_err(|source| match source {
+        ffmpeg::Error::Eof => VideoError::EndsBeforeFrames { path: owned() },
+        source => VideoError::Open {
+            path: owned(),
+            source,
+        },
     })?;
     let st = input
         .streams()
@@ -446,6 +454,9 @@ fn read_packet(
     packet: &mut Packet,
 ) -> Result<bool, ffmpeg::Error> {
     loop {
+        // `Packet::read` is a bare av_read_frame, which overwrites the packet without releasing
+        // the buffer it holds: drop the previous one first, or every packet of the file leaks
+        *packet = Packet::empty();
         match packet.read(input) {
             Ok(()) => return Ok(true),
             Err(ffmpeg::Error::Eof) => return Ok(false),
@@ -858,6 +869,44 @@ mod tests {
                 "frame 3 is out of range for {}, which has 3 frames",
                 video("video_90.mov").display()
             )
+        );
+    }
+
+    #[test]
+    fn a_video_stream_without_frames_and_an_empty_file_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        // AVI keeps the stream: decord would count zero frames and have nothing to decode
+        let avi = dir.path().join("no-frames.avi");
+        crate::testutil::write_video_without_frames(&avi);
+        let (input, _, decoder) = open_stream(&avi).unwrap();
+        assert_eq!((decoder.width(), decoder.height()), (16, 16));
+        drop(input);
+        let err = load_video(&avi, None, 8).unwrap_err();
+        assert!(matches!(err, VideoError::NoFrames { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!("{} has a video stream with zero frames", avi.display())
+        );
+        // Matroska: FFmpeg reaches the end of the file while probing the stream
+        let mkv = dir.path().join("no-frames.mkv");
+        crate::testutil::write_video_without_frames(&mkv);
+        assert_eq!(
+            probe(&mkv).unwrap_err().to_string(),
+            format!(
+                "video {} ends before its first frame (no frames)",
+                mkv.display()
+            )
+        );
+        // MP4: the demuxer drops a track without samples
+        let mp4 = dir.path().join("no-frames.mp4");
+        crate::testutil::write_video_without_frames(&mp4);
+        assert!(matches!(probe(&mp4), Err(VideoError::NoVideoStream { .. })));
+        let empty = dir.path().join("empty.mp4");
+        std::fs::write(&empty, b"").unwrap();
+        let err = probe(&empty).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("video {} is an empty file", empty.display())
         );
     }
 

@@ -3,6 +3,7 @@
 //!
 //! `batch_chat` builds each query like a first `chat` turn with one image entry, so it is
 //! `build_query(template, system, &[], question, &[num_patches], num_image_token, true)`.
+pub mod conversation;
 pub mod sentencepiece;
 pub mod template;
 pub mod tokenizer;
@@ -21,6 +22,29 @@ pub enum PromptError {
         "the prompt has {placeholders} <image> placeholder(s) but {images} image(s) were given"
     )]
     ImageCount { placeholders: usize, images: usize },
+    #[error(
+        "the prompt has {} but {}",
+        placeholder_count(*.placeholders),
+        attached_count(*.attached)
+    )]
+    Placeholders {
+        placeholders: usize,
+        attached: usize,
+    },
+}
+
+fn placeholder_count(n: usize) -> String {
+    match n {
+        1 => "1 <image> placeholder".into(),
+        n => format!("{n} <image> placeholders"),
+    }
+}
+
+fn attached_count(n: usize) -> String {
+    match n {
+        1 => "1 image/frame is attached".into(),
+        n => format!("{n} images/frames are attached"),
+    }
 }
 
 /// The question `chat` sends on a turn: on the first turn with images and no `<image>` in it,

@@ -462,6 +462,7 @@ fn generate(
                     question: question.clone(),
                     // known once the server reports usage at the end
                     prompt_tokens: 0,
+                    dropped_turns: 0,
                 });
             }
             Reply::Refused { status, message } => {
@@ -551,6 +552,7 @@ mod tests {
             combine_images: false,
             params: SamplingParams::greedy(8),
             stop: vec!["END".into()],
+            truncate_history: false,
         }
     }
 

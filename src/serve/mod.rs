@@ -288,6 +288,8 @@ fn generate_request(
         combine_images: false,
         params: chat.params,
         stop: chat.stop,
+        // an over-long conversation is the client's to shorten: refused with the numbers
+        truncate_history: false,
     })
 }
 

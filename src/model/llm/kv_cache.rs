@@ -1,5 +1,6 @@
 //! Per-layer key/value cache: buffers of shape [b, kv_heads, capacity, head_dim] that grow
-//! geometrically, so decoding appends in place instead of re-allocating every token.
+//! geometrically, so decoding appends in place instead of re-allocating every token, up to a
+//! limit (the context window) that doubling never overshoots.
 use tch::Tensor;
 
 #[derive(Default)]
@@ -7,6 +8,9 @@ pub struct LayerCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
     len: i64,
+    /// Most positions a buffer grows to by doubling (0: no limit); a single append beyond it
+    /// still gets the room it needs.
+    limit: i64,
 }
 
 impl LayerCache {
@@ -16,7 +20,10 @@ impl LayerCache {
         let need = self.len + q;
         let cap = self.k.as_ref().map(|t| t.size()[2]).unwrap_or(0);
         if need > cap {
-            let new_cap = need.max(cap * 2).max(64);
+            let mut new_cap = need.max(cap * 2).max(64);
+            if self.limit > 0 {
+                new_cap = new_cap.min(self.limit).max(need);
+            }
             let grow = |old: &Option<Tensor>, like: &Tensor| {
                 let mut s = like.size();
                 s[2] = new_cap;
@@ -83,6 +90,18 @@ impl KvCache {
             l.truncate(len);
         }
     }
+
+    /// Positions every layer's buffers may grow to by doubling (the context window).
+    pub fn set_limit(&mut self, positions: usize) {
+        for l in &mut self.layers {
+            l.limit = positions as i64;
+        }
+    }
+
+    /// Positions the buffers have room for (the same in every layer).
+    pub fn capacity(&self) -> i64 {
+        self.layers.first().map(|l| l.capacity()).unwrap_or(0)
+    }
 }
 
 #[cfg(test)]
@@ -117,5 +136,23 @@ mod tests {
         assert!(ka
             .narrow(2, 0, 10)
             .equal(&Tensor::cat(&all, 2).narrow(2, 0, 10)));
+    }
+
+    #[test]
+    fn growth_stops_at_the_limit() {
+        let mut c = KvCache::new(2);
+        c.set_limit(100);
+        let step = |c: &mut KvCache, q: i64| {
+            let k = Tensor::zeros([1, 1, q, 2], (Kind::Float, Device::Cpu));
+            for l in &mut c.layers {
+                let _ = l.append(&k, &k);
+            }
+        };
+        step(&mut c, 70);
+        assert_eq!(c.capacity(), 70);
+        step(&mut c, 1); // doubling would give 140
+        assert_eq!((c.len(), c.capacity()), (71, 100));
+        step(&mut c, 29);
+        assert_eq!((c.len(), c.capacity()), (100, 100));
     }
 }

@@ -1,0 +1,61 @@
+//! Memory that must not grow with use, measured on this process alone (one test in the file).
+use internvl_chat::engine::protocol::Attachment;
+use internvl_chat::preprocess::{self, TileConfig};
+use internvl_chat::testutil::fixture;
+
+/// Resident memory of this process, in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/self/status");
+    kb * 1024
+}
+
+/// Every request of a chat re-reads the videos of its history: reading one must not leave its
+/// packets behind. (ffmpeg-next's `Packet::read` does not release the packet it overwrites;
+/// the soak test found each read of a video leaking the whole file.)
+#[test]
+fn reading_a_video_again_and_again_keeps_memory_flat() {
+    let cfg = TileConfig {
+        image_size: 448,
+        min_tiles: 1,
+        max_tiles: 12,
+        use_thumbnail: true,
+        tokens_per_tile: 256,
+    };
+    let video = fixture("media/videos/flipping_a_pancake.mkv");
+    let size = std::fs::metadata(&video).unwrap().len();
+    let att = Attachment::Video {
+        path: video,
+        segments: 8,
+        bound: None,
+        max_tiles: 1,
+    };
+    let read = || {
+        assert_eq!(preprocess::placeholder_tiles(&att, &cfg).unwrap(), [1; 8]);
+    };
+    for _ in 0..20 {
+        read();
+    }
+    let before = rss();
+    let n = 300;
+    for _ in 0..n {
+        read();
+    }
+    let grown = rss().saturating_sub(before);
+    assert!(
+        grown < n * size / 10,
+        "{n} reads of a {size}-byte video grew RSS by {grown} bytes"
+    );
+    // frames decoded too
+    let before = rss();
+    for _ in 0..20 {
+        preprocess::load_visual(&att, &cfg).unwrap();
+    }
+    let grown = rss().saturating_sub(before);
+    assert!(grown < 8 << 20, "20 decodes grew RSS by {grown} bytes");
+}
