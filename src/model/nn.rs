@@ -50,18 +50,57 @@ impl Linear {
     }
 
     pub fn load(w: &mut Weights, p: Place, prefix: &str, din: i64, dout: i64, bias: bool) -> Self {
-        let name = format!("{prefix}.weight");
-        let bias = bias.then(|| p.get(w, &format!("{prefix}.bias"), &[dout]));
+        Self::load_stacked(w, p, &[(prefix, dout)], din, bias)
+    }
+
+    /// Several `nn.Linear`s that read the same input, stacked into one whose output is theirs
+    /// concatenated in order (`parts`: prefix and output size). One GEMM instead of several; each
+    /// output row is computed exactly as before (the same dot product), so results are
+    /// bit-identical, and int8 scales are per row anyway.
+    pub fn load_stacked(
+        w: &mut Weights,
+        p: Place,
+        parts: &[(&str, i64)],
+        din: i64,
+        bias: bool,
+    ) -> Self {
+        let cat = |ts: Vec<Tensor>| match ts.len() {
+            1 => ts.into_iter().next().expect("one part"),
+            _ => Tensor::cat(&ts, 0),
+        };
+        let bias = bias.then(|| {
+            cat(parts
+                .iter()
+                .map(|(prefix, dout)| p.get(w, &format!("{prefix}.bias"), &[*dout]))
+                .collect())
+        });
+        let names: Vec<String> = parts.iter().map(|(pre, _)| format!("{pre}.weight")).collect();
         if !p.int8 {
-            return Self::dense(p.get(w, &name, &[dout, din]), bias);
+            let weight = cat(names
+                .iter()
+                .zip(parts)
+                .map(|(name, (_, dout))| p.get(w, name, &[*dout, din]))
+                .collect());
+            if parts.len() > 1 {
+                // the parts were copied into `weight`: their mapped pages are no longer needed
+                names.iter().for_each(|n| w.release(n));
+            }
+            return Self::dense(weight, bias);
         }
-        let full = w.get(&name, &[dout, din], Kind::Float, Device::Cpu);
-        w.release(&name);
-        let (q, scale) = quantize_rows(&full, p.kind);
+        let (qs, scales): (Vec<Tensor>, Vec<Tensor>) = names
+            .iter()
+            .zip(parts)
+            .map(|(name, (_, dout))| {
+                let stored = w.get_stored(name, &[*dout, din]);
+                let q = quantize_rows_blocked(&stored, p.kind);
+                w.release(name);
+                q
+            })
+            .unzip();
         Self {
-            weight: q.to_device(p.dev),
+            weight: cat(qs).to_device(p.dev),
             bias,
-            scale: Some(scale.to_device(p.dev)),
+            scale: Some(cat(scales).to_device(p.dev)),
         }
     }
 
@@ -110,6 +149,29 @@ pub fn quantize_rows(w: &Tensor, kind: Kind) -> (Tensor, Tensor) {
         .round()
         .clamp(-127.0, 127.0)
         .to_kind(Kind::Int8);
+    (q, scale)
+}
+
+/// Rows quantized at a time by [`quantize_rows_blocked`]: the f32 temporaries stay at a few MB
+/// instead of four bytes per weight.
+const QUANTIZE_BLOCK_ROWS: i64 = 256;
+
+/// [`quantize_rows`] of `w` [out, in] (any float dtype, e.g. the mapped bf16 checkpoint) one
+/// block of rows at a time into preallocated int8 and scale tensors, so that quantizing a
+/// model never holds an f32 copy of a whole weight.
+pub fn quantize_rows_blocked(w: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+    let (rows, cols) = w.size2().expect("a linear weight is 2-d");
+    let q = Tensor::empty([rows, cols], (Kind::Int8, Device::Cpu));
+    let scale = Tensor::empty([rows], (kind, Device::Cpu));
+    let mut start = 0;
+    while start < rows {
+        let n = QUANTIZE_BLOCK_ROWS.min(rows - start);
+        let block = w.narrow(0, start, n).to_device(Device::Cpu).to_kind(Kind::Float);
+        let (bq, bs) = quantize_rows(&block, kind);
+        q.narrow(0, start, n).copy_(&bq);
+        scale.narrow(0, start, n).copy_(&bs);
+        start += n;
+    }
     (q, scale)
 }
 

@@ -216,6 +216,13 @@ impl Weights {
         }
     }
 
+    /// The tensor `name` in the dtype it is stored in, on the CPU (memory-mapped where
+    /// possible): for code that converts it block by block itself.
+    pub fn get_stored(&mut self, name: &str, shape: &[i64]) -> Tensor {
+        let kind = self.entries.get(name).map_or(Kind::Float, |e| e.kind);
+        self.get(name, shape, kind, Device::Cpu)
+    }
+
     /// Gives the file pages behind `name` back to the kernel (MADV_DONTNEED) once the tensor
     /// has been copied elsewhere (int8 weights), so that the mapped bf16 bytes no longer count
     /// in the process's resident memory. The mapping is private and read-only: a later read of

@@ -31,11 +31,13 @@ pub fn load(w: &mut Weights, places: &LayerPlaces, cfg: &LlmConfig) -> Llm {
                 num_kv_heads: d.kv_heads,
                 head_dim: d.head_dim,
             };
-            let mlp = Mlp {
-                gate: lin(w, "feed_forward.w1", d.hidden, d.inter, false),
-                up: lin(w, "feed_forward.w3", d.hidden, d.inter, false),
-                down: lin(w, "feed_forward.w2", d.inter, d.hidden, false),
-            };
+            let mlp = Mlp::load(
+                w,
+                p,
+                &l,
+                ["feed_forward.w1", "feed_forward.w3", "feed_forward.w2"],
+                &d,
+            );
             DecoderLayer::with_norms(
                 w,
                 p,

@@ -15,8 +15,9 @@ use tch::{Device, Kind, Tensor};
 
 /// How q, k and v come out of the hidden states.
 pub enum Qkv {
-    /// Qwen2/Llama: `q_proj`, `k_proj`, `v_proj`.
-    Separate { q: Linear, k: Linear, v: Linear },
+    /// Qwen2/Llama: `q_proj`, `k_proj` and `v_proj` stacked into one linear layer whose output
+    /// is `[q | k | v]` (one GEMV per token instead of three).
+    Stacked(Linear),
     /// InternLM2: one `wqkv` whose output is laid out per key-value group as
     /// `[q_0 .. q_{g-1}, k, v]` for each of the `num_kv_heads` groups.
     Fused(Linear),
@@ -36,11 +37,15 @@ impl Attention {
         let (b, q_len, _) = xs.size3().expect("decoder activations are 3-d");
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         match &self.qkv {
-            Qkv::Separate { q, k, v } => (
-                q.forward(xs).view([b, q_len, h, d]).transpose(1, 2),
-                k.forward(xs).view([b, q_len, kvh, d]).transpose(1, 2),
-                v.forward(xs).view([b, q_len, kvh, d]).transpose(1, 2),
-            ),
+            Qkv::Stacked(qkv) => {
+                let t = qkv.forward(xs);
+                let part = |start, heads| {
+                    t.narrow(-1, start * d, heads * d)
+                        .view([b, q_len, heads, d])
+                        .transpose(1, 2)
+                };
+                (part(0, h), part(h, kvh), part(h + kvh, kvh))
+            }
             Qkv::Fused(wqkv) => {
                 let groups = h / kvh;
                 let t = wqkv.forward(xs).view([b, q_len, kvh, groups + 2, d]);
@@ -53,16 +58,44 @@ impl Attention {
     }
 }
 
+/// The SwiGLU MLP, `down(silu(gate(x)) * up(x))`, with `gate` and `up` stacked into one linear
+/// layer whose output is `[gate | up]`.
 pub struct Mlp {
-    pub gate: Linear,
-    pub up: Linear,
+    pub gate_up: Linear,
     pub down: Linear,
+    pub inter: i64,
 }
 
 impl Mlp {
+    /// The MLP of layer `layer` (a key prefix) from its gate, up and down projections' names.
+    pub(crate) fn load(
+        w: &mut Weights,
+        p: Place,
+        layer: &str,
+        [gate, up, down]: [&str; 3],
+        d: &Dims,
+    ) -> Self {
+        Self {
+            gate_up: Linear::load_stacked(
+                w,
+                p,
+                &[
+                    (&format!("{layer}.{gate}"), d.inter),
+                    (&format!("{layer}.{up}"), d.inter),
+                ],
+                d.hidden,
+                false,
+            ),
+            down: Linear::load(w, p, &format!("{layer}.{down}"), d.inter, d.hidden, false),
+            inter: d.inter,
+        }
+    }
+
     fn forward(&self, xs: &Tensor) -> Tensor {
-        self.down
-            .forward(&(self.gate.forward(xs).silu() * self.up.forward(xs)))
+        let t = self.gate_up.forward(xs);
+        let gate = t.narrow(-1, 0, self.inter);
+        let up = t.narrow(-1, self.inter, self.inter);
+        self.down.forward(&(gate.silu() * up))
     }
 }
 
@@ -78,13 +111,10 @@ impl DecoderLayer {
     /// Every weight of the layer.
     pub fn tensors(&self) -> Vec<&Tensor> {
         let mut v = vec![&self.input_norm.weight, &self.post_attn_norm.weight];
-        let linears: Vec<&Linear> = match &self.attn.qkv {
-            Qkv::Separate { q, k, v } => vec![q, k, v],
-            Qkv::Fused(l) => vec![l],
-        }
-        .into_iter()
-        .chain([&self.attn.o, &self.mlp.gate, &self.mlp.up, &self.mlp.down])
-        .collect();
+        let qkv = match &self.attn.qkv {
+            Qkv::Stacked(l) | Qkv::Fused(l) => l,
+        };
+        let linears = [qkv, &self.attn.o, &self.mlp.gate_up, &self.mlp.down];
         for l in linears {
             v.push(&l.weight);
             v.extend(l.bias.iter().chain(l.scale.iter()));

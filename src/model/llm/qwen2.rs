@@ -21,36 +21,22 @@ pub fn load(
         .map(|i| {
             let p = places.layer(i);
             let l = format!("{pre}.layers.{i}");
-            let lin = |w: &mut Weights, n: &str, din, dout, bias| {
-                Linear::load(w, p, &format!("{l}.{n}"), din, dout, bias)
-            };
             let attn = Attention {
-                qkv: Qkv::Separate {
-                    q: lin(
-                        w,
-                        "self_attn.q_proj",
-                        d.hidden,
-                        d.heads * d.head_dim,
-                        qkv_bias,
-                    ),
-                    k: lin(
-                        w,
-                        "self_attn.k_proj",
-                        d.hidden,
-                        d.kv_heads * d.head_dim,
-                        qkv_bias,
-                    ),
-                    v: lin(
-                        w,
-                        "self_attn.v_proj",
-                        d.hidden,
-                        d.kv_heads * d.head_dim,
-                        qkv_bias,
-                    ),
-                },
-                o: lin(
+                qkv: Qkv::Stacked(Linear::load_stacked(
                     w,
-                    "self_attn.o_proj",
+                    p,
+                    &[
+                        (&format!("{l}.self_attn.q_proj"), d.heads * d.head_dim),
+                        (&format!("{l}.self_attn.k_proj"), d.kv_heads * d.head_dim),
+                        (&format!("{l}.self_attn.v_proj"), d.kv_heads * d.head_dim),
+                    ],
+                    d.hidden,
+                    qkv_bias,
+                )),
+                o: Linear::load(
+                    w,
+                    p,
+                    &format!("{l}.self_attn.o_proj"),
                     d.heads * d.head_dim,
                     d.hidden,
                     o_bias,
@@ -59,11 +45,7 @@ pub fn load(
                 num_kv_heads: d.kv_heads,
                 head_dim: d.head_dim,
             };
-            let mlp = Mlp {
-                gate: lin(w, "mlp.gate_proj", d.hidden, d.inter, false),
-                up: lin(w, "mlp.up_proj", d.hidden, d.inter, false),
-                down: lin(w, "mlp.down_proj", d.inter, d.hidden, false),
-            };
+            let mlp = Mlp::load(w, p, &l, ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"], &d);
             DecoderLayer::with_norms(
                 w,
                 p,
