@@ -74,7 +74,10 @@ impl Linear {
                 .map(|(prefix, dout)| p.get(w, &format!("{prefix}.bias"), &[*dout]))
                 .collect())
         });
-        let names: Vec<String> = parts.iter().map(|(pre, _)| format!("{pre}.weight")).collect();
+        let names: Vec<String> = parts
+            .iter()
+            .map(|(pre, _)| format!("{pre}.weight"))
+            .collect();
         if !p.int8 {
             let weight = cat(names
                 .iter()
@@ -105,12 +108,16 @@ impl Linear {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {
+        if super::gemv::applies(xs, &self.weight) {
+            return super::gemv::linear(xs, &self.weight, self.scale.as_ref(), self.bias.as_ref());
+        }
         let Some(scale) = &self.scale else {
             return xs.linear(&self.weight, self.bias.as_ref());
         };
         let din = self.weight.size()[1];
         let rows = xs.numel() as i64 / din;
-        let y = if rows <= INT8_KERNEL_MAX_ROWS && xs.device() == Device::Cpu {
+        // libtorch's int8 kernel silently computes garbage unless the inner size is a multiple of 64
+        let y = if rows <= INT8_KERNEL_MAX_ROWS && xs.device() == Device::Cpu && din % 64 == 0 {
             let mut shape = xs.size();
             *shape.last_mut().expect("linear input has a last dim") = self.weight.size()[0];
             xs.reshape([rows, din])
@@ -166,7 +173,10 @@ pub fn quantize_rows_blocked(w: &Tensor, kind: Kind) -> (Tensor, Tensor) {
     let mut start = 0;
     while start < rows {
         let n = QUANTIZE_BLOCK_ROWS.min(rows - start);
-        let block = w.narrow(0, start, n).to_device(Device::Cpu).to_kind(Kind::Float);
+        let block = w
+            .narrow(0, start, n)
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Float);
         let (bq, bs) = quantize_rows(&block, kind);
         q.narrow(0, start, n).copy_(&bq);
         scale.narrow(0, start, n).copy_(&bs);

@@ -45,7 +45,13 @@ pub fn load(
                 num_kv_heads: d.kv_heads,
                 head_dim: d.head_dim,
             };
-            let mlp = Mlp::load(w, p, &l, ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"], &d);
+            let mlp = Mlp::load(
+                w,
+                p,
+                &l,
+                ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+                &d,
+            );
             DecoderLayer::with_norms(
                 w,
                 p,

@@ -1,0 +1,64 @@
+//! Decode only, for profilers: loads a checkpoint, prefills a short text prompt and decodes a
+//! forced number of tokens, printing tokens/s. Unlike `internvl-chat bench`, nothing else (vision,
+//! prefill of a picture, batches, roofline) lands in the profile.
+//!
+//! ```sh
+//! cargo build --profile profiling --example profile_decode
+//! perf record -e cpu-clock -g target/profiling/examples/profile_decode /tmp/bench-1b 256 [threads]
+//! ```
+use anyhow::{Context, Result};
+use internvl_chat::engine::chat::{ChatInput, Engine};
+use internvl_chat::engine::generate::Flow;
+use internvl_chat::model::{Int8, LoadOptions};
+use internvl_chat::sampling::SamplingParams;
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::{Device, Kind};
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let model = PathBuf::from(
+        args.next()
+            .context("usage: profile_decode MODEL_DIR [TOKENS] [THREADS] [int8]")?,
+    );
+    let n: usize = args.next().map_or(Ok(256), |s| s.parse())?;
+    if let Some(t) = args.next() {
+        tch::set_num_threads(t.parse()?);
+    }
+    let int8 = if args.next().as_deref() == Some("int8") {
+        Int8::Llm
+    } else {
+        Int8::Off
+    };
+    let _g = tch::no_grad_guard();
+    let opts = LoadOptions {
+        kind: Kind::BFloat16,
+        first: Device::Cpu,
+        layers: vec![],
+        int8,
+    };
+    let mut engine = Engine::load(&model, &opts)?;
+    let p = engine.prepare(&ChatInput {
+        system: None,
+        history: &[],
+        question: "Please describe the image in detail.",
+        attachments: &[],
+        combine_images: false,
+    })?;
+    let params = SamplingParams {
+        min_new_tokens: n,
+        ..SamplingParams::greedy(n)
+    };
+    let mut first = None;
+    let out = engine.run(&p, &params, &mut |_| {
+        first.get_or_insert_with(Instant::now);
+        Flow::Continue
+    })?;
+    let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+    println!(
+        "{} tokens, decode {:.2} tok/s",
+        out.tokens.len(),
+        (out.tokens.len() - 1) as f64 / secs
+    );
+    Ok(())
+}

@@ -1,0 +1,432 @@
+//! Matrix-vector products for decoding on the CPU: `y = x W^T (+ b)` for a few rows of `x`
+//! against a bf16 weight (or an int8 one with a scale per output row), the shape of every linear
+//! layer while tokens are generated.
+//!
+//! Why our own: for one row, libtorch's bf16 `linear` goes through oneDNN's brgemm matmul, which
+//! repacks the whole weight into a scratch buffer on every call (`copy_b_chunk_in_buffer`), so
+//! every weight is read twice and written once per token; the output head runs at a fifth of the
+//! machine's read bandwidth. Decoding is bound by reading the weights once, which is all this
+//! does: each output is a dot product of one weight row with each input row, accumulated in f32
+//! (bf16 products are exact in f32), the bias added in f32, rounded once to bf16, as libtorch's
+//! bf16 GEMM does. Only the order of the f32 additions differs from oneDNN's.
+//!
+//! Weight rows are split across a small thread pool sized like libtorch's (`--threads`).
+use half::bf16;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use tch::{Device, Kind, Tensor};
+
+/// Most input rows one call takes (decoding a batch of up to 8 conversations).
+pub const MAX_ROWS: usize = 8;
+
+/// The weight of a linear layer as this module reads it.
+pub enum WeightRef<'a> {
+    Bf16(&'a [u16]),
+    /// int8 values and one scale (bf16) per output row.
+    Int8(&'a [i8], &'a [u16]),
+}
+
+thread_local! {
+    static ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Turns this path off (libtorch's `linear` everywhere) or on again, for the calling thread:
+/// for comparisons.
+pub fn set_enabled(on: bool) {
+    ENABLED.with(|e| e.set(on));
+}
+
+static CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many times [`linear`] ran in this process (tests check that decoding takes this path).
+pub fn calls() -> usize {
+    CALLS.load(Ordering::Relaxed)
+}
+
+/// Whether [`linear`] handles `x` [.., k] with a weight of `weight_kind` (bf16 activations on the
+/// CPU, at most [`MAX_ROWS`] rows).
+pub fn applies(xs: &Tensor, weight: &Tensor) -> bool {
+    let k = *xs.size().last().unwrap_or(&0);
+    ENABLED.with(Cell::get)
+        && xs.device() == Device::Cpu
+        && weight.device() == Device::Cpu
+        && xs.kind() == Kind::BFloat16
+        && matches!(weight.kind(), Kind::BFloat16 | Kind::Int8)
+        && k > 0
+        && (xs.numel() as i64 / k) as usize <= MAX_ROWS
+        && weight.is_contiguous()
+}
+
+/// `xs` [.., k] times `weight` [n, k] transposed, scaled per row by `scale` [n] (int8 weights),
+/// plus `bias` [n]: [.., n] in bf16. Call only where [`applies`] holds.
+pub fn linear(
+    xs: &Tensor,
+    weight: &Tensor,
+    scale: Option<&Tensor>,
+    bias: Option<&Tensor>,
+) -> Tensor {
+    CALLS.fetch_add(1, Ordering::Relaxed);
+    let (n, k) = weight.size2().expect("a linear weight is 2-d");
+    let rows = (xs.numel() as i64 / k) as usize;
+    let x = xs.reshape([rows as i64, k]).contiguous();
+    let x = to_f32_vec(&x);
+    let bias = bias.map(|b| to_f32_vec(&b.to_kind(Kind::BFloat16).contiguous()));
+    let scale = scale.map(|s| s.to_kind(Kind::BFloat16).contiguous());
+    let mut out = vec![0u16; rows * n as usize];
+    {
+        let w = match &scale {
+            None => WeightRef::Bf16(slice_of::<u16>(weight)),
+            Some(s) => WeightRef::Int8(slice_of::<i8>(weight), slice_of::<u16>(s)),
+        };
+        gemv(&x, rows, &w, bias.as_deref(), &mut out);
+    }
+    let mut shape = xs.size();
+    *shape.last_mut().expect("checked above") = n;
+    let bytes: &[u8] = bytemuck_u16(&out);
+    Tensor::from_data_size(bytes, &shape, Kind::BFloat16)
+}
+
+fn bytemuck_u16(v: &[u16]) -> &[u8] {
+    // SAFETY: u16 has no padding and any byte pattern is a valid u8; the length is exact.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// The elements of a contiguous CPU tensor.
+fn slice_of<T>(t: &Tensor) -> &[T] {
+    assert!(t.is_contiguous() && t.device() == Device::Cpu);
+    let n = t.numel();
+    if n == 0 {
+        return &[];
+    }
+    assert_eq!(t.kind().elt_size_in_bytes(), std::mem::size_of::<T>());
+    // SAFETY: a contiguous CPU tensor of `n` elements of this size starts at data_ptr, and the
+    // borrow of `t` keeps its storage alive.
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, n) }
+}
+
+fn to_f32_vec(t: &Tensor) -> Vec<f32> {
+    slice_of::<u16>(t)
+        .iter()
+        .map(|&b| bf16::from_bits(b).to_f32())
+        .collect()
+}
+
+/// Row-major `x` [rows, k] (f32) times `w` [n, k] transposed plus `bias` [n], rounded to bf16 into
+/// `out` [rows, n]. `k` is `x.len() / rows`.
+pub fn gemv(x: &[f32], rows: usize, w: &WeightRef, bias: Option<&[f32]>, out: &mut [u16]) {
+    assert!((1..=MAX_ROWS).contains(&rows) && x.len().is_multiple_of(rows));
+    let k = x.len() / rows;
+    let n = out.len() / rows;
+    match w {
+        WeightRef::Bf16(w) => assert_eq!(w.len(), n * k),
+        WeightRef::Int8(w, s) => assert!(w.len() == n * k && s.len() == n),
+    }
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n);
+    }
+    let job = Job {
+        x,
+        rows,
+        k,
+        n,
+        w,
+        bias,
+        out: OutPtr(out.as_mut_ptr()),
+    };
+    let threads = pool_threads();
+    // about four chunks per thread, claimed in turn, so a descheduled thread costs little
+    let chunk = n.div_ceil(threads * 4).max(16);
+    let chunks = n.div_ceil(chunk);
+    let next = AtomicUsize::new(0);
+    let work = || loop {
+        let c = next.fetch_add(1, Ordering::Relaxed);
+        if c >= chunks {
+            break;
+        }
+        job.run(c * chunk, ((c + 1) * chunk).min(n));
+    };
+    if threads == 1 || chunks == 1 {
+        work();
+        return;
+    }
+    // this thread works too; the pool's threads join in
+    pool().in_place_scope(|s| {
+        for _ in 1..threads.min(chunks) {
+            s.spawn(|_| work());
+        }
+        work();
+    });
+}
+
+struct OutPtr(*mut u16);
+// SAFETY: the chunks of one call write disjoint output columns (weight rows), and the scope
+// ends before `out` is used again.
+unsafe impl Sync for OutPtr {}
+
+struct Job<'a> {
+    x: &'a [f32],
+    rows: usize,
+    k: usize,
+    n: usize,
+    w: &'a WeightRef<'a>,
+    bias: Option<&'a [f32]>,
+    out: OutPtr,
+}
+
+impl Job<'_> {
+    /// Output columns `lo..hi` (weight rows) for every input row.
+    fn run(&self, lo: usize, hi: usize) {
+        let mut dots = [0f32; MAX_ROWS];
+        for i in lo..hi {
+            let dots = &mut dots[..self.rows];
+            let scale = match self.w {
+                WeightRef::Bf16(w) => {
+                    dot(self.x, self.rows, &w[i * self.k..(i + 1) * self.k], dots);
+                    1.0
+                }
+                WeightRef::Int8(w, s) => {
+                    dot(self.x, self.rows, &w[i * self.k..(i + 1) * self.k], dots);
+                    bf16::from_bits(s[i]).to_f32()
+                }
+            };
+            let b = self.bias.map_or(0.0, |b| b[i]);
+            for (r, d) in dots.iter().enumerate() {
+                let y = if matches!(self.w, WeightRef::Int8(..)) {
+                    // as ATen's int8 kernel: the dot product scaled, then rounded
+                    bf16::from_f32(d * scale).to_f32() + b
+                } else {
+                    d + b
+                };
+                // SAFETY: r < rows and i < n index inside `out` [rows, n]; this chunk alone
+                // writes column i.
+                unsafe { *self.out.0.add(r * self.n + i) = bf16::from_f32(y).to_bits() };
+            }
+        }
+    }
+}
+
+/// A weight element: bf16 bits or int8.
+pub trait Weight: Copy {
+    fn to_f32(self) -> f32;
+}
+
+impl Weight for u16 {
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+}
+
+impl Weight for i8 {
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod simd {
+    pub trait Load16: super::Weight {}
+    impl<W: super::Weight> Load16 for W {}
+}
+
+/// `dots[r] = x[r] · w` for each of `rows` input rows and one weight row (unscaled).
+fn dot<W: simd::Load16>(x: &[f32], rows: usize, w: &[W], dots: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::avx512() {
+        // SAFETY: the CPU has AVX-512F (checked at run time); the lengths are the caller's.
+        unsafe { simd::dot(x, rows, w, dots) };
+        return;
+    }
+    let k = w.len();
+    for (r, d) in dots.iter_mut().enumerate().take(rows) {
+        *d = x[r * k..(r + 1) * k]
+            .iter()
+            .zip(w)
+            .map(|(a, &b)| a * b.to_f32())
+            .sum();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    pub fn avx512() -> bool {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+    }
+
+    /// Loads 16 weights as f32.
+    pub trait Load16: super::Weight {
+        /// # Safety
+        /// `p` points at 16 readable elements; the CPU has AVX-512F.
+        unsafe fn load16(p: *const Self) -> __m512;
+    }
+
+    impl Load16 for u16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const u16) -> __m512 {
+            // bf16 is the top half of an f32
+            let wi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wi))
+        }
+    }
+
+    impl Load16 for i8 {
+        #[inline(always)]
+        unsafe fn load16(p: *const i8) -> __m512 {
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())))
+        }
+    }
+
+    /// `dots[r] = x[r] · w` for `M` input rows. Two accumulators per input row (even and odd
+    /// 16-element blocks) hide the FMA latency; `M` is a constant so that they stay in registers.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dot_m<W: Load16, const M: usize>(x: &[f32], w: &[W], dots: &mut [f32]) {
+        let k = w.len();
+        let mut a0 = [_mm512_setzero_ps(); M];
+        let mut a1 = [_mm512_setzero_ps(); M];
+        let wp = w.as_ptr();
+        let xp = x.as_ptr();
+        let mut j = 0;
+        while j + 32 <= k {
+            let w0 = W::load16(wp.add(j));
+            let w1 = W::load16(wp.add(j + 16));
+            for r in 0..M {
+                a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(r * k + j)), a0[r]);
+                a1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(r * k + j + 16)), a1[r]);
+            }
+            j += 32;
+        }
+        if j + 16 <= k {
+            let w0 = W::load16(wp.add(j));
+            for r in 0..M {
+                a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(r * k + j)), a0[r]);
+            }
+            j += 16;
+        }
+        for r in 0..M {
+            let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+            for t in j..k {
+                s += x[r * k + t] * w[t].to_f32();
+            }
+            dots[r] = s;
+        }
+    }
+
+    /// `dots[r] = x[r] · w` for `rows` (1..=8) input rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `x` holds `rows * w.len()` values and `dots` `rows`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot<W: Load16>(x: &[f32], rows: usize, w: &[W], dots: &mut [f32]) {
+        debug_assert!(x.len() >= rows * w.len() && dots.len() >= rows);
+        match rows {
+            1 => dot_m::<W, 1>(x, w, dots),
+            2 => dot_m::<W, 2>(x, w, dots),
+            3 => dot_m::<W, 3>(x, w, dots),
+            4 => dot_m::<W, 4>(x, w, dots),
+            5 => dot_m::<W, 5>(x, w, dots),
+            6 => dot_m::<W, 6>(x, w, dots),
+            7 => dot_m::<W, 7>(x, w, dots),
+            _ => dot_m::<W, 8>(x, w, dots),
+        }
+    }
+}
+
+fn pool_threads() -> usize {
+    tch::get_num_threads().max(1) as usize
+}
+
+/// The pool, created on first use with libtorch's thread count at that time.
+fn pool() -> &'static rayon::ThreadPool {
+    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(pool_threads().saturating_sub(1).max(1))
+            .thread_name(|i| format!("gemv-{i}"))
+            .build()
+            .expect("starting the GEMV threads")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf16_ulps(a: &Tensor, b: &Tensor) -> i64 {
+        // bf16 bit patterns of finite same-sign values are ordered: their distance in ulps
+        let bits = |t: &Tensor| t.view_dtype(Kind::Int16).to_kind(Kind::Int64);
+        (bits(a) - bits(b)).abs().max().int64_value(&[])
+    }
+
+    /// Integer-valued inputs make every sum exact in f32, whatever the order: the result must then
+    /// equal libtorch's bit for bit (rounding once to bf16, bias added before rounding).
+    #[test]
+    fn exact_sums_equal_libtorch_bit_for_bit() {
+        tch::manual_seed(3);
+        for k in [7i64, 16, 40, 896] {
+            let w = Tensor::randint_low(-8, 8, [300, k], (Kind::Float, Device::Cpu))
+                .to_kind(Kind::BFloat16);
+            let b = (Tensor::randint_low(-50, 50, [300], (Kind::Float, Device::Cpu)) / 4.0)
+                .to_kind(Kind::BFloat16);
+            for rows in 1..=MAX_ROWS as i64 {
+                let x = Tensor::randint_low(-3, 4, [1, rows, k], (Kind::Float, Device::Cpu))
+                    .to_kind(Kind::BFloat16);
+                assert!(applies(&x, &w));
+                let want = x.linear(&w, Some(&b));
+                let got = linear(&x, &w, None, Some(&b));
+                assert_eq!(got.size(), want.size());
+                assert!(got.equal(&want), "k {k} rows {rows}");
+                assert!(linear(&x, &w, None, None).equal(&x.linear::<&Tensor>(&w, None)));
+            }
+        }
+    }
+
+    /// Real-valued inputs: within one bf16 ulp of libtorch (the f32 sums are added in another
+    /// order), for bf16 and int8 weights, on every row count. libtorch's int8 kernel only takes
+    /// `k` a multiple of 64 (it returns garbage for k = 904), hence k = 896 there.
+    #[test]
+    fn random_inputs_within_one_ulp_of_libtorch() {
+        tch::manual_seed(4);
+        for (n, k, int8) in [(257, 904, false), (260, 896, true)] {
+            let wf = Tensor::randn([n, k], (Kind::Float, Device::Cpu)) * 0.05;
+            let w = wf.to_kind(Kind::BFloat16);
+            let b = Tensor::randn([n], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+            let (q, scale) = crate::model::nn::quantize_rows(&wf, Kind::BFloat16);
+            for rows in [1i64, 2, 5, 8] {
+                let x =
+                    Tensor::randn([rows, k], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+                let want = x.linear(&w, Some(&b));
+                let got = linear(&x, &w, None, Some(&b));
+                assert!(bf16_ulps(&got, &want) <= 1, "bf16 {k} rows {rows}");
+                if int8 {
+                    let want = x.contiguous().internal_weight_int8pack_mm(&q, &scale) + &b;
+                    let got = linear(&x, &q, Some(&scale), Some(&b));
+                    assert!(bf16_ulps(&got, &want) <= 1, "int8 rows {rows}");
+                }
+            }
+        }
+    }
+
+    /// The thread pool splits the weight rows: many rows, several threads, same answer as one.
+    #[test]
+    fn chunks_cover_every_output_once() {
+        let k = 32;
+        let n = 1000;
+        let x: Vec<f32> = (0..2 * k).map(|i| (i % 5) as f32).collect();
+        let w: Vec<u16> = (0..n * k)
+            .map(|i| bf16::from_f32(((i / k) % 7) as f32).to_bits())
+            .collect();
+        let mut out = vec![0u16; 2 * n];
+        gemv(&x, 2, &WeightRef::Bf16(&w), None, &mut out);
+        let xs: [f32; 2] = [x[..k].iter().sum(), x[k..].iter().sum()];
+        for r in 0..2 {
+            for i in 0..n {
+                let want = bf16::from_f32(xs[r] * (i % 7) as f32).to_bits();
+                assert_eq!(out[r * n + i], want, "row {r} col {i}");
+            }
+        }
+    }
+}
