@@ -115,8 +115,10 @@ def load(base, key, spec):
 
 
 def disconnect(base, key, spec):
-    """A streaming request read for a few pieces then closed; meanwhile a second, non-streaming
-    request that waits behind it gives up (client timeout); then a last request."""
+    """A non-streaming request given up on while it runs alone (client timeout); then a
+    streaming request read for a few pieces then closed, while a second, non-streaming request
+    that waits behind it gives up; then a last request."""
+    alone = give_up(base, key, spec, spec["waiting"])
     c = client(base, key)
     s = c.chat.completions.create(stream=True, **arguments(spec["long"]))
     seen, first_id = [], None
@@ -126,17 +128,22 @@ def disconnect(base, key, spec):
             seen.append(chunk.choices[0].delta.content)
         if len(seen) >= spec["read"]:
             break
-    impatient = client(base, key, timeout=httpx.Timeout(spec["give_up_after_s"]))
-    try:
-        impatient.chat.completions.create(**arguments(spec["waiting"]))
-        waited = "answered"
-    except openai.APITimeoutError:
-        waited = "gave up"
-    finally:
-        impatient.close()  # hangs up at once rather than whenever the pool is collected
+    waited = give_up(base, key, spec, spec["waiting"])
     s.close()
     last = ask(c, spec["last"])
-    return {"long_id": first_id, "long_pieces": len(seen), "waiting": waited, "last": last}
+    return {"alone": alone, "long_id": first_id, "long_pieces": len(seen), "waiting": waited, "last": last}
+
+
+def give_up(base, key, spec, request):
+    """A non-streaming request whose client stops waiting after give_up_after_s."""
+    impatient = client(base, key, timeout=httpx.Timeout(spec["give_up_after_s"]))
+    try:
+        impatient.chat.completions.create(**arguments(request))
+        return "answered"
+    except openai.APITimeoutError:
+        return "gave up"
+    finally:
+        impatient.close()  # hangs up at once rather than whenever the pool is collected
 
 
 def raw(base, key, spec):

@@ -585,11 +585,19 @@ fn a_client_that_leaves_cancels_its_request() {
         "none",
         &json!({"long": endless, "read": 5, "waiting": endless, "give_up_after_s": 1.0, "last": last}),
     );
+    assert_eq!(got["alone"], "gave up");
     assert_eq!(got["long_pieces"], 5);
     assert_eq!(got["waiting"], "gave up");
     let long_id = got["long_id"].as_str().unwrap();
     let (prefix, n) = long_id.rsplit_once('-').unwrap();
-    let waiting_id = format!("{prefix}-{}", n.parse::<u64>().unwrap() + 1);
+    let n: u64 = n.parse().unwrap();
+    let alone_id = format!("{prefix}-{}", n - 1);
+    let waiting_id = format!("{prefix}-{}", n + 1);
+    // a non-streamed answer writes nothing while it runs: its tokens keep coming, and still
+    // the socket is watched
+    server.wait_log("the lone request's cancel", |l| {
+        l.contains(&format!("{alone_id}: cancelled: the client went away"))
+    });
     let line = server.wait_log("the streamed request's cancel", |l| {
         l.contains(&format!("{long_id}: cancelled: the client went away"))
     });
@@ -605,7 +613,7 @@ fn a_client_that_leaves_cancels_its_request() {
         l.contains(&format!("{waiting_id}: cancelled"))
     });
     let log = server.log();
-    for id in [long_id, &waiting_id] {
+    for id in [&alone_id, long_id, &waiting_id] {
         let finished = log
             .lines()
             .any(|l| l.contains(&format!("{id}: ")) && l.contains("completion tokens"));

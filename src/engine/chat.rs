@@ -194,6 +194,14 @@ impl Engine {
         self.cache.truncate(0);
     }
 
+    /// [`Engine::reset`], and forgets the vision features and decoded tiles kept for pictures
+    /// seen before: the next turn starts as cold as the first of the process.
+    pub fn reset_cold(&mut self) {
+        self.reset();
+        self.features.clear();
+        crate::preprocess::cache::clear();
+    }
+
     /// Loads attachments, adds placeholders, builds the query and its ids (the whole history,
     /// whatever its length; see [`Engine::prepare_to_fit`]).
     ///

@@ -53,6 +53,12 @@ impl FeatureCache {
         self.map.len()
     }
 
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.order.clear();
+        self.bytes = 0;
+    }
+
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }

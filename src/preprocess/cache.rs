@@ -65,6 +65,14 @@ fn visual_bytes(v: &Visual) -> usize {
         .sum()
 }
 
+/// Forgets every entry (benchmarks measure cold starts).
+pub fn clear() {
+    let mut c = lock();
+    c.slots.clear();
+    c.order.clear();
+    c.bytes = 0;
+}
+
 /// [`load_visual`] through the shared cache.
 pub fn load_visual_shared(att: &Attachment, cfg: &TileConfig) -> Result<Arc<Visual>, VisualError> {
     let Some(k) = key(att, cfg) else {

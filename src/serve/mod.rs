@@ -22,11 +22,12 @@ use images::TempPicture;
 use openai::{ApiError, Envelope, Usage, UserMessage};
 use queue::{Job, Msg};
 use serde_json::{json, Value};
+use std::cell::Cell;
 use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Largest request body (pictures come inline as data: URLs).
 const MAX_BODY: usize = 64 << 20;
@@ -313,22 +314,23 @@ fn gone() -> io::Error {
 }
 
 /// The next event of request `id`, watching the client meanwhile: when it has gone, the
-/// request is cancelled and `Err` returned.
-fn next_event(
-    shared: &Shared,
-    conn: &Conn,
-    rx: &Receiver<EngineEvent>,
-    id: RequestId,
-) -> io::Result<EngineEvent> {
+/// request is cancelled and `Err` returned. The socket is looked at every [`POLL`] whether or not
+/// events keep coming (a fast model's tokens arrive more often than that, and a non-streamed
+/// answer writes nothing until it is done).
+fn next_event(shared: &Shared, conn: &Conn, events: &Events) -> io::Result<EngineEvent> {
+    let Events { id, rx, last_look } = events;
+    let id = *id;
     loop {
-        match rx.recv_timeout(POLL) {
-            Ok(ev) => return Ok(ev),
-            Err(RecvTimeoutError::Timeout) => {
-                if conn.client_gone() {
-                    let _ = shared.queue.send(Msg::Cancel(id));
-                    return Err(gone());
-                }
+        if last_look.get().elapsed() >= POLL {
+            last_look.set(Instant::now());
+            if conn.client_gone() {
+                let _ = shared.queue.send(Msg::Cancel(id));
+                return Err(gone());
             }
+        }
+        match rx.recv_timeout(POLL.saturating_sub(last_look.get().elapsed())) {
+            Ok(ev) => return Ok(ev),
+            Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 return Ok(EngineEvent::Error {
                     id,
@@ -384,14 +386,19 @@ fn chat(shared: &Shared, conn: &mut Conn, req: &Request, keep: bool) -> io::Resu
     }
     // errors found when the engine reads the request (an undecodable picture, a prompt too
     // long) come before it starts, as a plain error response
-    match next_event(shared, conn, &rx, id)? {
+    let events = Events {
+        id,
+        rx: &rx,
+        last_look: Cell::new(Instant::now()),
+    };
+    match next_event(shared, conn, &events)? {
         EngineEvent::Error { message, fault, .. } => {
             let message = locate(&message);
             tracing::info!("{}: refused: {message}", env.id);
             send_error(conn, &engine_error(&message, fault), keep)
         }
-        _ if stream => stream_answer(shared, conn, (id, &rx), &env, include_usage),
-        first => whole_answer(shared, conn, (id, &rx), &env, first, keep),
+        _ if stream => stream_answer(shared, conn, &events, &env, include_usage),
+        first => whole_answer(shared, conn, &events, &env, first, keep),
     }
 }
 
@@ -406,13 +413,17 @@ fn log_done(env: &Envelope, finish: Finish, usage: Usage, streamed: bool) {
     );
 }
 
-/// The request's id and its events.
-type Events<'a> = (RequestId, &'a Receiver<EngineEvent>);
+/// The request's id, its events, and when its client's socket was last looked at.
+struct Events<'a> {
+    id: RequestId,
+    rx: &'a Receiver<EngineEvent>,
+    last_look: Cell<Instant>,
+}
 
 fn whole_answer(
     shared: &Shared,
     conn: &mut Conn,
-    (id, rx): Events,
+    events: &Events,
     env: &Envelope,
     first: EngineEvent,
     keep: bool,
@@ -433,7 +444,7 @@ fn whole_answer(
                 tracing::warn!("{}: failed: {message}", env.id);
                 return send_error(conn, &engine_error(&message, fault), keep);
             }
-            _ => ev = next_event(shared, conn, rx, id)?,
+            _ => ev = next_event(shared, conn, events)?,
         }
     }
 }
@@ -450,10 +461,11 @@ fn sse(shared: &Shared, conn: &mut Conn, id: RequestId, data: &str) -> io::Resul
 fn stream_answer(
     shared: &Shared,
     conn: &mut Conn,
-    (id, rx): Events,
+    events: &Events,
     env: &Envelope,
     include_usage: bool,
 ) -> io::Result<()> {
+    let id = events.id;
     if conn.start_chunked(200, "text/event-stream").is_err() {
         let _ = shared.queue.send(Msg::Cancel(id));
         return Err(gone());
@@ -461,7 +473,7 @@ fn stream_answer(
     let role = env.chunk(json!({"role": "assistant", "content": ""}), None);
     sse(shared, conn, id, &role.to_string())?;
     loop {
-        match next_event(shared, conn, rx, id)? {
+        match next_event(shared, conn, events)? {
             EngineEvent::Token { text, .. } => {
                 let chunk = env.chunk(json!({ "content": text }), None);
                 sse(shared, conn, id, &chunk.to_string())?;
