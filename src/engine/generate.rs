@@ -95,6 +95,7 @@ pub fn generate(
         .then(|| logits.to_device(tch::Device::Cpu));
     let prefill = t0.elapsed();
     let t1 = Instant::now();
+    let _threads = model.llm.decoding_threads(b);
 
     let mut rows: Vec<RowOutput> = (0..b)
         .map(|_| RowOutput {

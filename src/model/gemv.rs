@@ -70,7 +70,6 @@ pub fn linear(
     let (n, k) = weight.size2().expect("a linear weight is 2-d");
     let rows = (xs.numel() as i64 / k) as usize;
     let x = xs.reshape([rows as i64, k]).contiguous();
-    let x = to_f32_vec(&x);
     let bias = bias.map(|b| to_f32_vec(&b.to_kind(Kind::BFloat16).contiguous()));
     let scale = scale.map(|s| s.to_kind(Kind::BFloat16).contiguous());
     let mut out = vec![0u16; rows * n as usize];
@@ -79,7 +78,7 @@ pub fn linear(
             None => WeightRef::Bf16(slice_of::<u16>(weight)),
             Some(s) => WeightRef::Int8(slice_of::<i8>(weight), slice_of::<u16>(s)),
         };
-        gemv(&x, rows, &w, bias.as_deref(), &mut out);
+        gemv(slice_of::<u16>(&x), rows, &w, bias.as_deref(), &mut out);
     }
     let mut shape = xs.size();
     *shape.last_mut().expect("checked above") = n;
@@ -112,9 +111,21 @@ fn to_f32_vec(t: &Tensor) -> Vec<f32> {
         .collect()
 }
 
-/// Row-major `x` [rows, k] (f32) times `w` [n, k] transposed plus `bias` [n], rounded to bf16 into
-/// `out` [rows, n]. `k` is `x.len() / rows`.
-pub fn gemv(x: &[f32], rows: usize, w: &WeightRef, bias: Option<&[f32]>, out: &mut [u16]) {
+/// Row-major `x` [rows, k] (bf16 bits) times `w` [n, k] transposed plus `bias` [n], rounded to
+/// bf16 into `out` [rows, n]. `k` is `x.len() / rows`.
+pub fn gemv(x: &[u16], rows: usize, w: &WeightRef, bias: Option<&[f32]>, out: &mut [u16]) {
+    gemv_with(x, rows, w, bias, out, simd::avx512_bf16())
+}
+
+/// [`gemv`], with AVX512-BF16 allowed or not (tests run both kernels).
+fn gemv_with(
+    x: &[u16],
+    rows: usize,
+    w: &WeightRef,
+    bias: Option<&[f32]>,
+    out: &mut [u16],
+    allow_pairs: bool,
+) {
     assert!((1..=MAX_ROWS).contains(&rows) && x.len().is_multiple_of(rows));
     let k = x.len() / rows;
     let n = out.len() / rows;
@@ -125,8 +136,17 @@ pub fn gemv(x: &[f32], rows: usize, w: &WeightRef, bias: Option<&[f32]>, out: &m
     if let Some(b) = bias {
         assert_eq!(b.len(), n);
     }
+    // bf16 pairs straight into AVX512-BF16's dot product where the CPU has it; f32 otherwise
+    let pairs = matches!(w, WeightRef::Bf16(_)) && allow_pairs;
+    let x_f32: Vec<f32> = if pairs {
+        Vec::new()
+    } else {
+        x.iter().map(|&b| b.to_f32()).collect()
+    };
     let job = Job {
-        x,
+        x_f32: &x_f32,
+        x_bf16: x,
+        pairs,
         rows,
         k,
         n,
@@ -165,7 +185,11 @@ struct OutPtr(*mut u16);
 unsafe impl Sync for OutPtr {}
 
 struct Job<'a> {
-    x: &'a [f32],
+    /// The input as f32 (empty when `pairs`).
+    x_f32: &'a [f32],
+    x_bf16: &'a [u16],
+    /// bf16 weights through AVX512-BF16 pair dot products of the bf16 input.
+    pairs: bool,
     rows: usize,
     k: usize,
     n: usize,
@@ -181,12 +205,35 @@ impl Job<'_> {
         for i in lo..hi {
             let dots = &mut dots[..self.rows];
             let scale = match self.w {
+                WeightRef::Bf16(w) if self.pairs => {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `pairs` is only set where the CPU has AVX512-BF16.
+                    unsafe {
+                        simd::dot_pairs(
+                            self.x_bf16,
+                            self.rows,
+                            &w[i * self.k..(i + 1) * self.k],
+                            dots,
+                        )
+                    };
+                    1.0
+                }
                 WeightRef::Bf16(w) => {
-                    dot(self.x, self.rows, &w[i * self.k..(i + 1) * self.k], dots);
+                    dot(
+                        self.x_f32,
+                        self.rows,
+                        &w[i * self.k..(i + 1) * self.k],
+                        dots,
+                    );
                     1.0
                 }
                 WeightRef::Int8(w, s) => {
-                    dot(self.x, self.rows, &w[i * self.k..(i + 1) * self.k], dots);
+                    dot(
+                        self.x_f32,
+                        self.rows,
+                        &w[i * self.k..(i + 1) * self.k],
+                        dots,
+                    );
                     bf16::from_bits(s[i]).to_f32()
                 }
             };
@@ -227,6 +274,9 @@ impl Weight for i8 {
 mod simd {
     pub trait Load16: super::Weight {}
     impl<W: super::Weight> Load16 for W {}
+    pub fn avx512_bf16() -> bool {
+        false
+    }
 }
 
 /// `dots[r] = x[r] · w` for each of `rows` input rows and one weight row (unscaled).
@@ -249,8 +299,70 @@ fn dot<W: simd::Load16>(x: &[f32], rows: usize, w: &[W], dots: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
+    use super::Weight;
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
+
+    pub fn avx512_bf16() -> bool {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| avx512() && is_x86_feature_detected!("avx512bf16"))
+    }
+
+    /// `dots[r] = x[r] · w` with bf16 `x` and `w`, 32 elements at a time by VDPBF16PS (each
+    /// product exact in f32, accumulated in f32), four accumulators per input row.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn dot_pairs_m<const M: usize>(x: &[u16], w: &[u16], dots: &mut [f32]) {
+        let k = w.len();
+        let mut acc = [[_mm512_setzero_ps(); 4]; M];
+        let wp = w.as_ptr();
+        let xp = x.as_ptr();
+        let ld = |p: *const u16| -> __m512bh { std::mem::transmute(_mm512_loadu_si512(p.cast())) };
+        let mut j = 0;
+        while j + 128 <= k {
+            for u in 0..4 {
+                let wv = ld(wp.add(j + 32 * u));
+                for r in 0..M {
+                    acc[r][u] = _mm512_dpbf16_ps(acc[r][u], wv, ld(xp.add(r * k + j + 32 * u)));
+                }
+            }
+            j += 128;
+        }
+        while j + 32 <= k {
+            let wv = ld(wp.add(j));
+            for r in 0..M {
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], wv, ld(xp.add(r * k + j)));
+            }
+            j += 32;
+        }
+        for r in 0..M {
+            let a = &acc[r];
+            let sum = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+            let mut s = _mm512_reduce_add_ps(sum);
+            for t in j..k {
+                s += x[r * k + t].to_f32() * w[t].to_f32();
+            }
+            dots[r] = s;
+        }
+    }
+
+    /// [`dot_pairs_m`] for `rows` (1..=8) input rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX512-BF16; `x` holds `rows * w.len()` values and `dots` `rows`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn dot_pairs(x: &[u16], rows: usize, w: &[u16], dots: &mut [f32]) {
+        debug_assert!(x.len() >= rows * w.len() && dots.len() >= rows);
+        match rows {
+            1 => dot_pairs_m::<1>(x, w, dots),
+            2 => dot_pairs_m::<2>(x, w, dots),
+            3 => dot_pairs_m::<3>(x, w, dots),
+            4 => dot_pairs_m::<4>(x, w, dots),
+            5 => dot_pairs_m::<5>(x, w, dots),
+            6 => dot_pairs_m::<6>(x, w, dots),
+            7 => dot_pairs_m::<7>(x, w, dots),
+            _ => dot_pairs_m::<8>(x, w, dots),
+        }
+    }
 
     pub fn avx512() -> bool {
         static HAS: OnceLock<bool> = OnceLock::new();
@@ -335,8 +447,45 @@ mod simd {
     }
 }
 
+/// Threads for the products: libtorch's intra-op count when first asked (after `--threads`).
 fn pool_threads() -> usize {
-    tch::get_num_threads().max(1) as usize
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(|| tch::get_num_threads().max(1) as usize)
+}
+
+/// While alive, libtorch runs its own ops on one thread and restores its count after.
+///
+/// For decoding steps: their libtorch ops (norms, rope, attention over one query) are too small
+/// to gain from threads, and libgomp's idle threads spin after every parallel region, taking the
+/// cores this module's pool needs (measured: 24.5 tok/s with both at two threads, 31 with
+/// libtorch at one).
+pub struct TorchSingleThreaded {
+    restore: i32,
+}
+
+impl TorchSingleThreaded {
+    pub fn new() -> Self {
+        pool_threads(); // fixed before libtorch's count changes
+        let restore = tch::get_num_threads();
+        if restore != 1 {
+            tch::set_num_threads(1);
+        }
+        Self { restore }
+    }
+}
+
+impl Default for TorchSingleThreaded {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TorchSingleThreaded {
+    fn drop(&mut self) {
+        if self.restore != 1 {
+            tch::set_num_threads(self.restore);
+        }
+    }
 }
 
 /// The pool, created on first use with libtorch's thread count at that time.
@@ -410,18 +559,55 @@ mod tests {
         }
     }
 
+    /// Both bf16 kernels (AVX512-BF16 pairs where the CPU has them, f32 FMAs) within one ulp of
+    /// libtorch, and exact on exact sums.
+    #[test]
+    fn both_bf16_kernels_agree_with_libtorch() {
+        tch::manual_seed(5);
+        let (n, k) = (130, 200); // k: 6 blocks of 32 and a tail of 8
+        for exact in [true, false] {
+            let (w, x) = if exact {
+                (
+                    Tensor::randint_low(-8, 8, [n, k], (Kind::Float, Device::Cpu)),
+                    Tensor::randint_low(-3, 4, [3, k], (Kind::Float, Device::Cpu)),
+                )
+            } else {
+                (
+                    Tensor::randn([n, k], (Kind::Float, Device::Cpu)) * 0.05,
+                    Tensor::randn([3, k], (Kind::Float, Device::Cpu)),
+                )
+            };
+            let (w, x) = (w.to_kind(Kind::BFloat16), x.to_kind(Kind::BFloat16));
+            let want = x.linear::<&Tensor>(&w, None);
+            for pairs in [false, simd::avx512_bf16()] {
+                let mut out = vec![0u16; 3 * n as usize];
+                let wr = WeightRef::Bf16(slice_of::<u16>(&w));
+                gemv_with(slice_of::<u16>(&x), 3, &wr, None, &mut out, pairs);
+                let got = Tensor::from_slice(&out.iter().map(|&b| b as i16).collect::<Vec<_>>())
+                    .view_dtype(Kind::BFloat16)
+                    .view([3, n]);
+                let ulps = bf16_ulps(&got, &want);
+                assert!(
+                    ulps <= if exact { 0 } else { 1 },
+                    "pairs {pairs} exact {exact}: {ulps}"
+                );
+            }
+        }
+    }
+
     /// The thread pool splits the weight rows: many rows, several threads, same answer as one.
     #[test]
     fn chunks_cover_every_output_once() {
         let k = 32;
         let n = 1000;
-        let x: Vec<f32> = (0..2 * k).map(|i| (i % 5) as f32).collect();
+        let xf: Vec<f32> = (0..2 * k).map(|i| (i % 5) as f32).collect();
+        let x: Vec<u16> = xf.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
         let w: Vec<u16> = (0..n * k)
             .map(|i| bf16::from_f32(((i / k) % 7) as f32).to_bits())
             .collect();
         let mut out = vec![0u16; 2 * n];
         gemv(&x, 2, &WeightRef::Bf16(&w), None, &mut out);
-        let xs: [f32; 2] = [x[..k].iter().sum(), x[k..].iter().sum()];
+        let xs: [f32; 2] = [xf[..k].iter().sum(), xf[k..].iter().sum()];
         for r in 0..2 {
             for i in 0..n {
                 let want = bf16::from_f32(xs[r] * (i % 7) as f32).to_bits();

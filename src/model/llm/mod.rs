@@ -154,6 +154,16 @@ impl Llm {
         )
     }
 
+    /// For the decoding steps of `rows` sequences: libtorch on one thread while the matrix-vector
+    /// products use gemv's threads, where gemv takes them (bf16 on the CPU); `None` elsewhere.
+    pub fn decoding_threads(&self, rows: usize) -> Option<super::gemv::TorchSingleThreaded> {
+        (rows <= super::gemv::MAX_ROWS
+            && self.kind == Kind::BFloat16
+            && self.embed_tokens.device() == Device::Cpu
+            && self.layers.iter().all(|l| l.dev == Device::Cpu))
+        .then(super::gemv::TorchSingleThreaded::new)
+    }
+
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
     }
