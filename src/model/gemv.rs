@@ -298,6 +298,8 @@ fn dot<W: simd::Load16>(x: &[f32], rows: usize, w: &[W], dots: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
+// indexed loops over the constant-size accumulator arrays: they unroll into registers
+#[allow(clippy::needless_range_loop)]
 mod simd {
     use super::Weight;
     use std::arch::x86_64::*;
