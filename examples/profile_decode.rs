@@ -4,7 +4,8 @@
 //!
 //! ```sh
 //! cargo build --profile profiling --example profile_decode
-//! perf record -e cpu-clock -g target/profiling/examples/profile_decode /tmp/bench-1b 256 [threads]
+//! perf record -e cpu-clock -g target/profiling/examples/profile_decode /tmp/bench-1b 256 \
+//!     [THREADS] [int8|bf16] [BATCH]
 //! ```
 use anyhow::{Context, Result};
 use internvl_chat::engine::chat::{ChatInput, Engine};
@@ -30,6 +31,7 @@ fn main() -> Result<()> {
     } else {
         Int8::Off
     };
+    let batch: usize = args.next().map_or(Ok(1), |s| s.parse())?;
     let _g = tch::no_grad_guard();
     let opts = LoadOptions {
         kind: Kind::BFloat16,
@@ -50,15 +52,24 @@ fn main() -> Result<()> {
         ..SamplingParams::greedy(n)
     };
     let mut first = None;
-    let out = engine.run(&p, &params, &mut |_| {
-        first.get_or_insert_with(Instant::now);
-        Flow::Continue
-    })?;
+    let tokens = if batch == 1 {
+        let out = engine.run(&p, &params, &mut |_| {
+            first.get_or_insert_with(Instant::now);
+            Flow::Continue
+        })?;
+        out.tokens.len()
+    } else {
+        let refs = vec![&p; batch];
+        let outs = engine.run_batch(&refs, &vec![params; batch], &mut |_, _| {
+            first.get_or_insert_with(Instant::now);
+            Flow::Continue
+        })?;
+        outs[0].tokens.len()
+    };
     let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
     println!(
-        "{} tokens, decode {:.2} tok/s",
-        out.tokens.len(),
-        (out.tokens.len() - 1) as f64 / secs
+        "{batch} x {tokens} tokens, decode {:.2} steps/s",
+        (tokens - 1) as f64 / secs
     );
     Ok(())
 }

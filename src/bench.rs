@@ -190,10 +190,13 @@ pub fn run(cfg: &BenchConfig) -> Result<Value> {
     let refs: Vec<_> = prepared.iter().collect();
     engine.reset_cold();
     let t = Instant::now();
-    engine.run_batch(&refs, &vec![forced(cfg.new_tokens); 8], &mut |_, _| {
+    let outs = engine.run_batch(&refs, &vec![forced(cfg.new_tokens); 8], &mut |_, _| {
         Flow::Continue
     })?;
     let batch8_s = t.elapsed().as_secs_f64();
+    let (batch8_prefill_s, batch8_decode_s) = outs.first().map_or((0.0, 0.0), |o| {
+        (o.gen.prefill.as_secs_f64(), o.gen.decode.as_secs_f64())
+    });
     let (read_gb_s, bf16_gflop_s) = roofline(cfg.opts.first);
     let weights_gb = llm_weight_bytes(&engine) as f64 / 1e9;
     let decode_bound = read_gb_s / weights_gb.max(1e-9);
@@ -210,6 +213,8 @@ pub fn run(cfg: &BenchConfig) -> Result<Value> {
         "shapes": shapes,
         "single8_s": single8_s,
         "batch8_s": batch8_s,
+        "batch8_prefill_s": batch8_prefill_s,
+        "batch8_decode_s": batch8_decode_s,
         "peak_rss_gib": peak_rss_gib(),
         "roofline": {
             "read_gb_s": read_gb_s,
@@ -262,9 +267,12 @@ pub fn table(v: &Value) -> String {
     }
     let r = &v["roofline"];
     s.push_str(&format!(
-        "\n8 requests: one by one {:.2} s, batched {:.2} s\nroofline: read {:.1} GB/s, bf16 matmul {:.0} GFLOP/s; decode bound {:.1} tok/s ({:.0}% reached)\n",
+        "\n8 requests: one by one {:.2} s, batched {:.2} s ({:.2}x; prefill {:.2} s, decode {:.2} s)\nroofline: read {:.1} GB/s, bf16 matmul {:.0} GFLOP/s; decode bound {:.1} tok/s ({:.0}% reached)\n",
         v["single8_s"].as_f64().unwrap_or(0.0),
         v["batch8_s"].as_f64().unwrap_or(0.0),
+        v["single8_s"].as_f64().unwrap_or(0.0) / v["batch8_s"].as_f64().unwrap_or(0.0).max(1e-9),
+        v["batch8_prefill_s"].as_f64().unwrap_or(0.0),
+        v["batch8_decode_s"].as_f64().unwrap_or(0.0),
         r["read_gb_s"].as_f64().unwrap_or(0.0),
         r["bf16_gflop_s"].as_f64().unwrap_or(0.0),
         r["decode_bound_tok_s"].as_f64().unwrap_or(0.0),

@@ -311,23 +311,24 @@ mod simd {
     }
 
     /// `dots[r] = x[r] · w` with bf16 `x` and `w`, 32 elements at a time by VDPBF16PS (each
-    /// product exact in f32, accumulated in f32), four accumulators per input row.
+    /// product exact in f32, accumulated in f32), `U` accumulators per input row: enough
+    /// independent chains to hide the latency (`M * U` >= 4) without running out of registers.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn dot_pairs_m<const M: usize>(x: &[u16], w: &[u16], dots: &mut [f32]) {
+    unsafe fn dot_pairs_m<const M: usize, const U: usize>(x: &[u16], w: &[u16], dots: &mut [f32]) {
         let k = w.len();
-        let mut acc = [[_mm512_setzero_ps(); 4]; M];
+        let mut acc = [[_mm512_setzero_ps(); U]; M];
         let wp = w.as_ptr();
         let xp = x.as_ptr();
         let ld = |p: *const u16| -> __m512bh { std::mem::transmute(_mm512_loadu_si512(p.cast())) };
         let mut j = 0;
-        while j + 128 <= k {
-            for u in 0..4 {
+        while j + 32 * U <= k {
+            for u in 0..U {
                 let wv = ld(wp.add(j + 32 * u));
                 for r in 0..M {
                     acc[r][u] = _mm512_dpbf16_ps(acc[r][u], wv, ld(xp.add(r * k + j + 32 * u)));
                 }
             }
-            j += 128;
+            j += 32 * U;
         }
         while j + 32 <= k {
             let wv = ld(wp.add(j));
@@ -337,8 +338,10 @@ mod simd {
             j += 32;
         }
         for r in 0..M {
-            let a = &acc[r];
-            let sum = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+            let mut sum = acc[r][0];
+            for u in 1..U {
+                sum = _mm512_add_ps(sum, acc[r][u]);
+            }
             let mut s = _mm512_reduce_add_ps(sum);
             for t in j..k {
                 s += x[r * k + t].to_f32() * w[t].to_f32();
@@ -355,14 +358,14 @@ mod simd {
     pub unsafe fn dot_pairs(x: &[u16], rows: usize, w: &[u16], dots: &mut [f32]) {
         debug_assert!(x.len() >= rows * w.len() && dots.len() >= rows);
         match rows {
-            1 => dot_pairs_m::<1>(x, w, dots),
-            2 => dot_pairs_m::<2>(x, w, dots),
-            3 => dot_pairs_m::<3>(x, w, dots),
-            4 => dot_pairs_m::<4>(x, w, dots),
-            5 => dot_pairs_m::<5>(x, w, dots),
-            6 => dot_pairs_m::<6>(x, w, dots),
-            7 => dot_pairs_m::<7>(x, w, dots),
-            _ => dot_pairs_m::<8>(x, w, dots),
+            1 => dot_pairs_m::<1, 4>(x, w, dots),
+            2 => dot_pairs_m::<2, 2>(x, w, dots),
+            3 => dot_pairs_m::<3, 2>(x, w, dots),
+            4 => dot_pairs_m::<4, 1>(x, w, dots),
+            5 => dot_pairs_m::<5, 1>(x, w, dots),
+            6 => dot_pairs_m::<6, 1>(x, w, dots),
+            7 => dot_pairs_m::<7, 1>(x, w, dots),
+            _ => dot_pairs_m::<8, 1>(x, w, dots),
         }
     }
 

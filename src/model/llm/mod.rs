@@ -60,6 +60,38 @@ impl Attention {
 
 /// The SwiGLU MLP, `down(silu(gate(x)) * up(x))`, with `gate` and `up` stacked into one linear
 /// layer whose output is `[gate | up]`.
+impl Attention {
+    /// Attention of q [b, heads, q, d] over k, v [b, kv_heads, kv, d] with an optional boolean
+    /// mask [1 or b, 1, q, kv]; [b, heads, q, d].
+    ///
+    /// Grouped-query attention as plain attention per key-value head: the `groups` query heads
+    /// that share a key-value head are stacked along the query axis (head h uses key-value head
+    /// h / groups, as `repeat_kv` has it), the mask repeated to match. libtorch's CPU SDPA with
+    /// `enable_gqa` falls back to its math path (~10x slower for one query); this shape runs
+    /// its flash kernel, without copying k and v.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        let (b, h, q_len, d) = q.size4().expect("queries are 4-d");
+        let groups = self.num_heads / self.num_kv_heads;
+        let kvh = self.num_kv_heads;
+        let q = q.reshape([b, kvh, groups * q_len, d]);
+        let mask = mask.map(|m| {
+            if groups == 1 || q_len == 1 {
+                m.shallow_clone()
+            } else {
+                let m = if m.dim() == 2 {
+                    m.view([1, 1, q_len, -1])
+                } else {
+                    m.shallow_clone()
+                };
+                m.repeat([1, 1, groups, 1])
+            }
+        });
+        let o =
+            Tensor::scaled_dot_product_attention(&q, k, v, mask.as_ref(), 0.0, false, None, false);
+        o.view([b, h, q_len, d])
+    }
+}
+
 pub struct Mlp {
     pub gate_up: Linear,
     pub down: Linear,
@@ -200,17 +232,7 @@ impl Llm {
             let q = rope::apply(&q, cos, sin);
             let k = rope::apply(&k, cos, sin);
             let (k, v) = lc.append(&k, &v);
-            let groups = a.num_heads / a.num_kv_heads;
-            let o = Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                m.as_ref(),
-                0.0,
-                false,
-                None,
-                groups > 1,
-            );
+            let o = a.attend(&q, &k, &v, m.as_ref());
             let (b, _, _, _) = o.size4().expect("attention output is 4-d");
             let o = o
                 .transpose(1, 2)
@@ -317,6 +339,52 @@ impl DecoderLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Grouped-query attention stacked per key-value head equals the reference's `repeat_kv`
+    /// then softmax(q k^T / sqrt(d) + mask) v, with a causal mask over past keys, a batch mask,
+    /// and one query.
+    #[test]
+    fn grouped_attention_equals_repeat_kv() {
+        tch::manual_seed(6);
+        let (b, kvh, groups, d) = (2i64, 2i64, 3i64, 8i64);
+        let a = Attention {
+            qkv: Qkv::Fused(Linear::dense(
+                Tensor::zeros([1, 1], (Kind::Float, Device::Cpu)),
+                None,
+            )),
+            o: Linear::dense(Tensor::zeros([1, 1], (Kind::Float, Device::Cpu)), None),
+            num_heads: kvh * groups,
+            num_kv_heads: kvh,
+            head_dim: d,
+        };
+        let reference = |q: &Tensor, k: &Tensor, v: &Tensor, m: &Tensor| {
+            let k = k.repeat_interleave_self_int(groups, 1, None);
+            let v = v.repeat_interleave_self_int(groups, 1, None);
+            let scores = q.matmul(&k.transpose(-1, -2)) / (d as f64).sqrt();
+            let scores = scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY);
+            scores.softmax(-1, Kind::Float).matmul(&v)
+        };
+        let f = (Kind::Float, Device::Cpu);
+        for (q_len, past) in [(4i64, 2i64), (1, 5)] {
+            let kv = q_len + past;
+            let q = Tensor::randn([b, kvh * groups, q_len, d], f);
+            let k = Tensor::randn([b, kvh, kv, d], f);
+            let v = Tensor::randn([b, kvh, kv, d], f);
+            let causal = causal_mask(q_len, past, Device::Cpu);
+            let valid = Tensor::ones([b, kv], (Kind::Bool, Device::Cpu));
+            let _ = valid.get(0).narrow(0, 0, 1).fill_(0);
+            for m in [
+                causal.shallow_clone(),
+                causal.view([1, 1, q_len, kv]),
+                padded_mask(&valid, q_len),
+            ] {
+                let got = a.attend(&q, &k, &v, Some(&m));
+                let want = reference(&q, &k, &v, &m);
+                let diff = (got - want).abs().max().double_value(&[]);
+                assert!(diff < 1e-5, "q_len {q_len}: {diff}");
+            }
+        }
+    }
 
     #[test]
     fn causal_mask_with_past_keys() {
