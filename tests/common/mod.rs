@@ -77,43 +77,33 @@ pub fn greedy<'a>(m: &'a str, max_new: &'a str, extra: &[&'a str]) -> Vec<&'a st
 }
 
 /// A tmux session running an interactive shell (job control, a prompt to come back to) in
-/// which the test types command lines, with XDG folders under `home`.
+/// which the test types command lines, with XDG folders under `home`. The keys, screen and
+/// waiting are [`tmux::Tmux`]'s.
 pub struct Shell {
-    pub name: String,
+    tmux: tmux::Tmux,
     pub home: PathBuf,
 }
 
 /// What the test shell prints as its prompt.
 pub const PROMPT: &str = "ivl-sh$ ";
 
+impl std::ops::Deref for Shell {
+    type Target = tmux::Tmux;
+    fn deref(&self) -> &tmux::Tmux {
+        &self.tmux
+    }
+}
+
 impl Shell {
     pub fn start(name: &str, home: &Path) -> Self {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", name])
-            .output();
         let shell = format!(
             "env -i PATH=/usr/bin:/bin TERM=xterm-256color HOME={h} XDG_DATA_HOME={h}/data \
              XDG_CONFIG_HOME={h}/config XDG_STATE_HOME={h}/state PS1='{PROMPT}' \
              bash --norc --noprofile -i",
             h = home.display()
         );
-        let ok = Command::new("tmux")
-            .args([
-                "new-session",
-                "-d",
-                "-s",
-                name,
-                "-x",
-                "110",
-                "-y",
-                "32",
-                &shell,
-            ])
-            .status()
-            .expect("tmux is installed by scripts/setup.sh");
-        assert!(ok.success());
         let s = Self {
-            name: name.into(),
+            tmux: tmux::Tmux::start_cmd(name, &shell),
             home: home.into(),
         };
         s.wait("the shell prompt", 20, |s| s.contains(PROMPT.trim_end()));
@@ -132,102 +122,9 @@ impl Shell {
         self.line(&format!("{bin} {}", args.join(" ")));
     }
 
-    pub fn keys(&self, keys: &[&str]) {
-        let mut a = vec!["send-keys", "-t", &self.name];
-        a.extend(keys);
-        assert!(Command::new("tmux").args(&a).status().unwrap().success());
-    }
-
-    /// Literal text (no key names).
-    pub fn text(&self, text: &str) {
-        assert!(Command::new("tmux")
-            .args(["send-keys", "-t", &self.name, "-l", text])
-            .status()
-            .unwrap()
-            .success());
-    }
-
-    /// Raw bytes as the terminal would deliver them.
-    pub fn bytes(&self, bytes: &[u8]) {
-        let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let mut a = vec!["send-keys", "-t", &self.name, "-H"];
-        a.extend(hex.iter().map(String::as_str));
-        assert!(Command::new("tmux").args(&a).status().unwrap().success());
-    }
-
-    /// Pastes `text` through a tmux buffer, bracketed as a terminal pastes.
-    pub fn paste(&self, text: &str) {
-        let buf = format!("{}-buf", self.name);
-        // through a file: tmux refuses long command lines
-        let file = self.home.join(format!("{buf}.txt"));
-        std::fs::write(&file, text).unwrap();
-        assert!(Command::new("tmux")
-            .args(["load-buffer", "-b", &buf, file.to_str().unwrap()])
-            .status()
-            .unwrap()
-            .success());
-        assert!(Command::new("tmux")
-            .args(["paste-buffer", "-p", "-d", "-b", &buf, "-t", &self.name])
-            .status()
-            .unwrap()
-            .success());
-    }
-
-    pub fn resize(&self, cols: u16, rows: u16) {
-        assert!(Command::new("tmux")
-            .args([
-                "resize-window",
-                "-t",
-                &self.name,
-                "-x",
-                &cols.to_string(),
-                "-y",
-                &rows.to_string(),
-            ])
-            .status()
-            .unwrap()
-            .success());
-    }
-
-    pub fn screen(&self) -> String {
-        let o = Command::new("tmux")
-            .args(["capture-pane", "-p", "-t", &self.name])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    /// Whether the pane shows the alternate screen (the chat owns the terminal).
-    pub fn alternate_screen(&self) -> bool {
-        let o = Command::new("tmux")
-            .args(["display-message", "-p", "-t", &self.name, "#{alternate_on}"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout).trim() == "1"
-    }
-
-    /// Waits until `pred` holds for the screen; panics with the screen after `secs`.
-    pub fn wait(&self, what: &str, secs: u64, pred: impl Fn(&str) -> bool) -> String {
-        let t = Instant::now();
-        loop {
-            let s = self.screen();
-            if pred(&s) {
-                return s;
-            }
-            if t.elapsed() > Duration::from_secs(secs) {
-                panic!("timed out waiting for {what}; screen:\n{s}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
     /// The pid of the program running in the shell (the shell's child), once there is one.
     pub fn program_pid(&self) -> u32 {
-        let o = Command::new("tmux")
-            .args(["display-message", "-p", "-t", &self.name, "#{pane_pid}"])
-            .output()
-            .unwrap();
-        let shell: u32 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+        let shell = self.pane_pid();
         let t = Instant::now();
         loop {
             let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"))
@@ -275,14 +172,6 @@ fn is_zombie(pid: u32) -> bool {
                 .starts_with('Z')
         })
         .unwrap_or(true)
-}
-
-impl Drop for Shell {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", &self.name])
-            .output();
-    }
 }
 
 /// A fresh folder under the system temp dir, removed when dropped.

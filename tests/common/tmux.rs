@@ -2,12 +2,13 @@
 //! (Each test binary uses part of these helpers.)
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub struct Tmux {
-    name: String,
+    pub name: String,
 }
 
 impl Tmux {
@@ -44,13 +45,64 @@ impl Tmux {
         assert!(Command::new("tmux").args(&a).status().unwrap().success());
     }
 
+    /// Literal text (no key names).
     pub fn text(&self, text: &str) {
-        // literal text, then Enter separately
         assert!(Command::new("tmux")
             .args(["send-keys", "-t", &self.name, "-l", text])
             .status()
             .unwrap()
             .success());
+    }
+
+    /// Raw bytes as the terminal would deliver them.
+    pub fn bytes(&self, bytes: &[u8]) {
+        let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let mut a = vec!["send-keys", "-t", &self.name, "-H"];
+        a.extend(hex.iter().map(String::as_str));
+        assert!(Command::new("tmux").args(&a).status().unwrap().success());
+    }
+
+    /// Pastes `text` through a tmux buffer, bracketed as a terminal pastes.
+    pub fn paste(&self, text: &str) {
+        let buf = format!("{}-buf", self.name);
+        // through a file: tmux refuses long command lines
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+        assert!(Command::new("tmux")
+            .args(["load-buffer", "-b", &buf, file.path().to_str().unwrap()])
+            .status()
+            .unwrap()
+            .success());
+        assert!(Command::new("tmux")
+            .args(["paste-buffer", "-p", "-d", "-b", &buf, "-t", &self.name])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    pub fn resize(&self, cols: u16, rows: u16) {
+        assert!(Command::new("tmux")
+            .args([
+                "resize-window",
+                "-t",
+                &self.name,
+                "-x",
+                &cols.to_string(),
+                "-y",
+                &rows.to_string(),
+            ])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// Whether the pane shows the alternate screen (the chat owns the terminal).
+    pub fn alternate_screen(&self) -> bool {
+        let o = Command::new("tmux")
+            .args(["display-message", "-p", "-t", &self.name, "#{alternate_on}"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim() == "1"
     }
 
     pub fn screen(&self) -> String {
