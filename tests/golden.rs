@@ -515,7 +515,11 @@ fn decoding_steps_match_libtorch_linear() {
                 worst = worst.min(cos);
                 let before = gemv::calls();
                 la = step(&mut a, &[next], n + s, true);
-                assert!(gemv::calls() > before, "{label}: decoding did not use gemv");
+                // (a CPU without AVX-512 decodes with libtorch's linear: both sides the same)
+                assert!(
+                    gemv::calls() > before || !gemv::available(),
+                    "{label}: decoding did not use gemv"
+                );
                 lb = step(&mut b, &[next], n + s, false);
             }
         }

@@ -37,6 +37,11 @@ pub fn set_enabled(on: bool) {
     ENABLED.with(|e| e.set(on));
 }
 
+/// Whether this CPU takes this path (AVX-512); elsewhere libtorch's `linear` runs.
+pub fn available() -> bool {
+    simd::available()
+}
+
 static CALLS: AtomicUsize = AtomicUsize::new(0);
 
 /// How many times [`linear`] ran in this process (tests check that decoding takes this path).
@@ -49,6 +54,7 @@ pub fn calls() -> usize {
 pub fn applies(xs: &Tensor, weight: &Tensor) -> bool {
     let k = *xs.size().last().unwrap_or(&0);
     ENABLED.with(Cell::get)
+        && simd::available()
         && xs.device() == Device::Cpu
         && weight.device() == Device::Cpu
         && xs.kind() == Kind::BFloat16
@@ -277,6 +283,9 @@ mod simd {
     pub fn avx512_bf16() -> bool {
         false
     }
+    pub fn available() -> bool {
+        false
+    }
 }
 
 /// `dots[r] = x[r] · w` for each of `rows` input rows and one weight row (unscaled).
@@ -367,6 +376,12 @@ mod simd {
             7 => dot_pairs_m::<7, 1>(x, w, dots),
             _ => dot_pairs_m::<8, 1>(x, w, dots),
         }
+    }
+
+    /// Whether this path is worth taking: without AVX-512 libtorch's own kernels are faster than
+    /// the portable loop.
+    pub fn available() -> bool {
+        avx512()
     }
 
     pub fn avx512() -> bool {
