@@ -8,10 +8,10 @@
 //!     [THREADS] [int8|bf16] [BATCH]
 //! ```
 use anyhow::{Context, Result};
+use internvl_chat::bench::forced;
 use internvl_chat::engine::chat::{ChatInput, Engine};
 use internvl_chat::engine::generate::Flow;
 use internvl_chat::model::{Int8, LoadOptions};
-use internvl_chat::sampling::SamplingParams;
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind};
@@ -47,10 +47,7 @@ fn main() -> Result<()> {
         attachments: &[],
         combine_images: false,
     })?;
-    let params = SamplingParams {
-        min_new_tokens: n,
-        ..SamplingParams::greedy(n)
-    };
+    let params = forced(n);
     let mut first = None;
     let tokens = if batch == 1 {
         let out = engine.run(&p, &params, &mut |_| {

@@ -66,7 +66,8 @@ pub fn roofline(dev: Device) -> (f64, f64) {
     (median(bw), median(fl))
 }
 
-fn forced(n: usize) -> SamplingParams {
+/// Greedy decoding of exactly `n` new tokens.
+pub fn forced(n: usize) -> SamplingParams {
     SamplingParams {
         min_new_tokens: n,
         ..SamplingParams::greedy(n)

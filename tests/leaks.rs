@@ -2,18 +2,8 @@
 use internvl_chat::engine::protocol::Attachment;
 use internvl_chat::preprocess::{self, TileConfig};
 use internvl_chat::testutil::fixture;
-
-/// Resident memory of this process, in bytes.
-fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kb * 1024
-}
+mod common;
+use common::rss;
 
 /// Every request of a chat re-reads the videos of its history: reading one must not leave its
 /// packets behind. (ffmpeg-next's `Packet::read` does not release the packet it overwrites;

@@ -10,22 +10,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 fn chat_args(extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "--model",
-        &model("tiny-qwen2"),
-        "--device",
-        "cpu",
-        "--dtype",
-        "f32",
-        "--greedy",
-        "--max-new-tokens",
-        "6",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
+    let m = model("tiny-qwen2");
+    greedy(&m, "6", extra)
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 /// The chat's status line says it is idle with the model loaded.

@@ -78,23 +78,19 @@ pub fn linear(
     let x = xs.reshape([rows as i64, k]).contiguous();
     let bias = bias.map(|b| to_f32_vec(&b.to_kind(Kind::BFloat16).contiguous()));
     let scale = scale.map(|s| s.to_kind(Kind::BFloat16).contiguous());
-    let mut out = vec![0u16; rows * n as usize];
-    {
-        let w = match &scale {
-            None => WeightRef::Bf16(slice_of::<u16>(weight)),
-            Some(s) => WeightRef::Int8(slice_of::<i8>(weight), slice_of::<u16>(s)),
-        };
-        gemv(slice_of::<u16>(&x), rows, &w, bias.as_deref(), &mut out);
-    }
     let mut shape = xs.size();
     *shape.last_mut().expect("checked above") = n;
-    let bytes: &[u8] = bytemuck_u16(&out);
-    Tensor::from_data_size(bytes, &shape, Kind::BFloat16)
-}
-
-fn bytemuck_u16(v: &[u16]) -> &[u8] {
-    // SAFETY: u16 has no padding and any byte pattern is a valid u8; the length is exact.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+    let out = Tensor::empty(shape.as_slice(), (Kind::BFloat16, Device::Cpu));
+    let w = match &scale {
+        None => WeightRef::Bf16(slice_of::<u16>(weight)),
+        Some(s) => WeightRef::Int8(slice_of::<i8>(weight), slice_of::<u16>(s)),
+    };
+    // SAFETY: `out` is a fresh contiguous bf16 CPU tensor of rows * n elements, written only
+    // here, through this one slice.
+    let out_slice =
+        unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut u16, rows * n as usize) };
+    gemv(slice_of::<u16>(&x), rows, &w, bias.as_deref(), out_slice);
+    out
 }
 
 /// The elements of a contiguous CPU tensor.
@@ -111,10 +107,7 @@ fn slice_of<T>(t: &Tensor) -> &[T] {
 }
 
 fn to_f32_vec(t: &Tensor) -> Vec<f32> {
-    slice_of::<u16>(t)
-        .iter()
-        .map(|&b| bf16::from_bits(b).to_f32())
-        .collect()
+    slice_of::<u16>(t).iter().map(|&b| b.to_f32()).collect()
 }
 
 /// Row-major `x` [rows, k] (bf16 bits) times `w` [n, k] transposed plus `bias` [n], rounded to
@@ -240,7 +233,7 @@ impl Job<'_> {
                         &w[i * self.k..(i + 1) * self.k],
                         dots,
                     );
-                    bf16::from_bits(s[i]).to_f32()
+                    s[i].to_f32()
                 }
             };
             let b = self.bias.map_or(0.0, |b| b[i]);

@@ -90,20 +90,25 @@ impl Linear {
             }
             return Self::dense(weight, bias);
         }
-        let (qs, scales): (Vec<Tensor>, Vec<Tensor>) = names
-            .iter()
-            .zip(parts)
-            .map(|(name, (_, dout))| {
-                let stored = w.get_stored(name, &[*dout, din]);
-                let q = quantize_rows_blocked(&stored, p.kind);
-                w.release(name);
-                q
-            })
-            .unzip();
+        // each part quantized straight into its rows of the stacked weight
+        let total: i64 = parts.iter().map(|(_, dout)| dout).sum();
+        let q = Tensor::empty([total, din], (Kind::Int8, Device::Cpu));
+        let scale = Tensor::empty([total], (p.kind, Device::Cpu));
+        let mut start = 0;
+        for (name, (_, dout)) in names.iter().zip(parts) {
+            let stored = w.get_stored(name, &[*dout, din]);
+            quantize_rows_into(
+                &stored,
+                &q.narrow(0, start, *dout),
+                &scale.narrow(0, start, *dout),
+            );
+            w.release(name);
+            start += dout;
+        }
         Self {
-            weight: cat(qs).to_device(p.dev),
+            weight: q.to_device(p.dev),
             bias,
-            scale: Some(cat(scales).to_device(p.dev)),
+            scale: Some(scale.to_device(p.dev)),
         }
     }
 
@@ -159,17 +164,15 @@ pub fn quantize_rows(w: &Tensor, kind: Kind) -> (Tensor, Tensor) {
     (q, scale)
 }
 
-/// Rows quantized at a time by [`quantize_rows_blocked`]: the f32 temporaries stay at a few MB
+/// Rows quantized at a time by [`quantize_rows_into`]: the f32 temporaries stay at a few MB
 /// instead of four bytes per weight.
 const QUANTIZE_BLOCK_ROWS: i64 = 256;
 
 /// [`quantize_rows`] of `w` [out, in] (any float dtype, e.g. the mapped bf16 checkpoint) one
-/// block of rows at a time into preallocated int8 and scale tensors, so that quantizing a
-/// model never holds an f32 copy of a whole weight.
-pub fn quantize_rows_blocked(w: &Tensor, kind: Kind) -> (Tensor, Tensor) {
-    let (rows, cols) = w.size2().expect("a linear weight is 2-d");
-    let q = Tensor::empty([rows, cols], (Kind::Int8, Device::Cpu));
-    let scale = Tensor::empty([rows], (kind, Device::Cpu));
+/// block of rows at a time into `q` [out, in] (int8) and `scale` [out] (in the scales' dtype),
+/// so that quantizing a model never holds an f32 copy of a whole weight.
+pub fn quantize_rows_into(w: &Tensor, q: &Tensor, scale: &Tensor) {
+    let rows = w.size()[0];
     let mut start = 0;
     while start < rows {
         let n = QUANTIZE_BLOCK_ROWS.min(rows - start);
@@ -177,12 +180,11 @@ pub fn quantize_rows_blocked(w: &Tensor, kind: Kind) -> (Tensor, Tensor) {
             .narrow(0, start, n)
             .to_device(Device::Cpu)
             .to_kind(Kind::Float);
-        let (bq, bs) = quantize_rows(&block, kind);
+        let (bq, bs) = quantize_rows(&block, scale.kind());
         q.narrow(0, start, n).copy_(&bq);
         scale.narrow(0, start, n).copy_(&bs);
         start += n;
     }
-    (q, scale)
 }
 
 /// `nn.LayerNorm` with weight and bias.

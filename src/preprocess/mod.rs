@@ -53,6 +53,19 @@ pub enum VisualError {
 /// search (and a frame list) run out of time or memory before anything is refused.
 pub const MAX_TILES_LIMIT: usize = 128;
 
+/// A video attachment's tile and segment counts: at least one tile, both within the limits.
+fn check_video_limits(
+    path: &std::path::Path,
+    segments: usize,
+    max_tiles: usize,
+) -> Result<(), VisualError> {
+    if max_tiles == 0 {
+        return Err(VisualError::ZeroTiles { path: path.into() });
+    }
+    check_limit(path, "max tiles", max_tiles)?;
+    check_limit(path, "segments", segments)
+}
+
 fn check_limit(
     path: &std::path::Path,
     what: &'static str,
@@ -118,11 +131,7 @@ pub fn load_visual(att: &Attachment, cfg: &TileConfig) -> Result<Visual, VisualE
             bound,
             max_tiles,
         } => {
-            if *max_tiles == 0 {
-                return Err(VisualError::ZeroTiles { path: path.clone() });
-            }
-            check_limit(path, "max tiles", *max_tiles)?;
-            check_limit(path, "segments", *segments)?;
+            check_video_limits(path, *segments, *max_tiles)?;
             let (_meta, indices, frames) = video::load_video(path, *bound, *segments)?;
             let mut grid = (1, 1);
             let placeholders = frames
@@ -168,11 +177,7 @@ pub fn placeholder_tiles(att: &Attachment, cfg: &TileConfig) -> Result<Vec<usize
             bound,
             max_tiles,
         } => {
-            if *max_tiles == 0 {
-                return Err(VisualError::ZeroTiles { path: path.clone() });
-            }
-            check_limit(path, "max tiles", *max_tiles)?;
-            check_limit(path, "segments", *segments)?;
+            check_video_limits(path, *segments, *max_tiles)?;
             let meta = video::probe(path)?;
             let frames = video::sample_indices(path, &meta, *bound, *segments)?.len();
             let per_frame = tiles_for(meta.width, meta.height, cfg, *max_tiles as u32).1;
