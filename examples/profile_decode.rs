@@ -34,10 +34,8 @@ fn main() -> Result<()> {
     let batch: usize = args.next().map_or(Ok(1), |s| s.parse())?;
     let _g = tch::no_grad_guard();
     let opts = LoadOptions {
-        kind: Kind::BFloat16,
-        first: Device::Cpu,
-        layers: vec![],
         int8,
+        ..LoadOptions::single(Device::Cpu, Kind::BFloat16)
     };
     let mut engine = Engine::load(&model, &opts)?;
     let p = engine.prepare(&ChatInput {

@@ -113,9 +113,6 @@ pub struct PlanArgs {
     /// Memory of each GPU in GiB (required with --gpus when no GPU is present).
     #[arg(long, value_name = "GIB")]
     pub gpu_memory: Option<f64>,
-    /// Context length the KV cache is sized for.
-    #[arg(long, default_value_t = 8192, value_name = "TOKENS")]
-    pub context: usize,
     /// Print the model card's device_map dict and the costs as JSON.
     #[arg(long)]
     pub json: bool,
@@ -210,6 +207,11 @@ pub struct ModelArgs {
     /// device (0:12,1:12) or the model card's JSON device_map.
     #[arg(long, global = true, value_name = "SPEC")]
     pub device_map: Option<String>,
+    /// Context window in tokens: the longest prompt plus answer, and what the KV cache and the
+    /// memory check are sized for [default: the model's: max_position_embeddings, times the
+    /// rope scaling factor where the rope scales dynamically; plan: up to 8192].
+    #[arg(long, global = true, value_name = "TOKENS", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=(1 << 24)))]
+    pub context: Option<usize>,
     /// CPU threads for libtorch (default: all cores).
     #[arg(long, global = true, value_name = "N")]
     pub threads: Option<usize>,

@@ -263,6 +263,9 @@ pub struct ParamCounts {
     pub embed: u64,
     /// One decoder layer.
     pub layer: u64,
+    /// Of `layer`: what one token's decoding step reads (a mixture-of-experts layer reads its
+    /// router and `num_experts_per_tok` experts); equal to `layer` for dense models.
+    pub active_layer: u64,
     pub layers: usize,
     pub norm: u64,
     pub head: u64,
@@ -301,6 +304,10 @@ impl ParamCounts {
         let (nh, nkv) = (l.num_attention_heads as u64, l.num_kv_heads() as u64);
         let attn = match cfg.llm_arch() {
             LlmArch::Qwen2 => h * nh * hd + nh * hd + 2 * (h * nkv * hd + nkv * hd) + nh * hd * h,
+            // no biases; q_norm and k_norm over head_dim
+            LlmArch::Qwen3 | LlmArch::Qwen3Moe => {
+                h * nh * hd + 2 * h * nkv * hd + nh * hd * h + 2 * hd
+            }
             LlmArch::Llama => {
                 let b = if l.attention_bias { 1 } else { 0 };
                 h * nh * hd + 2 * h * nkv * hd + nh * hd * h + b * (nh * hd + 2 * nkv * hd + h)
@@ -312,11 +319,32 @@ impl ParamCounts {
             }
         };
         let inter = l.intermediate_size as u64;
-        let layer = attn + 3 * h * inter + 2 * h;
+        let dense_mlp = 3 * h * inter;
+        // a mixture-of-experts layer: the router and every expert; a token reads top_k experts
+        let (experts, top_k, mi) = (
+            l.num_experts as u64,
+            l.num_experts_per_tok as u64,
+            l.moe_intermediate_size as u64,
+        );
+        let sparse_mlp = experts * h + experts * 3 * h * mi;
+        let n_layers = l.num_hidden_layers as u64;
+        let sparse = (0..l.num_hidden_layers)
+            .filter(|&i| cfg.llm_config.is_sparse_layer(i))
+            .count() as u64;
+        // per layer, averaged over the layers (every published MoE config is sparse throughout)
+        let mean = |sparse_v: u64, dense_v: u64| {
+            (sparse * sparse_v + (n_layers - sparse) * dense_v).div_ceil(n_layers.max(1))
+        };
+        let layer = attn + 2 * h + mean(sparse_mlp, dense_mlp);
+        let active_layer = attn + 2 * h + mean(experts * h + top_k * 3 * h * mi, dense_mlp);
         // the linear weight matrices and their output rows (what --load-8bit stores as int8
-        // with one scale per row)
+        // with one scale per row; a MoE router stays in the model's dtype)
+        let (mlp_matrix, mlp_rows) = (
+            mean(experts * 3 * h * mi, dense_mlp),
+            mean(experts * (2 * mi + h), 2 * inter + h),
+        );
         let (attn_matrix, attn_rows) = match cfg.llm_arch() {
-            LlmArch::Qwen2 | LlmArch::Llama => (
+            LlmArch::Qwen2 | LlmArch::Llama | LlmArch::Qwen3 | LlmArch::Qwen3Moe => (
                 2 * h * nh * hd + 2 * h * nkv * hd,
                 nh * hd + 2 * nkv * hd + h,
             ),
@@ -334,7 +362,8 @@ impl ParamCounts {
             layers: l.num_hidden_layers,
             norm: h,
             head: if l.tie_word_embeddings { 0 } else { vocab * h },
-            layer_matrix: (attn_matrix + 3 * h * inter, attn_rows + 2 * inter + h),
+            layer_matrix: (attn_matrix + mlp_matrix, attn_rows + mlp_rows),
+            active_layer,
             vision_matrix: (
                 (4 * d * d + 2 * d * i) * v.num_hidden_layers as u64,
                 (5 * d + i) * v.num_hidden_layers as u64,
@@ -460,6 +489,53 @@ mod tests {
             &InternVLConfig::load(&fixture("configs/InternVL2_5-8B.config.json")).unwrap(),
         );
         assert!((c.total() as f64 / 1e9 - 8.08).abs() < 0.1, "{}", c.total());
+        // InternVL3.5, against the model cards' tables (vision / language / total, billions;
+        // the 30B-A3B's LLM activates 3.35 B per token)
+        let llm = |c: &ParamCounts| c.embed + c.layer * c.layers as u64 + c.norm + c.head;
+        let b = |n: u64| n as f64 / 1e9;
+        for (name, vision, language, total) in [
+            ("InternVL3_5-1B", 0.30, 0.75, 1.06),
+            ("InternVL3_5-30B-A3B", 0.30, 30.53, 30.85),
+            ("InternVL3_5-241B-A28B", 5.54, 235.09, 240.70),
+        ] {
+            let cfg =
+                InternVLConfig::load(&fixture(&format!("configs/{name}.config.json"))).unwrap();
+            let c = ParamCounts::of(&cfg);
+            assert!(
+                (b(c.vision) - vision).abs() < 0.01,
+                "{name} vision {}",
+                b(c.vision)
+            );
+            assert!(
+                (b(llm(&c)) - language).abs() < 0.01,
+                "{name} llm {}",
+                b(llm(&c))
+            );
+            assert!(
+                (b(c.total()) - total).abs() < 0.02,
+                "{name} total {}",
+                b(c.total())
+            );
+        }
+        let c = ParamCounts::of(
+            &InternVLConfig::load(&fixture("configs/InternVL3_5-30B-A3B.config.json")).unwrap(),
+        );
+        let active = c.embed + c.active_layer * c.layers as u64 + c.norm + c.head;
+        eprintln!("30B-A3B active LLM parameters: {}", b(active));
+        assert!((b(active) - 3.35).abs() < 0.02, "{}", b(active));
+        // tiny checkpoints: counts equal the tensors in the files (dense, MoE, tied)
+        for model in ["tiny-qwen3", "tiny-qwen3-moe"] {
+            let dir = fixture(&format!("models/{model}"));
+            let c = ParamCounts::of(&InternVLConfig::load(&dir).unwrap());
+            let w = crate::model::weights::Weights::open(&dir).unwrap();
+            let n: u64 =
+                crate::model::InternVL::expected_tensors(&InternVLConfig::load(&dir).unwrap())
+                    .iter()
+                    .filter(|(name, _)| w.contains(name))
+                    .map(|(_, s)| s.iter().product::<i64>() as u64)
+                    .sum();
+            assert_eq!(c.total(), n, "{model}");
+        }
         // tiny checkpoint: count equals the tensors in the file
         let dir = fixture("models/tiny-qwen2");
         let c = ParamCounts::of(&InternVLConfig::load(&dir).unwrap());

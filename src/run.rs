@@ -100,6 +100,7 @@ pub fn load_options(args: &ModelArgs, dir: &std::path::Path) -> Result<LoadOptio
     let Some(spec) = &args.device_map else {
         return Ok(LoadOptions {
             int8,
+            context: args.context,
             ..LoadOptions::single(parse_device(&args.device)?, kind)
         });
     };
@@ -111,6 +112,7 @@ pub fn load_options(args: &ModelArgs, dir: &std::path::Path) -> Result<LoadOptio
         first: torch_device(map.first),
         layers: map.layers.into_iter().map(torch_device).collect(),
         int8,
+        context: args.context,
     })
 }
 
@@ -123,8 +125,10 @@ pub fn int8_of(scope: Option<crate::cli::Int8Scope>) -> Int8 {
     }
 }
 
-/// Refuses, before anything is allocated, a model whose weights and KV cache (8192 positions)
-/// do not fit the memory available to the CPU and to each GPU (see `plan::gpu_memory`).
+/// Refuses, before anything is allocated, a model whose weights and KV cache do not fit the
+/// memory available to the CPU and to each GPU (see `plan::gpu_memory`). The KV cache is
+/// counted for `--context` when given, else for the window up to 8192 positions (the cache
+/// grows as a conversation does; a longer one fails when it gets there, with the numbers).
 fn check_fits(dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
     let cfg = InternVLConfig::load(dir)?;
     let target = |d: Device| match d {
@@ -138,7 +142,9 @@ fn check_fits(dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
             .map(|i| target(opts.layers.get(i).copied().unwrap_or(opts.first)))
             .collect(),
     };
-    let context = cfg.llm_config.max_position_embeddings.min(8192);
+    let context = opts
+        .context
+        .unwrap_or_else(|| cfg.llm_config.context_window().min(8192));
     let plan = Plan::new(
         &cfg,
         &map,
@@ -173,7 +179,10 @@ fn plan(args: &ModelArgs, p: &PlanArgs) -> Result<ExitCode> {
     let spec = args.device_map.clone().unwrap_or_else(|| "auto".into());
     let map = device_map::parse(&spec, cfg.llm_config.num_hidden_layers, gpus)?;
     let bytes = kind_of(args.dtype).elt_size_in_bytes() as u64;
-    let plan = Plan::new(&cfg, &map, bytes, p.context, int8_of(args.load_8bit));
+    let context = args
+        .context
+        .unwrap_or_else(|| cfg.llm_config.context_window().min(8192));
+    let plan = Plan::new(&cfg, &map, bytes, context, int8_of(args.load_8bit));
     let gpu_mem = p.gpu_memory.map(|g| (g * (1u64 << 30) as f64) as u64);
     if gpus > 0 && gpu_mem.is_none() && p.gpus.is_some() && tch::Cuda::device_count() == 0 {
         bail!("--gpus {gpus} without GPUs present needs --gpu-memory GIB");
@@ -460,7 +469,15 @@ fn tui(cli: &Cli) -> Result<ExitCode> {
             if let Some(n) = cli.model.threads {
                 tch::set_num_threads(n as i32);
             }
-            let opts = load_options(&cli.model, &dir)?;
+            let mut opts = load_options(&cli.model, &dir)?;
+            if opts.context.is_none() {
+                // config.toml's context, when --context is not given (a broken file is
+                // reported by the chat itself once it starts)
+                opts.context = app::config::default_path()
+                    .ok()
+                    .and_then(|p| app::config::load(&p).ok())
+                    .and_then(|s| s.context);
+            }
             check_fits(&dir, &opts)?;
             let device_name = format!("{:?}", opts.first).to_lowercase();
             crate::logging::init(cli.model.verbose);

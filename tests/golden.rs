@@ -10,7 +10,13 @@ use internvl_chat::testutil::fixture;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-const MODELS: [&str; 3] = ["tiny-qwen2", "tiny-internlm2", "tiny-vit6b-qwen2"];
+const MODELS: [&str; 5] = [
+    "tiny-qwen2",
+    "tiny-internlm2",
+    "tiny-vit6b-qwen2",
+    "tiny-qwen3",
+    "tiny-qwen3-moe",
+];
 
 fn json(rel: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture(rel)).unwrap()).unwrap()
@@ -537,8 +543,110 @@ fn int8_first_step() {
             ..LoadOptions::single(Device::Cpu, Kind::BFloat16)
         };
         for (model, case, cos, _, margin, top1) in first_step(&opts) {
-            assert!(cos >= 0.995, "{model} {case} {int8:?} cosine {cos}");
+            // A mixture of experts routes each token to its top-2 of 8 experts: int8 vision
+            // features (cosine 0.99999 to bf16's, as for the dense models) flip 5 of the 512
+            // routing choices of tiny-qwen3-moe's image tokens in layer 0, and a flipped choice
+            // is a different expert's output. Measured: cosine 0.9865, top-1 kept.
+            let bar = if model.contains("moe") && int8 == Int8::LlmAndVision && case != "text_hello"
+            {
+                0.98
+            } else {
+                0.995
+            };
+            assert!(cos >= bar, "{model} {case} {int8:?} cosine {cos}");
             assert!(margin <= 0.5 || top1, "{model} {case} {int8:?} top-1");
         }
     }
+}
+
+/// tiny-qwen2-dyn (an InternVL3-style Qwen2 with transformers' dynamic NTK rope and 256 trained
+/// positions) with `--context 4096`: prompts of 1846, 311 then 360, and 2156 tokens run past
+/// `max_position_embeddings` as the reference runs them (the rope base grown for the prefill
+/// length, then again for each decoded position). The second turn cannot reuse the first one's
+/// keys (they were rotated with another base): it is prefilled whole, and matches.
+#[test]
+fn dynamic_rope_past_max_positions() {
+    let model = "tiny-qwen2-dyn";
+    let opts = LoadOptions {
+        context: Some(4096),
+        ..LoadOptions::single(Device::Cpu, Kind::Float)
+    };
+    let mut e = Engine::load(&fixture(&format!("models/{model}")), &opts).unwrap();
+    assert_eq!(e.context_len(), 4096);
+    for case in ["image_single", "video"] {
+        let g = json(&format!("golden/{model}/{case}.json"));
+        let p = prepare_case(&e, &g);
+        assert!(p.ids.len() > 256, "{case}: {} tokens", p.ids.len());
+        let out = run(&mut e, &p);
+        let label = format!("{model} {case}");
+        check_turn(
+            &label,
+            &p,
+            &out,
+            &g["turns"][0],
+            &golden_logits(model, case, 0),
+        );
+    }
+    let g = json(&format!("golden/{model}/multi_turn.json"));
+    let atts = attachments(&g);
+    let (t0, t1) = (&g["turns"][0], &g["turns"][1]);
+    let p0 = e
+        .prepare(&ChatInput {
+            system: None,
+            history: &[],
+            question: t0["question"].as_str().unwrap(),
+            attachments: &atts,
+            combine_images: false,
+        })
+        .unwrap();
+    let out0 = run(&mut e, &p0);
+    let logits0 = golden_logits(model, "multi_turn", 0);
+    check_turn("dyn turn 1", &p0, &out0, t0, &logits0);
+    let history = vec![Turn {
+        question: p0.question.clone(),
+        attachments: atts.clone(),
+        answer: t0["response"].as_str().unwrap().to_string(),
+    }];
+    let p1 = e
+        .prepare(&ChatInput {
+            system: None,
+            history: &history,
+            question: t1["question"].as_str().unwrap(),
+            attachments: &[],
+            combine_images: false,
+        })
+        .unwrap();
+    let out1 = run(&mut e, &p1);
+    assert_eq!(
+        out1.gen.prefill_tokens,
+        p1.ids.len(),
+        "no stale keys reused"
+    );
+    check_turn(
+        "dyn turn 2",
+        &p1,
+        &out1,
+        t1,
+        &golden_logits(model, "multi_turn", 1),
+    );
+}
+
+/// A dynamically scaled model's default window is max_position_embeddings times the factor
+/// (256 x 2 for tiny-qwen2-dyn), and a longer prompt is refused with the numbers.
+#[test]
+fn dynamic_rope_default_window() {
+    let model = "tiny-qwen2-dyn";
+    let mut e = engine(model, Kind::Float);
+    assert_eq!(e.context_len(), 512);
+    let g = json(&format!("golden/{model}/image_single.json"));
+    let p = prepare_case(&e, &g);
+    let err = e
+        .run(&p, &SamplingParams::greedy(24), &mut |_| Flow::Continue)
+        .err()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        err,
+        "prompt of 1846 tokens plus 24 new tokens exceeds the context window of 512 tokens"
+    );
 }

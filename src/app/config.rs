@@ -12,6 +12,7 @@
 //! graphics = "auto"         # pictures: auto | kitty | sixel | iterm2 | halfblocks
 //! system = "You are a careful assistant."
 //! truncate_history = false  # when the context is full, leave out the oldest turns
+//! context = 16384           # context window in tokens (default: the model's; --context wins)
 //!
 //! [sampling]
 //! temperature = 0.7         # 0 = greedy
@@ -48,6 +49,8 @@ pub struct Settings {
     /// When a prompt would not fit the context window, leave out the oldest turns instead of
     /// refusing it.
     pub truncate_history: bool,
+    /// The context window in tokens (`None`: the model's); read before the model loads.
+    pub context: Option<usize>,
     pub theme: Theme,
     pub mouse: bool,
     /// How pictures are drawn (`Auto`: detected at start-up).
@@ -65,6 +68,7 @@ impl Default for Settings {
             combine_images: false,
             system: None,
             truncate_history: false,
+            context: None,
             theme: Theme::default(),
             mouse: true,
             graphics: GraphicsMode::Auto,
@@ -112,6 +116,7 @@ struct File {
     video_max_tiles: Option<Spanned<usize>>,
     system: Option<String>,
     truncate_history: Option<bool>,
+    context: Option<Spanned<usize>>,
     mouse: Option<bool>,
     graphics: Option<Spanned<String>>,
     sampling: Option<Spanned<Sampling>>,
@@ -187,6 +192,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Settings, ConfigError> {
         v => Ok(v.map(Spanned::into_inner)),
     };
     s.max_tiles = at_least_one(file.max_tiles, "max_tiles")?;
+    s.context = at_least_one(file.context, "context")?;
     if let Some(n) = at_least_one(file.video_segments, "video_segments")? {
         s.video_segments = n;
     }
@@ -286,12 +292,13 @@ mod tests {
     fn full_file_sets_everything() {
         let s = parse_str(
             "theme = \"light\"\nmax_tiles = 6\ncombine_images = true\nvideo_segments = 4\n\
-             system = \"be brief\"\nmouse = false\ngraphics = \"sixel\"\ntruncate_history = true\n[sampling]\ntemperature = 0\nseed = 7\n\
+             system = \"be brief\"\nmouse = false\ngraphics = \"sixel\"\ntruncate_history = true\ncontext = 4096\n[sampling]\ntemperature = 0\nseed = 7\n\
              [keys]\nsend = \"ctrl+s\"\nnewline = [\"enter\"]\n",
         )
         .unwrap();
         assert_eq!(s.theme.name, "light");
         assert_eq!(s.max_tiles, Some(6));
+        assert_eq!(s.context, Some(4096));
         assert!(s.combine_images && !s.mouse && s.truncate_history);
         assert_eq!(s.graphics, GraphicsMode::Sixel);
         assert_eq!(s.video_segments, 4);

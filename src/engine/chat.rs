@@ -109,6 +109,8 @@ pub struct Engine {
     cache: KvCache,
     /// Vision features by tile content; kept across conversations (see features.rs).
     features: FeatureCache,
+    /// The context window: prompt plus answer (`LoadOptions::context`, else the config's).
+    context: usize,
     /// Tile counts of attachments already read, so that fitting a long history into the
     /// context does not decode every old picture again on every request. Keyed by the
     /// attachment, the tile limit and the file's size and modification time.
@@ -151,8 +153,11 @@ impl Engine {
             )));
         }
         let tiles = model.cfg.tile_config();
+        let context = opts
+            .context
+            .unwrap_or_else(|| model.cfg.llm_config.context_window());
         let mut cache = model.llm.new_cache();
-        cache.set_limit(model.cfg.llm_config.max_position_embeddings);
+        cache.set_limit(context);
         Ok(Self {
             model,
             tokenizer: Arc::new(tokenizer),
@@ -164,6 +169,7 @@ impl Engine {
             cached_ids: Vec::new(),
             cached_images: Vec::new(),
             cache,
+            context,
             features: FeatureCache::new(FEATURE_CACHE_BYTES),
             tile_counts: RefCell::default(),
         })
@@ -178,7 +184,7 @@ impl Engine {
     }
 
     pub fn context_len(&self) -> usize {
-        self.model.cfg.llm_config.max_position_embeddings
+        self.context
     }
 
     /// Positions held by the conversation's KV cache, and the positions its buffers have room
@@ -513,6 +519,16 @@ impl Engine {
             .take_while(|(a, b)| a == b)
             .count()
             .min(p.ids.len() - 1);
+        // a dynamic rope rotates all keys of a prompt longer than max_position_embeddings with
+        // a base grown for that length (and each key decoded past it with its own): cached keys
+        // stand for a fresh prefill only while neither they nor the new prompt went past it
+        let rope = &self.model.llm.rope;
+        if rope.dynamic_flavor().is_some()
+            && (p.ids.len() as i64 > rope.max_positions()
+                || self.cache.max_held() > rope.max_positions())
+        {
+            reuse = 0;
+        }
         let runs = image_runs(&p.ids, self.img_context_id);
         let fingerprints = Self::image_fingerprints(p);
         debug_assert_eq!(runs.len(), fingerprints.len(), "one run per placeholder");
@@ -549,6 +565,7 @@ impl Engine {
                 stop_ids: &self.stop_ids,
                 pad_id: 0,
                 keep_first_logits: true,
+                vocab: self.tokenizer.vocab_size(),
             },
             std::slice::from_mut(&mut sampler),
             &mut |_, t| on_token(t),
@@ -626,6 +643,7 @@ impl Engine {
                 stop_ids: &self.stop_ids,
                 pad_id: 0,
                 keep_first_logits: false,
+                vocab: self.tokenizer.vocab_size(),
             },
             &mut samplers,
             on_token,

@@ -45,6 +45,9 @@ pub struct GenInput<'a> {
     pub stop_ids: &'a [u32],
     pub pad_id: i64,
     pub keep_first_logits: bool,
+    /// Ids the tokenizer can decode: logits past them (the padding rows of a padded vocabulary,
+    /// e.g. Qwen3's 151936 rows over 151678 tokens) are never sampled.
+    pub vocab: usize,
 }
 
 /// Runs generation. `on_token(row, token)` sees each token as it is chosen.
@@ -111,7 +114,11 @@ pub fn generate(
         .max()
         .unwrap_or(0);
     'steps: for step in 0..max_new {
-        let host = logits.to_device(tch::Device::Cpu).to_kind(Kind::Float);
+        let vocab = (input.vocab as i64).min(logits.size()[1]);
+        let host = logits
+            .narrow(1, 0, vocab)
+            .to_device(tch::Device::Cpu)
+            .to_kind(Kind::Float);
         let mut next = vec![input.pad_id; b];
         for r in 0..b {
             if done[r] {

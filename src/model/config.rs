@@ -27,6 +27,8 @@ pub enum ConfigError {
 
 pub const SUPPORTED_LLMS: &[&str] = &[
     "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
     "InternLM2ForCausalLM",
     "LlamaForCausalLM",
 ];
@@ -35,6 +37,10 @@ pub const SUPPORTED_LLMS: &[&str] = &[
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LlmArch {
     Qwen2,
+    /// InternVL3.5's dense decoders: Qwen2 without q/k/v bias, with per-head `q_norm`/`k_norm`.
+    Qwen3,
+    /// InternVL3.5-30B-A3B / 241B-A28B: Qwen3 attention, mixture-of-experts MLPs.
+    Qwen3Moe,
     InternLM2,
     Llama,
 }
@@ -141,6 +147,9 @@ fn default_rms_eps() -> f64 {
 fn default_max_pos() -> usize {
     32768
 }
+fn default_sparse_step() -> usize {
+    1
+}
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct LlmConfig {
@@ -171,6 +180,24 @@ pub struct LlmConfig {
     /// Llama: bias on q/k/v/o.
     #[serde(default)]
     pub attention_bias: bool,
+    /// Qwen3-MoE: experts per sparse layer (0 or absent: a dense model).
+    #[serde(default)]
+    pub num_experts: usize,
+    /// Qwen3-MoE: experts each token is routed to.
+    #[serde(default)]
+    pub num_experts_per_tok: usize,
+    /// Qwen3-MoE: the intermediate size of each expert's MLP.
+    #[serde(default)]
+    pub moe_intermediate_size: usize,
+    /// Qwen3-MoE: renormalise the top-k routing weights to sum to 1.
+    #[serde(default)]
+    pub norm_topk_prob: bool,
+    /// Qwen3-MoE: every `decoder_sparse_step`-th layer is sparse (`(i + 1) % step == 0`).
+    #[serde(default = "default_sparse_step")]
+    pub decoder_sparse_step: usize,
+    /// Qwen3-MoE: layers that keep a dense MLP whatever the step.
+    #[serde(default)]
+    pub mlp_only_layers: Vec<usize>,
     #[serde(default)]
     pub bos_token_id: Option<serde_json::Value>,
     #[serde(default)]
@@ -190,6 +217,27 @@ impl LlmConfig {
         let s = self.rope_scaling.as_ref()?;
         let t = s.r#type.as_deref().or(s.rope_type.as_deref());
         (t == Some("dynamic")).then(|| s.factor.unwrap_or(1.0))
+    }
+
+    /// The context window the model allows: `max_position_embeddings`, times the rope scaling
+    /// factor where the rope scales dynamically (the reference then runs past the trained
+    /// length with a grown rope base).
+    pub fn context_window(&self) -> usize {
+        let max = self.max_position_embeddings;
+        match self.dynamic_rope_factor() {
+            Some(f) if f > 1.0 => (max as f64 * f).floor() as usize,
+            _ => max,
+        }
+    }
+
+    /// Whether decoder layer `i` has a mixture-of-experts MLP (transformers'
+    /// `Qwen3MoeDecoderLayer`: not in `mlp_only_layers`, experts present, and
+    /// `(i + 1) % decoder_sparse_step == 0`).
+    pub fn is_sparse_layer(&self, i: usize) -> bool {
+        self.num_experts > 0
+            && !self.mlp_only_layers.contains(&i)
+            && self.decoder_sparse_step > 0
+            && (i + 1).is_multiple_of(self.decoder_sparse_step)
     }
 }
 
@@ -233,11 +281,23 @@ impl InternVLConfig {
             path: path.into(),
             source,
         })?;
-        cfg.llm_arch_at(path)?;
+        let arch = cfg.llm_arch_at(path)?;
         let invalid = |what: String| ConfigError::Invalid {
             path: path.into(),
             what,
         };
+        let l = &cfg.llm_config;
+        if arch == LlmArch::Qwen3Moe
+            && (l.num_experts == 0
+                || l.num_experts_per_tok == 0
+                || l.num_experts_per_tok > l.num_experts
+                || l.moe_intermediate_size == 0)
+        {
+            return Err(invalid(format!(
+                "llm_config: a Qwen3-MoE decoder needs num_experts > 0, num_experts_per_tok in 1..=num_experts and moe_intermediate_size > 0 (got {}, {}, {})",
+                l.num_experts, l.num_experts_per_tok, l.moe_intermediate_size
+            )));
+        }
         let v = &cfg.vision_config;
         if v.patch_size == 0 || !cfg.image_size().is_multiple_of(v.patch_size) {
             return Err(invalid(format!(
@@ -296,6 +356,8 @@ impl InternVLConfig {
             .unwrap_or_default();
         match arch.as_str() {
             "Qwen2ForCausalLM" => Ok(LlmArch::Qwen2),
+            "Qwen3ForCausalLM" => Ok(LlmArch::Qwen3),
+            "Qwen3MoeForCausalLM" => Ok(LlmArch::Qwen3Moe),
             "InternLM2ForCausalLM" => Ok(LlmArch::InternLM2),
             "LlamaForCausalLM" => Ok(LlmArch::Llama),
             _ => Err(ConfigError::Architecture {
@@ -355,14 +417,62 @@ mod tests {
             assert_eq!(cfg.template_name(), "internvl2_5");
         }
         let dir = fixture("configs");
-        let mut n = 0;
+        let mut archs = std::collections::BTreeMap::new();
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
             let cfg = InternVLConfig::load(&p).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(cfg.num_image_token(), 256);
-            n += 1;
+            *archs.entry(format!("{:?}", cfg.llm_arch())).or_insert(0) += 1;
         }
-        assert_eq!(n, 10);
+        // InternVL2/2.5 (Qwen2, InternLM2), InternVL3 (Qwen2.5), InternVL3.5 (Qwen3, Qwen3-MoE)
+        assert_eq!(
+            archs.into_iter().collect::<Vec<_>>(),
+            [
+                ("InternLM2".to_string(), 5),
+                ("Qwen2".to_string(), 8),
+                ("Qwen3".to_string(), 6),
+                ("Qwen3Moe".to_string(), 2)
+            ]
+        );
+    }
+
+    /// InternVL3 scales its rope dynamically (window = 2 x max positions), InternVL3.5 does not;
+    /// the MoE layers are all sparse in the published configs.
+    #[test]
+    fn context_windows_and_sparse_layers() {
+        let load = |n: &str| InternVLConfig::load(&fixture(n)).unwrap().llm_config;
+        let c = load("configs/InternVL3-2B.config.json");
+        assert_eq!(c.dynamic_rope_factor(), Some(2.0));
+        assert_eq!(c.context_window(), 2 * c.max_position_embeddings);
+        let c = load("configs/InternVL3_5-8B.config.json");
+        assert_eq!(c.context_window(), 40960);
+        let c = load("configs/InternVL3_5-30B-A3B.config.json");
+        assert_eq!((c.num_experts, c.num_experts_per_tok), (128, 8));
+        assert!((0..c.num_hidden_layers).all(|i| c.is_sparse_layer(i)));
+        let c = load("models/tiny-qwen2-dyn");
+        assert_eq!((c.max_position_embeddings, c.context_window()), (256, 512));
+        let mut c = load("models/tiny-qwen3-moe");
+        assert!(c.is_sparse_layer(0) && c.is_sparse_layer(1));
+        c.decoder_sparse_step = 2;
+        assert!(!c.is_sparse_layer(0) && c.is_sparse_layer(1));
+        c.mlp_only_layers = vec![1];
+        assert!(!c.is_sparse_layer(1));
+        assert!(!load("models/tiny-qwen3").is_sparse_layer(0));
+    }
+
+    #[test]
+    fn a_moe_config_without_experts_is_refused() {
+        let text = std::fs::read_to_string(fixture("models/tiny-qwen3-moe/config.json"))
+            .unwrap()
+            .replace("\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 9");
+        let e = InternVLConfig::parse(&text, Path::new("/m/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/m/config.json: llm_config: a Qwen3-MoE decoder needs"),
+            "{e}"
+        );
+        assert!(e.contains("(got 8, 9, 12)"), "{e}");
     }
 
     #[test]

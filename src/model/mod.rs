@@ -58,6 +58,9 @@ pub struct LoadOptions {
     pub layers: Vec<Device>,
     /// Which linear layers keep int8 weights (`--load-8bit`).
     pub int8: Int8,
+    /// The context window in tokens (`--context`); `None`: the config's
+    /// ([`config::LlmConfig::context_window`]).
+    pub context: Option<usize>,
 }
 
 /// `--load-8bit`: the linear layers of the decoder layers, or those and the vision model's.
@@ -78,6 +81,7 @@ impl LoadOptions {
             first: dev,
             layers: Vec::new(),
             int8: Int8::Off,
+            context: None,
         }
     }
 }
@@ -144,6 +148,8 @@ impl InternVL {
                 cfg.llm_config.attention_bias,
                 cfg.llm_config.attention_bias,
             ),
+            LlmArch::Qwen3 => llm::qwen3::load(w, &places, &cfg.llm_config),
+            LlmArch::Qwen3Moe => llm::qwen3_moe::load(w, &places, &cfg.llm_config),
             LlmArch::InternLM2 => llm::internlm2::load(w, &places, &cfg.llm_config),
         };
         Self {
@@ -181,15 +187,24 @@ impl InternVL {
         image_embeds: Option<&Tensor>,
     ) -> Result<Tensor, ModelError> {
         let embeds = self.llm.embed(ids);
-        let Some(img) = image_embeds else {
-            return Ok(embeds);
-        };
         let (b, n, c) = embeds.size3().expect("embeddings are 3-d");
         let sel = ids
             .to_device(embeds.device())
             .eq(img_context_id)
             .view([b * n]);
         let found = sel.sum(Kind::Int64).int64_value(&[]);
+        let Some(img) = image_embeds else {
+            // every <IMG_CONTEXT> position must get a picture's features
+            if found != 0 {
+                return Err(ModelError::ImageTokens {
+                    found,
+                    expected: 0,
+                    tiles: 0,
+                    per_tile: 0,
+                });
+            }
+            return Ok(embeds);
+        };
         let (tiles, per_tile, _) = img.size3().expect("image features are 3-d");
         if found != tiles * per_tile {
             return Err(ModelError::ImageTokens {
@@ -217,7 +232,14 @@ mod tests {
     /// The recorded tensor list of each tiny config is exactly what its checkpoint holds.
     #[test]
     fn expected_tensors_equal_the_checkpoints() {
-        for name in ["tiny-qwen2", "tiny-internlm2", "tiny-vit6b-qwen2"] {
+        for name in [
+            "tiny-qwen2",
+            "tiny-internlm2",
+            "tiny-vit6b-qwen2",
+            "tiny-qwen3",
+            "tiny-qwen3-moe",
+            "tiny-qwen2-dyn",
+        ] {
             let dir = fixture(&format!("models/{name}"));
             let cfg = InternVLConfig::load(&dir).unwrap();
             let mut expected = InternVL::expected_tensors(&cfg);

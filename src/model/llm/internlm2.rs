@@ -1,7 +1,7 @@
 //! `InternLM2ForCausalLM` (the remote-code `modeling_internlm2.py` shipped with InternVL):
 //! checkpoint keys onto [`super::Llm`], with the fused `wqkv` and InternLM2's dynamic NTK rope.
 use super::rope::{DynamicFlavor, Rope};
-use super::{Attention, DecoderLayer, Dims, LayerPlaces, Llm, Mlp, Qkv};
+use super::{Attention, DecoderLayer, Dims, Ffn, LayerPlaces, Llm, Mlp, Qkv};
 use crate::model::config::LlmConfig;
 use crate::model::nn::{Linear, RmsNorm};
 use crate::model::weights::Weights;
@@ -27,17 +27,18 @@ pub fn load(w: &mut Weights, places: &LayerPlaces, cfg: &LlmConfig) -> Llm {
                     cfg.bias,
                 )),
                 o: lin(w, "attention.wo", d.heads * d.head_dim, d.hidden, cfg.bias),
+                qk_norm: None,
                 num_heads: d.heads,
                 num_kv_heads: d.kv_heads,
                 head_dim: d.head_dim,
             };
-            let mlp = Mlp::load(
+            let mlp = Ffn::Dense(Mlp::load(
                 w,
                 p,
                 &l,
                 ["feed_forward.w1", "feed_forward.w3", "feed_forward.w2"],
                 &d,
-            );
+            ));
             DecoderLayer::with_norms(
                 w,
                 p,

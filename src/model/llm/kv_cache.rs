@@ -67,13 +67,30 @@ impl LayerCache {
 #[derive(Default)]
 pub struct KvCache {
     pub layers: Vec<LayerCache>,
+    /// The dynamic rope's state for this sequence (see [`super::rope::RopeState`]).
+    pub rope: super::rope::RopeState,
+    /// The most positions held since the cache was last cut back: a dynamic rope rotates keys
+    /// differently past `max_position_embeddings`, so a prefix cached after that point cannot
+    /// stand for a fresh prefill.
+    max_held: i64,
 }
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
         Self {
             layers: (0..n_layers).map(|_| LayerCache::default()).collect(),
+            ..Self::default()
         }
+    }
+
+    /// The most positions held since the last [`KvCache::truncate`].
+    pub fn max_held(&self) -> i64 {
+        self.max_held.max(self.len())
+    }
+
+    /// Notes the positions held now (called after each forward pass).
+    pub fn note_held(&mut self) {
+        self.max_held = self.max_held();
     }
 
     /// Cached positions (the same in every layer).
@@ -85,10 +102,15 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Keeps the first `len` positions. The next forward pass continues as a fresh sequence
+    /// would: the rope state starts over (a kept prefix is one the rope never grew for; see
+    /// `Engine::run`'s reuse rule).
     pub fn truncate(&mut self, len: i64) {
         for l in &mut self.layers {
             l.truncate(len);
         }
+        self.rope = None;
+        self.max_held = self.len();
     }
 
     /// Positions every layer's buffers may grow to by doubling (the context window).

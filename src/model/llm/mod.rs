@@ -1,9 +1,12 @@
-//! The decoder-only LLMs InternVL pairs with: Qwen2 (and Llama, the same without q/k/v bias)
-//! and InternLM2 (fused `wqkv`). One implementation; the per-family files only map checkpoint
-//! keys onto it.
+//! The decoder-only LLMs InternVL pairs with: Qwen2 (and Llama, the same without q/k/v bias),
+//! Qwen3 (per-head q/k RMSNorm), Qwen3-MoE (Qwen3 attention, mixture-of-experts MLPs) and
+//! InternLM2 (fused `wqkv`). One implementation; the per-family files only map checkpoint keys
+//! onto it.
 pub mod internlm2;
 pub mod kv_cache;
 pub mod qwen2;
+pub mod qwen3;
+pub mod qwen3_moe;
 pub mod rope;
 
 use super::config::LlmConfig;
@@ -26,14 +29,26 @@ pub enum Qkv {
 pub struct Attention {
     pub qkv: Qkv,
     pub o: Linear,
+    /// Qwen3: `q_norm` and `k_norm`, RMSNorms over `head_dim` applied to each head's query and
+    /// key before the rotary embedding.
+    pub qk_norm: Option<[RmsNorm; 2]>,
     pub num_heads: i64,
     pub num_kv_heads: i64,
     pub head_dim: i64,
 }
 
 impl Attention {
-    /// q [b, heads, q, d], k and v [b, kv_heads, q, d].
+    /// q [b, heads, q, d], k and v [b, kv_heads, q, d], with Qwen3's per-head norms applied.
     fn project(&self, xs: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let (q, k, v) = self.project_raw(xs);
+        match &self.qk_norm {
+            // over the last (head_dim) axis, as `q_norm(q.view(*, heads, head_dim))` is
+            Some([qn, kn]) => (qn.forward(&q), kn.forward(&k), v),
+            None => (q, k, v),
+        }
+    }
+
+    fn project_raw(&self, xs: &Tensor) -> (Tensor, Tensor, Tensor) {
         let (b, q_len, _) = xs.size3().expect("decoder activations are 3-d");
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         match &self.qkv {
@@ -131,27 +146,134 @@ impl Mlp {
     }
 }
 
+/// Qwen3-MoE's `Qwen3MoeSparseMoeBlock`: a router (`gate`, no bias) whose softmax (in f32) picks
+/// the `top_k` experts of each token, their weights renormalised to sum to one when
+/// `norm_topk_prob`, cast to the activations' dtype; each chosen expert's SwiGLU output, times
+/// its weight, is added into the token's output, experts in ascending order as the reference's
+/// `index_add_` loop does. Only the chosen experts run, so decoding reads `top_k` experts'
+/// weights per token, not all of them.
+pub struct SparseMoe {
+    pub gate: Linear,
+    pub experts: Vec<Mlp>,
+    pub top_k: i64,
+    pub norm_topk_prob: bool,
+}
+
+impl SparseMoe {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let size = xs.size();
+        let hidden = *size.last().expect("moe input has a last dim");
+        let flat = xs.reshape([-1, hidden]);
+        let probs = self.gate.forward(&flat).softmax(-1, Kind::Float);
+        let (weights, chosen) = probs.topk(self.top_k, -1, true, true);
+        let weights = if self.norm_topk_prob {
+            &weights / weights.sum_dim_intlist(-1, true, Kind::Float)
+        } else {
+            weights
+        };
+        let weights = weights.to_kind(xs.kind()).view([-1]);
+        // the routing decides which weights are read: it has to be known on the host
+        let chosen: Vec<i64> =
+            Vec::try_from(chosen.to_device(Device::Cpu).view([-1])).expect("expert ids are int64");
+        let k = self.top_k as usize;
+        let mut out = flat.zeros_like();
+        let dev = flat.device();
+        for (e, expert) in self.experts.iter().enumerate() {
+            // (token, slot) pairs routed to expert e; a token picks an expert at most once
+            let slots: Vec<i64> = (0..chosen.len())
+                .filter(|&i| chosen[i] == e as i64)
+                .map(|i| i as i64)
+                .collect();
+            if slots.is_empty() {
+                continue;
+            }
+            let slots_t = Tensor::from_slice(&slots).to_device(dev);
+            let tokens_t =
+                Tensor::from_slice(&slots.iter().map(|&i| i / k as i64).collect::<Vec<_>>())
+                    .to_device(dev);
+            let ys = expert.forward(&flat.index_select(0, &tokens_t))
+                * weights.index_select(0, &slots_t).unsqueeze(-1);
+            let _ = out.index_add_(0, &tokens_t, &ys);
+        }
+        out.view(size.as_slice())
+    }
+}
+
+/// A decoder layer's feed-forward block.
+pub enum Ffn {
+    Dense(Mlp),
+    Moe(SparseMoe),
+}
+
+impl Ffn {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        match self {
+            Ffn::Dense(m) => m.forward(xs),
+            Ffn::Moe(m) => m.forward(xs),
+        }
+    }
+}
+
 pub struct DecoderLayer {
     pub dev: Device,
     pub input_norm: RmsNorm,
     pub post_attn_norm: RmsNorm,
     pub attn: Attention,
-    pub mlp: Mlp,
+    pub mlp: Ffn,
+}
+
+fn linear_tensors(l: &Linear) -> impl Iterator<Item = &Tensor> {
+    std::iter::once(&l.weight).chain(l.bias.iter().chain(l.scale.iter()))
+}
+
+fn bytes_of<'a>(ts: impl IntoIterator<Item = &'a Tensor>) -> u64 {
+    ts.into_iter()
+        .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+        .sum()
 }
 
 impl DecoderLayer {
-    /// Every weight of the layer.
-    pub fn tensors(&self) -> Vec<&Tensor> {
+    fn attn_tensors(&self) -> Vec<&Tensor> {
         let mut v = vec![&self.input_norm.weight, &self.post_attn_norm.weight];
+        if let Some([qn, kn]) = &self.attn.qk_norm {
+            v.extend([&qn.weight, &kn.weight]);
+        }
         let qkv = match &self.attn.qkv {
             Qkv::Stacked(l) | Qkv::Fused(l) => l,
         };
-        let linears = [qkv, &self.attn.o, &self.mlp.gate_up, &self.mlp.down];
-        for l in linears {
-            v.push(&l.weight);
-            v.extend(l.bias.iter().chain(l.scale.iter()));
+        v.extend(linear_tensors(qkv).chain(linear_tensors(&self.attn.o)));
+        v
+    }
+
+    /// Every weight of the layer (every expert of a mixture-of-experts layer).
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut v = self.attn_tensors();
+        match &self.mlp {
+            Ffn::Dense(m) => v.extend(linear_tensors(&m.gate_up).chain(linear_tensors(&m.down))),
+            Ffn::Moe(moe) => {
+                v.extend(linear_tensors(&moe.gate));
+                for m in &moe.experts {
+                    v.extend(linear_tensors(&m.gate_up).chain(linear_tensors(&m.down)));
+                }
+            }
         }
         v
+    }
+
+    /// Bytes of weights one decoding step of one token reads in this layer: everything but
+    /// the experts the router did not choose (`top_k` of them are read).
+    pub fn bytes_read_per_token(&self) -> u64 {
+        match &self.mlp {
+            Ffn::Dense(_) => bytes_of(self.tensors()),
+            Ffn::Moe(moe) => {
+                let expert = moe.experts.first().map_or(0, |m| {
+                    bytes_of(linear_tensors(&m.gate_up).chain(linear_tensors(&m.down)))
+                });
+                bytes_of(self.attn_tensors())
+                    + bytes_of(linear_tensors(&moe.gate))
+                    + expert * moe.top_k as u64
+            }
+        }
     }
 }
 
@@ -213,10 +335,16 @@ impl Llm {
         let past = cache.len();
         let kv_len = past + q_len;
         let mut xs = embeds.shallow_clone();
+        let seq_len = match self.rope.dynamic_flavor() {
+            // transformers: `max(position_ids) + 1`; InternLM2's remote code: the key length
+            Some(rope::DynamicFlavor::Hf) => positions.max().int64_value(&[]) + 1,
+            _ => kv_len,
+        };
+        let base = self.rope.base_for(&mut cache.rope, seq_len);
         let mut rope_dev: Option<(Device, Tensor, Tensor, Option<Tensor>)> = None;
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
             if rope_dev.as_ref().map(|r| r.0) != Some(layer.dev) {
-                let (cos, sin) = self.rope.cos_sin(positions, kv_len, self.kind, layer.dev);
+                let (cos, sin) = self.rope.cos_sin(positions, base, self.kind, layer.dev);
                 let m = match mask {
                     Mask::Causal if q_len == 1 => None,
                     Mask::Causal => Some(causal_mask(q_len, past, layer.dev)),
@@ -241,6 +369,7 @@ impl Llm {
             let h = layer.post_attn_norm.forward(&xs);
             xs = &xs + layer.mlp.forward(&h);
         }
+        cache.note_held();
         self.norm.forward(&xs.to_device(self.norm.weight.device()))
     }
 
@@ -275,6 +404,7 @@ pub fn padded_mask(valid: &Tensor, q_len: i64) -> Tensor {
 }
 
 /// Common shapes for the loaders.
+#[derive(Clone, Copy)]
 pub(crate) struct Dims {
     pub hidden: i64,
     pub inter: i64,
@@ -323,7 +453,7 @@ impl DecoderLayer {
         names: [&str; 2],
         cfg: &LlmConfig,
         attn: Attention,
-        mlp: Mlp,
+        mlp: Ffn,
     ) -> Self {
         let dim = cfg.hidden_size as i64;
         Self {
@@ -353,6 +483,7 @@ mod tests {
                 None,
             )),
             o: Linear::dense(Tensor::zeros([1, 1], (Kind::Float, Device::Cpu)), None),
+            qk_norm: None,
             num_heads: kvh * groups,
             num_kv_heads: kvh,
             head_dim: d,

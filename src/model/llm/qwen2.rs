@@ -1,9 +1,10 @@
 //! `Qwen2ForCausalLM` (transformers 4.47 `modeling_qwen2.py`) and `LlamaForCausalLM`, which is
-//! the same graph without q/k/v biases: checkpoint keys onto [`super::Llm`].
+//! the same graph without q/k/v biases: checkpoint keys onto [`super::Llm`]. The Qwen3 and
+//! Qwen3-MoE loaders reuse [`load_with`] (same key names, their own attention norms and MLPs).
 use super::rope::{DynamicFlavor, Rope};
-use super::{Attention, DecoderLayer, Dims, LayerPlaces, Llm, Mlp, Qkv};
+use super::{Attention, DecoderLayer, Dims, Ffn, LayerPlaces, Llm, Mlp, Qkv};
 use crate::model::config::LlmConfig;
-use crate::model::nn::{Linear, RmsNorm};
+use crate::model::nn::{Linear, Place, RmsNorm};
 use crate::model::weights::Weights;
 
 /// `qkv_bias`: true for Qwen2, `attention_bias` for Llama.
@@ -14,6 +15,45 @@ pub fn load(
     qkv_bias: bool,
     o_bias: bool,
 ) -> Llm {
+    let attn = AttnKind {
+        qkv_bias,
+        o_bias,
+        qk_norm: false,
+    };
+    load_with(w, places, cfg, attn, &mut |w, p, l, _| {
+        dense_mlp(w, p, l, cfg)
+    })
+}
+
+/// The attention variant of a Qwen-style decoder layer.
+#[derive(Clone, Copy)]
+pub(crate) struct AttnKind {
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    /// Qwen3's `self_attn.q_norm` / `self_attn.k_norm` over `head_dim`.
+    pub qk_norm: bool,
+}
+
+/// The SwiGLU MLP of layer prefix `l` (`mlp.{gate,up,down}_proj`), of `intermediate_size`.
+pub(crate) fn dense_mlp(w: &mut Weights, p: Place, l: &str, cfg: &LlmConfig) -> Ffn {
+    Ffn::Dense(Mlp::load(
+        w,
+        p,
+        l,
+        ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+        &Dims::of(cfg),
+    ))
+}
+
+/// A Qwen-layout decoder (`language_model.model.*`, `language_model.lm_head`) whose layer `i`
+/// (key prefix `l`) gets its feed-forward block from `ffn(w, place, l, i)`.
+pub(crate) fn load_with(
+    w: &mut Weights,
+    places: &LayerPlaces,
+    cfg: &LlmConfig,
+    kind: AttnKind,
+    ffn: &mut dyn FnMut(&mut Weights, Place, &str, usize) -> Ffn,
+) -> Llm {
     let d = Dims::of(cfg);
     let pre = "language_model.model";
     let first = places.first;
@@ -21,6 +61,15 @@ pub fn load(
         .map(|i| {
             let p = places.layer(i);
             let l = format!("{pre}.layers.{i}");
+            let head_norm = |w: &mut Weights, n: &str| {
+                RmsNorm::load(
+                    w,
+                    p,
+                    &format!("{l}.self_attn.{n}.weight"),
+                    d.head_dim,
+                    cfg.rms_norm_eps,
+                )
+            };
             let attn = Attention {
                 qkv: Qkv::Stacked(Linear::load_stacked(
                     w,
@@ -31,7 +80,7 @@ pub fn load(
                         (&format!("{l}.self_attn.v_proj"), d.kv_heads * d.head_dim),
                     ],
                     d.hidden,
-                    qkv_bias,
+                    kind.qkv_bias,
                 )),
                 o: Linear::load(
                     w,
@@ -39,19 +88,16 @@ pub fn load(
                     &format!("{l}.self_attn.o_proj"),
                     d.heads * d.head_dim,
                     d.hidden,
-                    o_bias,
+                    kind.o_bias,
                 ),
+                qk_norm: kind
+                    .qk_norm
+                    .then(|| [head_norm(w, "q_norm"), head_norm(w, "k_norm")]),
                 num_heads: d.heads,
                 num_kv_heads: d.kv_heads,
                 head_dim: d.head_dim,
             };
-            let mlp = Mlp::load(
-                w,
-                p,
-                &l,
-                ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
-                &d,
-            );
+            let mlp = ffn(w, p, &l, i);
             DecoderLayer::with_norms(
                 w,
                 p,
