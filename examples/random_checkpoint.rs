@@ -1,7 +1,9 @@
 //! Makes a random-weight checkpoint of a config's real size, for benchmarks:
 //!
-//!     cargo run --release --example random_checkpoint -- CONFIG.json OUT_DIR --tokenizer-from DIR
+//!     cargo run --release --example random_checkpoint -- CONFIG.json OUT_DIR --tokenizer-from DIR [--layers N]
 //!
+//! `--layers N` keeps only the first N decoder layers (written into the copied config.json): a
+//! model of real width whose full depth does not fit this machine, e.g. the 30B-A3B MoE.
 //! The tensor list comes from the model's own loaders, so the result loads like a published
 //! checkpoint (bf16 `model.safetensors`). Values are deterministic: matrices uniform in
 //! ±1/sqrt(fan_in), norm weights 1, biases 0, layer scales 0.1.
@@ -47,11 +49,18 @@ fn fill(name: &str, shape: &[i64], rng: &mut Rng, out: &mut dyn Write) -> Result
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (mut config, mut out, mut tok) = (None, None, None);
+    let (mut config, mut out, mut tok, mut layers) = (None, None, None, None);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--tokenizer-from" => tok = it.next().map(PathBuf::from),
+            "--layers" => {
+                let n = it.next().context("--layers needs a number")?;
+                layers = Some(
+                    n.parse::<usize>()
+                        .with_context(|| format!("--layers {n:?}"))?,
+                );
+            }
             _ if config.is_none() => config = Some(PathBuf::from(a)),
             _ if out.is_none() => out = Some(PathBuf::from(a)),
             _ => bail!("unexpected argument {a:?}"),
@@ -60,9 +69,17 @@ fn main() -> Result<()> {
     let (Some(config), Some(out), Some(tok)) = (config, out, tok) else {
         bail!("usage: random_checkpoint CONFIG.json OUT_DIR --tokenizer-from DIR");
     };
-    let cfg = InternVLConfig::load(&config)?;
+    let mut cfg = InternVLConfig::load(&config)?;
     std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
-    std::fs::copy(&config, out.join("config.json"))?;
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config)?)?;
+    if let Some(n) = layers {
+        json["llm_config"]["num_hidden_layers"] = n.into();
+        cfg.llm_config.num_hidden_layers = n;
+    }
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
     for e in std::fs::read_dir(&tok).with_context(|| format!("{}: cannot read", tok.display()))? {
         let p = e?.path();
         let name = p

@@ -229,18 +229,17 @@ pub fn run(cfg: &BenchConfig) -> Result<Value> {
     }))
 }
 
-/// Bytes of LLM weights read per decoded token (layers + head; embeddings are gathered).
+/// Bytes of LLM weights read per decoded token (layers + head; embeddings are gathered; a
+/// mixture-of-experts layer reads its router and the experts a token is routed to).
 fn llm_weight_bytes(engine: &Engine) -> u64 {
     let llm = &engine.model.llm;
-    let mut n: u64 = 0;
-    let mut add = |t: &Tensor| n += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
-    for l in &llm.layers {
-        for t in l.tensors() {
-            add(t);
-        }
-    }
-    add(&llm.lm_head.weight);
-    n
+    let head = &llm.lm_head.weight;
+    let head = (head.numel() * head.kind().elt_size_in_bytes()) as u64;
+    llm.layers
+        .iter()
+        .map(|l| l.bytes_read_per_token())
+        .sum::<u64>()
+        + head
 }
 
 pub fn table(v: &Value) -> String {

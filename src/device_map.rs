@@ -371,6 +371,12 @@ impl ParamCounts {
         }
     }
 
+    /// Parameters one token's decoding reads, the vision model aside: embeddings (one row, but
+    /// counted whole as published "active" figures do), every layer's active part, the head.
+    pub fn active_total(&self) -> u64 {
+        self.embed + self.active_layer * self.layers as u64 + self.norm + self.head
+    }
+
     pub fn total(&self) -> u64 {
         self.vision
             + self.mlp1
@@ -520,7 +526,7 @@ mod tests {
         let c = ParamCounts::of(
             &InternVLConfig::load(&fixture("configs/InternVL3_5-30B-A3B.config.json")).unwrap(),
         );
-        let active = c.embed + c.active_layer * c.layers as u64 + c.norm + c.head;
+        let active = c.active_total();
         eprintln!("30B-A3B active LLM parameters: {}", b(active));
         assert!((b(active) - 3.35).abs() < 0.02, "{}", b(active));
         // tiny checkpoints: counts equal the tensors in the files (dense, MoE, tied)

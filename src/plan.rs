@@ -128,6 +128,14 @@ impl Plan {
         for (name, n) in rows {
             s.push_str(&format!("{name:<28}{:>16}\n", count(n)));
         }
+        if p.active_layer != p.layer {
+            // a mixture of experts: all experts are held, a token reads its top-k
+            s.push_str(&format!(
+                "{:<28}{:>16}\n",
+                "read per token (experts)",
+                count(p.active_total())
+            ));
+        }
         s.push_str(&format!(
             "\n{:<10}{:>8}{:>14}{:>20}{:>14}\n",
             "device",
@@ -168,6 +176,8 @@ impl Plan {
                 "embeddings": self.params.embed, "layer": self.params.layer,
                 "layers": self.params.layers, "norm": self.params.norm,
                 "output": self.params.head, "total": self.params.total(),
+                "active_layer": self.params.active_layer,
+                "active_per_token": self.params.active_total(),
             },
             "context": self.context,
             "devices": devices,
