@@ -11,6 +11,7 @@
 //! mouse = true              # wheel scrolling (hold Shift to select text)
 //! graphics = "auto"         # pictures: auto | kitty | sixel | iterm2 | halfblocks
 //! system = "You are a careful assistant."
+//! think = false             # thinking mode (InternVL3.5): /think on|off in the chat
 //! truncate_history = false  # when the context is full, leave out the oldest turns
 //!
 //! [sampling]
@@ -45,6 +46,8 @@ pub struct Settings {
     pub combine_images: bool,
     /// `None`: the template's system message.
     pub system: Option<String>,
+    /// Thinking mode: the model card's R1 system message instead of `system`.
+    pub think: bool,
     /// When a prompt would not fit the context window, leave out the oldest turns instead of
     /// refusing it.
     pub truncate_history: bool,
@@ -64,6 +67,7 @@ impl Default for Settings {
             video_max_tiles: 1,
             combine_images: false,
             system: None,
+            think: false,
             truncate_history: false,
             theme: Theme::default(),
             mouse: true,
@@ -77,6 +81,8 @@ impl Default for Settings {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Overrides {
     pub system: Option<String>,
+    /// `--think` (never given with `system`).
+    pub think: bool,
     pub max_tiles: Option<usize>,
     /// Sampling flags, applied as the one-shot and batch modes apply them.
     pub sampling: crate::sampling::Overrides,
@@ -111,6 +117,7 @@ struct File {
     video_segments: Option<Spanned<usize>>,
     video_max_tiles: Option<Spanned<usize>>,
     system: Option<String>,
+    think: Option<bool>,
     truncate_history: Option<bool>,
     mouse: Option<bool>,
     graphics: Option<Spanned<String>>,
@@ -195,6 +202,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Settings, ConfigError> {
     }
     s.combine_images = file.combine_images.unwrap_or(s.combine_images);
     s.system = file.system;
+    s.think = file.think.unwrap_or(s.think);
     s.truncate_history = file.truncate_history.unwrap_or(s.truncate_history);
     s.mouse = file.mouse.unwrap_or(s.mouse);
     if let Some(g) = file.graphics {
@@ -249,6 +257,16 @@ pub fn parse(src: &str, path: &Path) -> Result<Settings, ConfigError> {
 }
 
 impl Settings {
+    /// The system message a request carries: thinking's, the chosen one, or none (the
+    /// model's).
+    pub fn system_message(&self) -> Option<String> {
+        if self.think {
+            Some(crate::prompt::thinking::R1_SYSTEM_PROMPT.to_string())
+        } else {
+            self.system.clone()
+        }
+    }
+
     /// Applies command-line settings; the message names what is out of range.
     pub fn apply(&mut self, o: &Overrides) -> Result<(), String> {
         self.params = o.sampling.apply(&self.params)?;
@@ -257,6 +275,8 @@ impl Settings {
         }
         self.max_tiles = o.max_tiles.or(self.max_tiles);
         self.system = o.system.clone().or(self.system.take());
+        // a system message on the command line outranks the file's thinking
+        self.think = o.think || (self.think && o.system.is_none());
         self.combine_images |= o.combine_images;
         self.graphics = o.graphics.unwrap_or(self.graphics);
         self.truncate_history |= o.truncate_history;
