@@ -1124,3 +1124,37 @@ fn thinking_reaches_the_openai_client_as_reasoning_content() {
         "the local one-shot's shape"
     );
 }
+
+#[test]
+fn remote_chat_shows_a_servers_thinking_as_local_thinking() {
+    let ckpt = thinking_checkpoint();
+    let m = ckpt.path().display().to_string();
+    let server = Server::start_with(&m, &["--served-model-name", MODEL]);
+    let home = tempfile::tempdir().unwrap();
+    let args: Vec<String> = ["--remote", &server.url, "--think", "--greedy"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let t = Tmux::start("ivl-think", home.path(), &args);
+    let ready = t.wait("the connection", 60, |s| s.contains("ready"));
+    assert!(ready.contains("thinking on"), "{ready}");
+    t.text("How many cats?");
+    t.keys(&["Enter"]);
+    let done = t.wait("the answer", 60, |s| {
+        s.contains("first token after") && s.contains("ready")
+    });
+    assert!(
+        done.contains("▸ thought for 1 line — F4 to expand"),
+        "{done}"
+    );
+    assert!(done.contains(ANSWER), "{done}");
+    assert!(!done.contains(THOUGHT), "collapsed: {done}");
+    assert!(!done.contains("<think>"), "{done}");
+    t.keys(&["F4"]);
+    let open = t.wait("the thinking", 30, |s| s.contains(THOUGHT));
+    assert!(open.contains(&format!("│ {THOUGHT}")), "{open}");
+    assert!(
+        open.contains("▾ thought for 1 line — F4 to collapse"),
+        "{open}"
+    );
+}
