@@ -366,6 +366,31 @@ mod tests {
     }
 
     #[test]
+    fn thinking_from_the_file_and_the_command_line() {
+        let path = Path::new("/cfg/config.toml");
+        let s = parse("think = true\nsystem = \"be brief\"\n", path).unwrap();
+        assert!(s.think);
+        let r1 = crate::prompt::thinking::R1_SYSTEM_PROMPT;
+        assert_eq!(s.system_message().as_deref(), Some(r1));
+        // a system message on the command line outranks the file's thinking
+        let mut cli_system = s.clone();
+        let o = Overrides {
+            system: Some("terse".into()),
+            ..Default::default()
+        };
+        cli_system.apply(&o).unwrap();
+        assert!(!cli_system.think);
+        assert_eq!(cli_system.system_message().as_deref(), Some("terse"));
+        let mut cli_think = Settings::default();
+        let o = Overrides {
+            think: true,
+            ..Default::default()
+        };
+        cli_think.apply(&o).unwrap();
+        assert_eq!(cli_think.system_message().as_deref(), Some(r1));
+    }
+
+    #[test]
     fn missing_file_is_the_defaults_and_overrides_win() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = load(&dir.path().join("config.toml")).unwrap();
