@@ -3,6 +3,7 @@
 use crate::engine::chat::{ChatInput, ChatOutput, Engine, Fit, Prepared};
 use crate::engine::generate::Flow;
 use crate::engine::protocol::{Attachment, Turn};
+use crate::prompt::thinking::{self, R1_SYSTEM_PROMPT};
 use crate::sampling::{Overrides, SamplingParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -41,6 +42,10 @@ pub struct Request {
     pub history: Vec<(String, String)>,
     #[serde(default)]
     pub system: Option<String>,
+    /// Thinking mode: the model card's R1 system message (default: the command line's
+    /// `--think`); not together with `system`.
+    #[serde(default)]
+    pub think: Option<bool>,
     #[serde(default)]
     pub max_new_tokens: Option<usize>,
     #[serde(default)]
@@ -83,6 +88,30 @@ impl Request {
             min_new_tokens: self.min_new_tokens,
         }
         .apply(base)
+    }
+
+    /// Whether the request thinks and its system message, over the command line's (`system`
+    /// or `think`, never both).
+    pub fn system<'a>(
+        &'a self,
+        system: Option<&'a str>,
+        think: bool,
+    ) -> Result<(bool, Option<&'a str>), String> {
+        let think =
+            match (self.think, &self.system) {
+                (Some(true), Some(_)) => return Err(
+                    "think: cannot be combined with system (thinking has its own system message)"
+                        .into(),
+                ),
+                (Some(t), _) => t,
+                // a request's own system message replaces the command line's thinking one
+                (None, Some(_)) => false,
+                (None, None) => think,
+            };
+        if think {
+            return Ok((true, Some(R1_SYSTEM_PROMPT)));
+        }
+        Ok((false, self.system.as_deref().or(system)))
     }
 
     pub fn attachments(&self) -> Vec<Attachment> {
@@ -137,8 +166,16 @@ pub fn parse_line(line: &str) -> Result<Request, (Value, String)> {
     })
 }
 
-fn result_json(id: &Value, out: &ChatOutput, dropped_turns: usize, elapsed: f64) -> Value {
-    json!({
+/// A result line; a request that thought (or an answer with a think block) also gets its
+/// `reasoning` and `content` apart.
+fn result_json(
+    id: &Value,
+    out: &ChatOutput,
+    dropped_turns: usize,
+    elapsed: f64,
+    think: bool,
+) -> Value {
+    let mut v = json!({
         "id": id,
         "response": out.answer,
         "generated_ids": out.tokens,
@@ -151,14 +188,21 @@ fn result_json(id: &Value, out: &ChatOutput, dropped_turns: usize, elapsed: f64)
             "decode_s": out.gen.decode.as_secs_f64(),
             "total_s": elapsed,
         },
-    })
+    });
+    let split = thinking::split(&out.answer);
+    if think || split.reasoning.is_some() {
+        v["reasoning"] = json!(split.reasoning);
+        v["content"] = json!(split.content);
+    }
+    v
 }
 
 fn error_json(id: &Value, msg: &str) -> Value {
     json!({ "id": id, "error": msg })
 }
 
-type Pending = Vec<(Value, Prepared, SamplingParams)>;
+/// Queued requests: id, prompt, settings, and whether it thinks.
+type Pending = Vec<(Value, Prepared, SamplingParams, bool)>;
 type Emit<'a> = dyn FnMut(Value, &mut dyn Write, bool) -> anyhow::Result<()> + 'a;
 
 /// Runs the queued requests (together when more than one) and emits their results in order.
@@ -174,7 +218,7 @@ fn flush(
     let t0 = Instant::now();
     let batch = std::mem::take(pending);
     let results: Vec<Result<ChatOutput, String>> = if batch.len() == 1 {
-        let (_, p, sp) = &batch[0];
+        let (_, p, sp, _) = &batch[0];
         vec![engine
             .run(p, sp, &mut |_| Flow::Continue)
             .map_err(|e| e.to_string())]
@@ -187,10 +231,10 @@ fn flush(
         }
     };
     let elapsed = t0.elapsed().as_secs_f64();
-    for ((id, p, _), r) in batch.iter().zip(results) {
+    for ((id, p, _, think), r) in batch.iter().zip(results) {
         match r {
             Ok(out) => emit(
-                result_json(id, &out, p.dropped_turns, elapsed),
+                result_json(id, &out, p.dropped_turns, elapsed, *think),
                 output,
                 true,
             )?,
@@ -201,13 +245,16 @@ fn flush(
 }
 
 /// Runs every request of `input`, writing one line per request to `output` as soon as it is
-/// known. Requests are decoded `batch_size` at a time (left-padded together).
+/// known. Requests are decoded `batch_size` at a time (left-padded together). `system` and
+/// `think` are the command line's (`--think`: requests think unless they say otherwise).
+#[allow(clippy::too_many_arguments)]
 pub fn run_batch(
     engine: &mut Engine,
     input: &mut (dyn BufRead + Send),
     output: &mut dyn Write,
     base: &SamplingParams,
     system: Option<&str>,
+    think: bool,
     batch_size: usize,
     truncate_history: bool,
 ) -> anyhow::Result<(usize, usize)> {
@@ -266,10 +313,18 @@ pub fn run_batch(
                     continue;
                 }
             };
+            let (thinks, system) = match req.system(system, think) {
+                Ok(s) => s,
+                Err(e) => {
+                    flush(engine, &mut pending, output, &mut emit)?;
+                    emit(error_json(&req.id, &e), output, false)?;
+                    continue;
+                }
+            };
             let history = req.history();
             let attachments = req.attachments();
             let input = ChatInput {
-                system: req.system.as_deref().or(system),
+                system,
                 history: &history,
                 question: &req.question,
                 attachments: &attachments,
@@ -282,7 +337,7 @@ pub fn run_batch(
             let prepared = engine.prepare_to_fit(&input, fit);
             match prepared {
                 Ok(p) => {
-                    pending.push((req.id.clone(), p, params));
+                    pending.push((req.id.clone(), p, params, thinks));
                     if pending.len() >= batch_size {
                         flush(engine, &mut pending, output, &mut emit)?;
                     }
@@ -297,4 +352,43 @@ pub fn run_batch(
     })?;
     flush(engine, &mut pending, output, &mut emit)?;
     Ok((ok, failed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(line: &str) -> Request {
+        parse_line(line).unwrap()
+    }
+
+    #[test]
+    fn think_chooses_the_thinking_system_message() {
+        let r1 = Some(R1_SYSTEM_PROMPT);
+        let q = r#"{"question": "q"}"#;
+        assert_eq!(req(q).system(None, false), Ok((false, None)));
+        assert_eq!(req(q).system(Some("cli"), false), Ok((false, Some("cli"))));
+        assert_eq!(req(q).system(None, true), Ok((true, r1)), "--think");
+        let think = r#"{"question": "q", "think": true}"#;
+        assert_eq!(req(think).system(Some("cli"), false), Ok((true, r1)));
+        let off = r#"{"question": "q", "think": false}"#;
+        assert_eq!(req(off).system(None, true), Ok((false, None)));
+        // a request's own system message replaces --think's
+        let own = r#"{"question": "q", "system": "Be brief."}"#;
+        assert_eq!(req(own).system(None, true), Ok((false, Some("Be brief."))));
+        let both = r#"{"id": 3, "question": "q", "system": "Be brief.", "think": true}"#;
+        assert_eq!(
+            req(both).system(None, false),
+            Err(
+                "think: cannot be combined with system (thinking has its own system message)"
+                    .into()
+            )
+        );
+        let (id, e) = parse_line(r#"{"id": 4, "question": "q", "think": "yes"}"#).unwrap_err();
+        assert_eq!(id, json!(4));
+        assert!(
+            e.starts_with("invalid request: think: invalid type: string"),
+            "{e}"
+        );
+    }
 }

@@ -225,6 +225,10 @@ pub struct GenArgs {
     /// System message (default: the template's, or config.json's system_message).
     #[arg(long, global = true)]
     pub system: Option<String>,
+    /// Thinking mode (InternVL3.5): the system message becomes the model card's
+    /// R1_SYSTEM_PROMPT and the model thinks in a <think> block before it answers.
+    #[arg(long, global = true, conflicts_with = "system")]
+    pub think: bool,
     /// Most tiles per image (default: config's max_dynamic_patch).
     #[arg(long, global = true, value_name = "N", value_parser = tile_count())]
     pub max_tiles: Option<usize>,

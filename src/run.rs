@@ -39,6 +39,15 @@ pub fn sampling_from(args: &GenArgs) -> Result<SamplingParams> {
         .map_err(|e| anyhow::anyhow!(e))
 }
 
+/// The system message the flags ask for: `--think`'s, `--system`, or none (the model's).
+pub fn system_from(args: &GenArgs) -> Option<String> {
+    if args.think {
+        Some(crate::prompt::thinking::R1_SYSTEM_PROMPT.to_string())
+    } else {
+        args.system.clone()
+    }
+}
+
 /// `cpu`, `cuda`, `cuda:N`, `auto`.
 pub fn parse_device(s: &str) -> Result<Device> {
     let cuda = |i: usize| -> Result<Device> {
@@ -286,6 +295,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 &mut output,
                 &params,
                 cli.gen.system.as_deref(),
+                cli.gen.think,
                 b.batch_size,
                 cli.gen.truncate_history,
             )?;
@@ -408,7 +418,7 @@ fn serve(cli: &Cli, s: &ServeArgs) -> Result<ExitCode> {
             api_key: s.api_key.clone(),
             allow_remote_images: s.allow_remote_images,
             base,
-            system: cli.gen.system.clone(),
+            system: system_from(&cli.gen),
             max_tiles: cli.gen.max_tiles,
             context_len: info.context_len,
         },
@@ -518,6 +528,7 @@ fn tui(cli: &Cli) -> Result<ExitCode> {
     let mut options = AppOptions::new(probe);
     options.overrides = Overrides {
         system: g.system.clone(),
+        think: g.think,
         max_tiles: g.max_tiles,
         sampling: sampling_overrides(g),
         combine_images: cli.combine_images,
@@ -548,8 +559,10 @@ fn one_shot(cli: &Cli, prompt: &str) -> Result<ExitCode> {
     if let Some(t) = cli.gen.max_tiles {
         engine.tiles.max_tiles = t as u32;
     }
+    // with --think the answer is printed as the model writes it, its <think> block included
+    let system = system_from(&cli.gen);
     let input = ChatInput {
-        system: cli.gen.system.as_deref(),
+        system: system.as_deref(),
         history: &[],
         question: prompt,
         attachments: &attachments,
@@ -606,7 +619,8 @@ fn remote_one_shot(cli: &Cli, url: &str, prompt: &str) -> Result<ExitCode> {
         &handle,
         GenerateRequest {
             id: 1,
-            system: cli.gen.system.clone(),
+            // the thinking system message also asks the server for thinking (see remote)
+            system: system_from(&cli.gen),
             history: Vec::new(),
             question: prompt.to_string(),
             attachments,

@@ -24,7 +24,7 @@ def client(base, key, **kw):
 
 
 # sampling fields of vLLM and LMDeploy the client does not know: sent as extra_body
-EXTENSIONS = ("top_k", "repetition_penalty", "min_tokens")
+EXTENSIONS = ("top_k", "repetition_penalty", "min_tokens", "reasoning", "chat_template_kwargs")
 
 
 def arguments(request):
@@ -44,7 +44,7 @@ def ask(c, request):
     try:
         if not stream:
             r = c.chat.completions.create(**request)
-            return {
+            out = {
                 "id": r.id,
                 "object": r.object,
                 "model": r.model,
@@ -53,7 +53,12 @@ def ask(c, request):
                 "finish_reason": r.choices[0].finish_reason,
                 "usage": r.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"}),
             }
-        pieces, finish, usage, ids, objects, roles = [], None, None, set(), set(), []
+            # vLLM's and LMDeploy's extension: the client keeps it as an extra field
+            extra = r.choices[0].message.model_extra or {}
+            if "reasoning_content" in extra:
+                out["reasoning_content"] = extra["reasoning_content"]
+            return out
+        pieces, reasoning, finish, usage, ids, objects, roles = [], [], None, None, set(), set(), []
         s = c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **request)
         for chunk in s:
             ids.add(chunk.id)
@@ -65,9 +70,12 @@ def ask(c, request):
                     roles.append(ch.delta.role)
                 if ch.delta.content:
                     pieces.append(ch.delta.content)
+                thought = (ch.delta.model_extra or {}).get("reasoning_content")
+                if thought:
+                    reasoning.append(thought)
                 if ch.finish_reason:
                     finish = ch.finish_reason
-        return {
+        out = {
             "id": ids.pop() if len(ids) == 1 else sorted(ids),
             "object": objects.pop() if len(objects) == 1 else sorted(objects),
             "answer": "".join(pieces),
@@ -76,6 +84,10 @@ def ask(c, request):
             "finish_reason": finish,
             "usage": usage,
         }
+        if reasoning:
+            out["reasoning_content"] = "".join(reasoning)
+            out["reasoning_pieces"] = len(reasoning)
+        return out
     except openai.APIStatusError as e:
         return {"status": e.status_code, "body": e.body}
 

@@ -44,8 +44,12 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
-        let m = model_dir();
-        let mut args = vec!["serve", "--model", &m, "--port", "0"];
+        Server::start_with(&model_dir(), extra)
+    }
+
+    /// `serve` of the checkpoint in `m`.
+    fn start_with(m: &str, extra: &[&str]) -> Server {
+        let mut args = vec!["serve", "--model", m, "--port", "0"];
         args.extend(ONE_CPU_THREAD);
         args.extend(extra);
         let mut child = Command::new(BIN)
@@ -893,4 +897,264 @@ fn startup_errors_are_one_line_and_a_signal_stops_the_server() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// What the thinking checkpoint writes, whatever it is asked: a think block, then the answer.
+const THOUGHT: &str = "Both shapes are cats.";
+const ANSWER: &str = "Two of them!";
+
+/// A checkpoint that thinks for real: tiny-qwen2's weights with InternVL3.5's tokenizer
+/// (`<think>` 151667, `</think>` 151668), rewritten so that greedy decoding writes
+/// `<think>THOUGHT\n</think>\n\nANSWER<|im_end|>`. Every layer's `o_proj` and `down_proj` are
+/// zero, so each position's final hidden state is its own token's embedding; the embeddings of
+/// the prompt's last token and of each token written are one-hot, and `lm_head` maps each of
+/// them to the token that follows it (a bigram table the forward pass really computes).
+fn thinking_checkpoint() -> tempfile::TempDir {
+    use tch::Tensor;
+    let dir = tempfile::tempdir().unwrap();
+    let qwen2 = fixture("models/tiny-qwen2");
+    let qwen3 = fixture("models/tiny-qwen3");
+    for f in [
+        "vocab.json",
+        "merges.txt",
+        "added_tokens.json",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(qwen3.join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::copy(
+        qwen2.join("generation_config.json"),
+        dir.path().join("generation_config.json"),
+    )
+    .unwrap();
+    let vocab = 151936i64;
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(qwen2.join("config.json")).unwrap()).unwrap();
+    cfg["llm_config"]["vocab_size"] = json!(vocab);
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+
+    let tokenizer = Tokenizer::from_dir(dir.path()).unwrap();
+    let text = format!("<think>{THOUGHT}\n</think>\n\n{ANSWER}");
+    let mut seq = vec![tokenizer.encode("\n").unwrap()[0]];
+    seq.extend(tokenizer.encode(&text).unwrap());
+    seq.push(tokenizer.encode("<|im_end|>").unwrap()[0]);
+    assert_eq!(seq[1], 151667, "<think> is one token");
+    assert!(seq.contains(&151668), "</think> is one token");
+    assert_eq!(tokenizer.decode(&seq[1..seq.len() - 1], true), text);
+    let inputs = &seq[..seq.len() - 1];
+    let mut distinct = inputs.to_vec();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        inputs.len(),
+        "a bigram table needs distinct inputs: {seq:?}"
+    );
+
+    let mut tensors = Tensor::read_safetensors(qwen2.join("model.safetensors")).unwrap();
+    let hidden = tensors
+        .iter()
+        .find(|(n, _)| n == "language_model.model.norm.weight")
+        .unwrap()
+        .1
+        .size()[0];
+    assert!(inputs.len() as i64 <= hidden);
+    for (name, t) in tensors.iter_mut() {
+        let kind = t.kind();
+        let grow = |t: &Tensor| {
+            let extra = Tensor::zeros([vocab - t.size()[0], hidden], (kind, t.device()));
+            Tensor::cat(&[t, &extra], 0)
+        };
+        if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+            *t = t.zeros_like();
+        } else if name == "language_model.model.norm.weight" {
+            *t = t.ones_like();
+        } else if name == "language_model.model.embed_tokens.weight" {
+            let e = grow(t);
+            for (i, &id) in inputs.iter().enumerate() {
+                let one_hot = Tensor::zeros([hidden], (kind, e.device()));
+                let _ = one_hot.get(i as i64).fill_(1.0);
+                e.get(id as i64).copy_(&one_hot);
+            }
+            *t = e;
+        } else if name == "language_model.lm_head.weight" {
+            let h = Tensor::zeros([vocab, hidden], (kind, t.device()));
+            for (i, &next) in seq[1..].iter().enumerate() {
+                let _ = h.get(next as i64).get(i as i64).fill_(1.0);
+            }
+            *t = h;
+        }
+    }
+    Tensor::write_safetensors(&tensors, dir.path().join("model.safetensors")).unwrap();
+    dir
+}
+
+#[test]
+fn thinking_reaches_the_openai_client_as_reasoning_content() {
+    let ckpt = thinking_checkpoint();
+    let m = ckpt.path().display().to_string();
+    let whole = format!("<think>{THOUGHT}\n</think>\n\n{ANSWER}");
+    // the local one-shot prints the answer as the model wrote it
+    let local = run_bin(&[
+        "--model",
+        &m,
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--think",
+        "--greedy",
+        "-p",
+        "How many cats?",
+    ]);
+    assert!(
+        local.status.success(),
+        "{}",
+        String::from_utf8_lossy(&local.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(local.stdout).unwrap(),
+        format!("{whole}\n")
+    );
+    // --think and --system together: a usage error
+    let both = run_bin(&["--model", &m, "--think", "--system", "x", "-p", "q"]);
+    assert_eq!(both.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&both.stderr).contains("'--think' cannot be used with"));
+
+    // batch: the reasoning and the content apart, besides the full response
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let lines = [
+        json!({"id": 1, "question": "How many cats?", "think": true, "do_sample": false}),
+        json!({"id": 2, "question": "How many cats?", "think": true, "system": "x"}),
+    ];
+    let text: Vec<String> = lines.iter().map(Value::to_string).collect();
+    std::fs::write(&input, text.join("\n")).unwrap();
+    let out = Command::new(BIN)
+        .args(["batch", "--model", &m])
+        .args(ONE_CPU_THREAD)
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    let results: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results[0]["response"], whole.as_str());
+    assert_eq!(results[0]["reasoning"], THOUGHT);
+    assert_eq!(results[0]["content"], ANSWER);
+    assert_eq!(
+        results[1]["error"],
+        "think: cannot be combined with system (thinking has its own system message)"
+    );
+
+    let server = Server::start_with(&m, &["--served-model-name", MODEL]);
+    let ask = |extra: Value, stream: bool| {
+        let mut r = json!({
+            "messages": [user("How many cats?")],
+            "temperature": 0,
+            "stream": stream,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        r
+    };
+    let spec = json!([
+        ask(json!({"reasoning_effort": "high"}), false),
+        ask(
+            json!({"chat_template_kwargs": {"enable_thinking": true}}),
+            true
+        ),
+        ask(json!({"reasoning": true}), true),
+        // not asked, yet the answer has a think block: still given apart
+        ask(json!({}), false),
+    ]);
+    let got = client("complete", &server, "none", &spec);
+    for (i, r) in got.as_array().unwrap().iter().enumerate() {
+        assert_eq!(r["answer"], ANSWER, "{i}: {r}");
+        assert_eq!(r["reasoning_content"], THOUGHT, "{i}: {r}");
+        assert_eq!(r["finish_reason"], "stop", "{i}: {r}");
+    }
+    // streamed as the model wrote it: a delta per token of thinking
+    assert!(
+        got[1]["reasoning_pieces"].as_u64().unwrap() > 1,
+        "{}",
+        got[1]
+    );
+    // a malformed switch names its field; a system message of its own is refused
+    let bad = json!([
+        {"method": "POST", "path": "/v1/chat/completions",
+         "body": ask(json!({"reasoning_effort": 1}), false).to_string()},
+        {"method": "POST", "path": "/v1/chat/completions",
+         "body": json!({"messages": [{"role": "system", "content": "Be brief."}, user("q")],
+                        "reasoning": true}).to_string()},
+    ]);
+    let errors = client("raw", &server, "none", &bad);
+    assert_eq!(errors[0]["status"], 400);
+    assert!(errors[0]["body"]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("reasoning_effort: expected a string"));
+    assert_eq!(
+        errors[1]["body"]["error"]["message"],
+        "reasoning: thinking has its own system message; leave out the system message"
+    );
+
+    // --remote --think: the server's reasoning_content comes back as a think block
+    let remote = run_bin(&[
+        "--remote",
+        &server.url,
+        "--think",
+        "--greedy",
+        "-p",
+        "How many cats?",
+    ]);
+    assert!(
+        remote.status.success(),
+        "{}",
+        String::from_utf8_lossy(&remote.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(remote.stdout).unwrap(),
+        format!("<think>\n{THOUGHT}\n</think>\n\n{ANSWER}\n"),
+        "the local one-shot's shape"
+    );
+}
+
+#[test]
+fn remote_chat_shows_a_servers_thinking_as_local_thinking() {
+    let ckpt = thinking_checkpoint();
+    let m = ckpt.path().display().to_string();
+    let server = Server::start_with(&m, &["--served-model-name", MODEL]);
+    let home = tempfile::tempdir().unwrap();
+    let args: Vec<String> = ["--remote", &server.url, "--think", "--greedy"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let t = Tmux::start("ivl-think", home.path(), &args);
+    let ready = t.wait("the connection", 60, |s| s.contains("ready"));
+    assert!(ready.contains("thinking on"), "{ready}");
+    t.text("How many cats?");
+    t.keys(&["Enter"]);
+    let done = t.wait("the answer", 60, |s| {
+        s.contains("first token after") && s.contains("ready")
+    });
+    assert!(
+        done.contains("▸ thought for 1 line — F4 to expand"),
+        "{done}"
+    );
+    assert!(done.contains(ANSWER), "{done}");
+    assert!(!done.contains(THOUGHT), "collapsed: {done}");
+    assert!(!done.contains("<think>"), "{done}");
+    t.keys(&["F4"]);
+    let open = t.wait("the thinking", 30, |s| s.contains(THOUGHT));
+    assert!(open.contains(&format!("│ {THOUGHT}")), "{open}");
+    assert!(
+        open.contains("▾ thought for 1 line — F4 to collapse"),
+        "{open}"
+    );
 }

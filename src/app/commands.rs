@@ -63,7 +63,12 @@ impl App {
                     .system
                     .as_deref()
                     .unwrap_or("(the model's default)");
-                self.notice(format!("System message: {shown}"), false);
+                let thinking = if self.settings.think {
+                    " (not used while /think is on: thinking has its own)"
+                } else {
+                    ""
+                };
+                self.notice(format!("System message: {shown}{thinking}"), false);
                 vec![]
             }
             SlashCommand::Set(None) => {
@@ -91,6 +96,24 @@ impl App {
                     },
                     false,
                 );
+                vec![]
+            }
+            SlashCommand::Think(on) => {
+                if let Some(on) = on {
+                    self.settings.think = on;
+                }
+                let key = self.settings.keys.hint(Action::ToggleThinking);
+                let text = match (self.settings.think, &self.settings.system) {
+                    (true, Some(_)) => format!(
+                        "Thinking on: the model thinks before it answers ({key} expands its \
+                         thinking). It has its own system message; yours comes back with /think off."
+                    ),
+                    (true, None) => format!(
+                        "Thinking on: the model thinks before it answers ({key} expands its thinking)."
+                    ),
+                    (false, _) => "Thinking off.".to_string(),
+                };
+                self.notice(text, false);
                 vec![]
             }
             SlashCommand::Save { name, force } => {
@@ -146,7 +169,7 @@ impl App {
         format!(
             "Settings: temperature {} ({}), top_p {}, top_k {}, repetition_penalty {}, \
              max_new_tokens {}, min_new_tokens {}, seed {}, max_tiles {tiles}, segments {}, \
-             combine {}, truncate_history {}",
+             combine {}, think {}, truncate_history {}",
             p.temperature,
             if p.is_greedy() { "greedy" } else { "sampling" },
             p.top_p,
@@ -157,6 +180,7 @@ impl App {
             p.seed,
             s.video_segments,
             if s.combine_images { "on" } else { "off" },
+            if s.think { "on" } else { "off" },
             if s.truncate_history { "on" } else { "off" },
         )
     }
@@ -299,6 +323,7 @@ impl App {
         self.scroll = None;
         self.probes.retain(|_, t| *t == ProbeTarget::Staged);
         self.settings.system = s.system;
+        self.settings.think = s.think;
         self.settings.params = s.params;
         self.settings.max_tiles = s.max_tiles;
         self.settings.combine_images = s.combine_images;

@@ -11,6 +11,7 @@
 //! mouse = true              # wheel scrolling (hold Shift to select text)
 //! graphics = "auto"         # pictures: auto | kitty | sixel | iterm2 | halfblocks
 //! system = "You are a careful assistant."
+//! think = false             # thinking mode (InternVL3.5): /think on|off in the chat
 //! truncate_history = false  # when the context is full, leave out the oldest turns
 //! context = 16384           # context window in tokens (default: the model's; --context wins)
 //!
@@ -46,6 +47,8 @@ pub struct Settings {
     pub combine_images: bool,
     /// `None`: the template's system message.
     pub system: Option<String>,
+    /// Thinking mode: the model card's R1 system message instead of `system`.
+    pub think: bool,
     /// When a prompt would not fit the context window, leave out the oldest turns instead of
     /// refusing it.
     pub truncate_history: bool,
@@ -67,6 +70,7 @@ impl Default for Settings {
             video_max_tiles: 1,
             combine_images: false,
             system: None,
+            think: false,
             truncate_history: false,
             context: None,
             theme: Theme::default(),
@@ -81,6 +85,8 @@ impl Default for Settings {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Overrides {
     pub system: Option<String>,
+    /// `--think` (never given with `system`).
+    pub think: bool,
     pub max_tiles: Option<usize>,
     /// Sampling flags, applied as the one-shot and batch modes apply them.
     pub sampling: crate::sampling::Overrides,
@@ -115,6 +121,7 @@ struct File {
     video_segments: Option<Spanned<usize>>,
     video_max_tiles: Option<Spanned<usize>>,
     system: Option<String>,
+    think: Option<bool>,
     truncate_history: Option<bool>,
     context: Option<Spanned<usize>>,
     mouse: Option<bool>,
@@ -201,6 +208,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Settings, ConfigError> {
     }
     s.combine_images = file.combine_images.unwrap_or(s.combine_images);
     s.system = file.system;
+    s.think = file.think.unwrap_or(s.think);
     s.truncate_history = file.truncate_history.unwrap_or(s.truncate_history);
     s.mouse = file.mouse.unwrap_or(s.mouse);
     if let Some(g) = file.graphics {
@@ -255,6 +263,16 @@ pub fn parse(src: &str, path: &Path) -> Result<Settings, ConfigError> {
 }
 
 impl Settings {
+    /// The system message a request carries: thinking's, the chosen one, or none (the
+    /// model's).
+    pub fn system_message(&self) -> Option<String> {
+        if self.think {
+            Some(crate::prompt::thinking::R1_SYSTEM_PROMPT.to_string())
+        } else {
+            self.system.clone()
+        }
+    }
+
     /// Applies command-line settings; the message names what is out of range.
     pub fn apply(&mut self, o: &Overrides) -> Result<(), String> {
         self.params = o.sampling.apply(&self.params)?;
@@ -263,6 +281,8 @@ impl Settings {
         }
         self.max_tiles = o.max_tiles.or(self.max_tiles);
         self.system = o.system.clone().or(self.system.take());
+        // a system message on the command line outranks the file's thinking
+        self.think = o.think || (self.think && o.system.is_none());
         self.combine_images |= o.combine_images;
         self.graphics = o.graphics.unwrap_or(self.graphics);
         self.truncate_history |= o.truncate_history;
@@ -350,6 +370,31 @@ mod tests {
             e,
             "config /cfg/config.toml line 2: [sampling]: top_p must be in (0, 1], got 2"
         );
+    }
+
+    #[test]
+    fn thinking_from_the_file_and_the_command_line() {
+        let path = Path::new("/cfg/config.toml");
+        let s = parse("think = true\nsystem = \"be brief\"\n", path).unwrap();
+        assert!(s.think);
+        let r1 = crate::prompt::thinking::R1_SYSTEM_PROMPT;
+        assert_eq!(s.system_message().as_deref(), Some(r1));
+        // a system message on the command line outranks the file's thinking
+        let mut cli_system = s.clone();
+        let o = Overrides {
+            system: Some("terse".into()),
+            ..Default::default()
+        };
+        cli_system.apply(&o).unwrap();
+        assert!(!cli_system.think);
+        assert_eq!(cli_system.system_message().as_deref(), Some("terse"));
+        let mut cli_think = Settings::default();
+        let o = Overrides {
+            think: true,
+            ..Default::default()
+        };
+        cli_think.apply(&o).unwrap();
+        assert_eq!(cli_think.system_message().as_deref(), Some(r1));
     }
 
     #[test]

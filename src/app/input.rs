@@ -24,6 +24,8 @@ pub enum SlashCommand {
     Set(Option<(String, String)>),
     Help,
     Combine(bool),
+    /// `None`: show whether thinking is on.
+    Think(Option<bool>),
     Save {
         name: Option<String>,
         force: bool,
@@ -55,6 +57,7 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
         "show or change a setting (see below)",
     ),
     ("/combine", "on|off", "several images as one <image>"),
+    ("/think", "[on|off]", "think before answering (InternVL3.5)"),
     (
         "/save",
         "[NAME]",
@@ -194,6 +197,12 @@ pub fn parse_command(input: &str) -> Option<Result<SlashCommand, String>> {
         "/combine" => match args.as_slice() {
             [v] if v == "on" => Ok(SlashCommand::Combine(true)),
             [v] if v == "off" => Ok(SlashCommand::Combine(false)),
+            _ => usage(head),
+        },
+        "/think" => match args.as_slice() {
+            [] => Ok(SlashCommand::Think(None)),
+            [v] if v == "on" => Ok(SlashCommand::Think(Some(true))),
+            [v] if v == "off" => Ok(SlashCommand::Think(Some(false))),
             _ => usage(head),
         },
         "/save" | "/save!" => match args.as_slice() {

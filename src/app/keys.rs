@@ -24,10 +24,12 @@ pub enum Action {
     Bottom,
     TogglePreview,
     Sessions,
+    /// Show finished thinking blocks whole, or as one line.
+    ToggleThinking,
 }
 
 impl Action {
-    pub const ALL: [Action; 14] = [
+    pub const ALL: [Action; 15] = [
         Action::Send,
         Action::Newline,
         Action::Cancel,
@@ -42,6 +44,7 @@ impl Action {
         Action::Bottom,
         Action::TogglePreview,
         Action::Sessions,
+        Action::ToggleThinking,
     ];
 
     pub fn describe(self) -> &'static str {
@@ -60,6 +63,7 @@ impl Action {
             Action::Bottom => "go to the end (follow new text)",
             Action::TogglePreview => "show or hide the picture preview",
             Action::Sessions => "saved sessions",
+            Action::ToggleThinking => "expand or collapse the model's thinking",
         }
     }
 
@@ -79,6 +83,7 @@ impl Action {
             Action::Bottom => &["ctrl+end"],
             Action::TogglePreview => &["f2"],
             Action::Sessions => &["f3"],
+            Action::ToggleThinking => &["f4"],
         }
     }
 }

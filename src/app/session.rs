@@ -21,6 +21,9 @@ pub struct Session {
     pub saved_at: u64,
     #[serde(default)]
     pub system: Option<String>,
+    /// Thinking mode was on (the answers keep their `<think>` blocks either way).
+    #[serde(default)]
+    pub think: bool,
     pub params: SamplingParams,
     #[serde(default)]
     pub max_tiles: Option<usize>,
@@ -256,6 +259,7 @@ mod tests {
             id: id.into(),
             saved_at: 1_700_000_000,
             system: Some("be brief".into()),
+            think: false,
             params: SamplingParams::greedy(64),
             max_tiles: Some(6),
             combine_images: false,

@@ -485,3 +485,112 @@ fn truncate_history_is_a_setting_and_left_out_turns_are_shown() {
     submit(&mut app, "/set");
     assert!(last_notice(&app).0.ends_with("truncate_history on"));
 }
+
+/// A ready chat with thinking on, answering "How many cats?" with a think block; the
+/// tokens given so far.
+fn thinking_app(dir: &std::path::Path, tokens: &[&str]) -> (App, u64) {
+    let mut app = app_in(dir);
+    ready(&mut app);
+    submit(&mut app, "/think on");
+    let id = request(&submit(&mut app, "How many cats?")).id;
+    engine(
+        &mut app,
+        EngineEvent::Started {
+            id,
+            question: "How many cats?".into(),
+            prompt_tokens: 180,
+            dropped_turns: 0,
+        },
+    );
+    for t in tokens {
+        engine(
+            &mut app,
+            EngineEvent::Token {
+                id,
+                text: (*t).into(),
+            },
+        );
+    }
+    (app, id)
+}
+
+const THINKING: [&str; 5] = [
+    "<think>\nThe picture shows **two** shapes.\n",
+    "One is striped, one is grey:\n",
+    "- both are cats\n</think>\n\n",
+    "There are **two** cats.\n\n",
+    "- one *striped*\n- one grey",
+];
+
+#[test]
+fn thinking_streams_expanded_and_dimmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, _) = thinking_app(dir.path(), &THINKING[..2]);
+    let screen = screen(&app, 70, 16);
+    assert_snapshot!(screen);
+    // the thinking is not rendered as Markdown: its asterisks stay
+    assert!(screen.contains("**two** shapes"), "{screen}");
+    // and it is dimmed
+    let t = drawn(&app, 70, 16);
+    let buf = t.backend().buffer();
+    let row = (0..16)
+        .find(|&y| {
+            buf[(4, y)].symbol() == "T"
+                && buf[(5, y)].symbol() == "h"
+                && buf[(2, y)].symbol() == "│"
+        })
+        .expect("the thinking's first line");
+    let dim = app.settings.theme.dim;
+    assert_eq!(buf[(4, row)].fg, dim.fg.unwrap_or(Color::Reset));
+    assert!(buf[(4, row)]
+        .modifier
+        .contains(ratatui::style::Modifier::ITALIC));
+}
+
+#[test]
+fn thinking_collapses_to_one_line_once_the_answer_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut app, id) = thinking_app(dir.path(), &THINKING[..4]);
+    let streaming = screen(&app, 70, 16);
+    assert!(
+        streaming.contains("▸ thought for 3 lines — F4 to expand"),
+        "{streaming}"
+    );
+    engine(
+        &mut app,
+        EngineEvent::Token {
+            id,
+            text: THINKING[4].into(),
+        },
+    );
+    engine(
+        &mut app,
+        EngineEvent::Done {
+            id,
+            answer: THINKING.concat(),
+            stats: stats(Finish::Stop, 40),
+        },
+    );
+    assert_snapshot!(screen(&app, 70, 16));
+}
+
+#[test]
+fn thinking_expanded_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut app, id) = thinking_app(dir.path(), &THINKING);
+    engine(
+        &mut app,
+        EngineEvent::Done {
+            id,
+            answer: THINKING.concat(),
+            stats: stats(Finish::Stop, 40),
+        },
+    );
+    // drawn once collapsed (and cached), then expanded
+    let collapsed = screen(&app, 70, 20);
+    key(&mut app, KeyCode::F(4));
+    app.flash = None;
+    let expanded = screen(&app, 70, 20);
+    assert_ne!(collapsed, expanded);
+    assert_snapshot!(expanded);
+}

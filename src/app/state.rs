@@ -34,6 +34,8 @@ pub struct App {
     /// First transcript line shown; `None` follows the end.
     pub(super) scroll: Option<usize>,
     pub(super) show_preview: bool,
+    /// Finished thinking blocks shown whole instead of as one line.
+    pub(super) thinking_expanded: bool,
     /// Pictures through a terminal graphics protocol; `None`: half blocks.
     pub(super) graphics: Option<super::graphics::Graphics>,
     pub(super) flash: Option<Flash>,
@@ -218,6 +220,7 @@ impl App {
             mode: Mode::Chat,
             scroll: None,
             show_preview: true,
+            thinking_expanded: false,
             graphics: None,
             flash: None,
             quit_armed: false,
@@ -295,6 +298,7 @@ impl App {
             id: self.session.id.clone(),
             saved_at: self.unix,
             system: self.settings.system.clone(),
+            think: self.settings.think,
             params: self.settings.params.clone(),
             max_tiles: self.settings.max_tiles,
             combine_images: self.settings.combine_images,

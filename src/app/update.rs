@@ -243,6 +243,7 @@ impl App {
             Action::Top => self.scroll = Some(0),
             Action::Bottom => self.scroll = None,
             Action::TogglePreview => self.show_preview = !self.show_preview,
+            Action::ToggleThinking => self.toggle_thinking(),
             Action::Sessions => return self.command(SlashCommand::Sessions),
         }
         vec![]
@@ -384,7 +385,7 @@ impl App {
         params.seed = params.seed.wrapping_add(seed_offset);
         let request = GenerateRequest {
             id,
-            system: self.settings.system.clone(),
+            system: self.settings.system_message(),
             history,
             question: typed.clone(),
             attachments: attachments.clone(),
@@ -671,6 +672,21 @@ impl App {
     fn generating(&mut self) -> Option<&mut Exchange> {
         let entry = self.gen.as_ref()?.entry;
         self.exchange_mut(entry)
+    }
+
+    /// Expands or collapses finished think blocks (one that is being written stays open).
+    fn toggle_thinking(&mut self) {
+        self.thinking_expanded = !self.thinking_expanded;
+        // finished entries are drawn from the cache
+        self.view.lines.borrow_mut().clear();
+        self.set_flash(
+            if self.thinking_expanded {
+                "thinking expanded"
+            } else {
+                "thinking collapsed"
+            },
+            false,
+        );
     }
 
     fn scroll_by(&mut self, delta: isize) {
@@ -1179,5 +1195,96 @@ mod tests {
             KeyModifiers::CONTROL,
         )));
         assert_eq!(app.scroll, Some(0));
+    }
+}
+
+#[cfg(test)]
+mod thinking_tests {
+    use super::*;
+    use crate::app::testkit::*;
+    use crate::prompt::thinking::R1_SYSTEM_PROMPT;
+    use crossterm::event::KeyCode;
+
+    #[test]
+    fn think_on_and_off_switch_the_system_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut app = app_in(dir.path());
+        ready(&mut app);
+        submit(&mut app, "/system Be brief.");
+        submit(&mut app, "/think on");
+        assert!(app.settings.think);
+        assert!(last_notice(&app).0.starts_with("Thinking on"));
+        assert!(last_notice(&app)
+            .0
+            .contains("yours comes back with /think off"));
+        let req = request(&submit(&mut app, "hello")).clone();
+        assert_eq!(req.system.as_deref(), Some(R1_SYSTEM_PROMPT));
+        answer(
+            &mut app,
+            req.id,
+            &["<think>\nhm\n</think>\n\nhi"],
+            Finish::Stop,
+        );
+        submit(&mut app, "/think");
+        assert!(
+            last_notice(&app).0.starts_with("Thinking on"),
+            "/think shows it"
+        );
+        submit(&mut app, "/think off");
+        assert_eq!(last_notice(&app).0, "Thinking off.");
+        let req = request(&submit(&mut app, "again")).clone();
+        assert_eq!(req.system.as_deref(), Some("Be brief."));
+        // the history keeps the answer as the model wrote it, think block included
+        assert_eq!(req.history[0].answer, "<think>\nhm\n</think>\n\nhi");
+        submit(&mut app, "/think maybe");
+        assert_eq!(app.flash.as_ref().unwrap().text, "usage: /think [on|off]");
+    }
+
+    #[test]
+    fn sessions_keep_thinking_and_each_answers_thoughts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut app = app_in(dir.path());
+        ready(&mut app);
+        submit(&mut app, "/think on");
+        let id = request(&submit(&mut app, "q")).id;
+        let thought = "<think>\nstep\n</think>\n\nanswer";
+        answer(&mut app, id, &[thought], Finish::Stop);
+        let saved = app.to_session();
+        assert!(saved.think);
+        assert_eq!(saved.exchanges[0].turn.answer, thought);
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: crate::app::session::Session = serde_json::from_str(&json).unwrap();
+        let mut other = app_in(dir.path());
+        ready(&mut other);
+        assert!(!other.settings.think);
+        other.update(Msg::Loaded {
+            name: "t".into(),
+            result: Ok(back),
+        });
+        assert!(other.settings.think);
+        let req = request(&submit(&mut other, "more")).clone();
+        assert_eq!(req.system.as_deref(), Some(R1_SYSTEM_PROMPT));
+        assert_eq!(req.history[0].answer, thought);
+        // a session saved before thinking existed loads with it off
+        let old = json.replace(",\"think\":true", "");
+        assert!(!old.contains("think\":"));
+        let old: crate::app::session::Session = serde_json::from_str(&old).unwrap();
+        assert!(!old.think);
+    }
+
+    #[test]
+    fn its_key_expands_and_collapses_finished_thinking() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut app = app_in(dir.path());
+        ready(&mut app);
+        assert!(!app.thinking_expanded);
+        assert!(key(&mut app, KeyCode::F(4)).is_empty());
+        assert!(app.thinking_expanded);
+        assert_eq!(app.flash.as_ref().unwrap().text, "thinking expanded");
+        key(&mut app, KeyCode::F(4));
+        assert!(!app.thinking_expanded);
+        assert_eq!(app.flash.as_ref().unwrap().text, "thinking collapsed");
+        // the key is F4 by default and can be bound in config.toml
+        assert_eq!(app.settings.keys.hint(Action::ToggleThinking), "F4");
     }
 }

@@ -10,6 +10,7 @@ use super::state::{App, Entry, EntryKind, Exchange, Mode, ModelState, Staged, St
 use super::wrap::{wrap, Para};
 use super::AttachmentInfo;
 use crate::engine::protocol::{Attachment, Finish};
+use crate::prompt::thinking;
 use image::RgbImage;
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Position, Rect};
@@ -269,13 +270,24 @@ impl App {
                 out.push(waiting("/retry tries again".into()));
             }
             status => {
+                let streaming = *status == Status::Streaming;
+                let split = thinking::split(&x.answer);
                 let start = out.len();
-                for mut p in markdown::render(&grounding::mark(&x.answer), t) {
+                if let Some(reasoning) = split.reasoning {
+                    self.thinking_paras(reasoning, streaming && split.thinking(), out);
+                }
+                // the thinking is never part of the answer's Markdown
+                let content = if split.reasoning.is_some() {
+                    split.content
+                } else {
+                    &x.answer
+                };
+                for mut p in markdown::render(&grounding::mark(content), t) {
                     p.first.insert(0, Span::raw("  "));
                     p.rest.insert(0, Span::raw("  "));
                     out.push(p);
                 }
-                if *status == Status::Streaming {
+                if streaming {
                     let cursor = Span::styled("▍", t.accent);
                     let has_text = out.len() > start;
                     match out.last_mut().filter(|_| has_text) {
@@ -304,6 +316,37 @@ impl App {
                 ));
             }
             out.push(Para::indented(indent(), vec![Span::styled(text, t.dim)]));
+        }
+    }
+
+    /// A think block: whole and dimmed while the model thinks (or when expanded), else one
+    /// line that says how to open it.
+    fn thinking_paras(&self, reasoning: &str, live: bool, out: &mut Vec<Para>) {
+        let t = &self.settings.theme;
+        let key = self.settings.keys.hint(Action::ToggleThinking);
+        let lines = reasoning.lines().count();
+        let head = if live {
+            "▾ thinking…".to_string()
+        } else if reasoning.is_empty() {
+            return;
+        } else if self.thinking_expanded {
+            format!("▾ thought for {} — {key} to collapse", count(lines, "line"))
+        } else {
+            format!("▸ thought for {} — {key} to expand", count(lines, "line"))
+        };
+        let style = t.dim.add_modifier(Modifier::ITALIC);
+        out.push(Para::indented(
+            vec![Span::raw("  ")],
+            vec![Span::styled(head, t.dim)],
+        ));
+        if live || self.thinking_expanded {
+            let gutter = || vec![Span::styled("  │ ", t.dim)];
+            for line in reasoning.lines() {
+                out.push(Para::indented(
+                    gutter(),
+                    vec![Span::styled(line.to_string(), style)],
+                ));
+            }
         }
     }
 
@@ -448,10 +491,13 @@ impl App {
         }
         let t = &self.settings.theme;
         buf.set_style(area, t.status);
-        let model = match &self.info {
+        let mut model = match &self.info {
             Some(i) => format!("{} · {} · {}", i.name, i.device, i.dtype),
             None => "InternVL".to_string(),
         };
+        if self.settings.think {
+            model.push_str(" · thinking on");
+        }
         let mut state_style = t.status;
         let state = match (&self.model, &self.gen) {
             (ModelState::Loading { progress, what }, _) => {
@@ -474,7 +520,12 @@ impl App {
             }
             (ModelState::Ready, Some(g)) => {
                 let pieces = self.generating_pieces();
-                let mut s = format!("{} answering, {}", self.spinner(), count(pieces, "token"));
+                let doing = if self.generating_thinks() {
+                    "thinking"
+                } else {
+                    "answering"
+                };
+                let mut s = format!("{} {doing}, {}", self.spinner(), count(pieces, "token"));
                 if let (Some(first), Some(now)) = (g.first_token, self.now) {
                     let secs = now.duration_since(first).as_secs_f64();
                     if secs > 0.2 && pieces > 1 {
@@ -544,6 +595,14 @@ impl App {
         }
     }
 
+    /// The answer being generated is still in its think block.
+    fn generating_thinks(&self) -> bool {
+        let entry = self.gen.as_ref().map(|g| g.entry);
+        self.exchanges()
+            .find(|(id, _)| Some(*id) == entry)
+            .is_some_and(|(_, x)| thinking::split(&x.answer).thinking())
+    }
+
     fn generating_pieces(&self) -> usize {
         let entry = self.gen.as_ref().map(|g| g.entry);
         self.entries
@@ -596,7 +655,7 @@ impl App {
                     .zip(&x.infos)
                     .filter_map(|(a, i)| Some((a, i.as_ref()?)))
                     .collect(),
-                grounding::parse(&x.answer),
+                grounding::parse(thinking::split(&x.answer).content),
             ),
         };
         let mut layout = PreviewLayout {

@@ -6,6 +6,7 @@
 pub mod conversation;
 pub mod sentencepiece;
 pub mod template;
+pub mod thinking;
 pub mod tokenizer;
 
 use template::Template;

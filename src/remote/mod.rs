@@ -15,6 +15,7 @@ use crate::engine::protocol::{
     RequestId,
 };
 use crate::engine::EngineHandle;
+use crate::prompt::thinking::{R1_SYSTEM_PROMPT, THINK_CLOSE, THINK_OPEN};
 use base64::Engine as _;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use serde_json::{json, Value};
@@ -324,7 +325,71 @@ pub fn request_body(model: &str, req: &GenerateRequest) -> Result<Value, String>
     if !req.stop.is_empty() {
         body["stop"] = json!(req.stop);
     }
+    if req.system.as_deref() == Some(R1_SYSTEM_PROMPT) {
+        // the system message makes InternVL3.5 think; templates that switch thinking (Qwen3's
+        // on vLLM and LMDeploy, this program's serve) read this, others ignore it
+        body["chat_template_kwargs"] = json!({"enable_thinking": true});
+    }
     Ok(body)
+}
+
+/// A server's thinking (`reasoning_content`, or vLLM's newer `reasoning`) put back into the
+/// answer in the shape the model writes it, `<think>\n…\n</think>\n\n` before the content, so
+/// that front ends show remote and local thinking alike. The newlines around the thinking
+/// are the wrapper's: the server's own are dropped (trailing ones wait until more thinking
+/// shows they are inside it).
+#[derive(Debug, Default)]
+struct Rewrap {
+    state: WrapState,
+    /// Whitespace at the end of the thinking so far.
+    held: String,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+enum WrapState {
+    #[default]
+    Before,
+    Thinking,
+    After,
+}
+
+impl Rewrap {
+    /// The answer text for a piece of thinking.
+    fn reasoning(&mut self, piece: &str) -> String {
+        let piece = match self.state {
+            WrapState::Before => piece.trim_start(),
+            WrapState::Thinking => piece,
+            // thinking after the answer began: text like any other
+            WrapState::After => return piece.to_string(),
+        };
+        if piece.is_empty() {
+            return String::new();
+        }
+        let text = std::mem::take(&mut self.held) + piece;
+        let body = text.trim_end();
+        self.held = text[body.len()..].to_string();
+        if self.state == WrapState::Before {
+            self.state = WrapState::Thinking;
+            format!("{THINK_OPEN}\n{body}")
+        } else {
+            body.to_string()
+        }
+    }
+
+    /// The answer text for a piece of content.
+    fn content(&mut self, piece: &str) -> String {
+        self.close() + piece
+    }
+
+    /// Ends the think block, if one is open.
+    fn close(&mut self) -> String {
+        if self.state != WrapState::Thinking {
+            return String::new();
+        }
+        self.state = WrapState::After;
+        self.held.clear();
+        format!("\n{THINK_CLOSE}\n\n")
+    }
 }
 
 /// What the HTTP thread hands the worker.
@@ -395,10 +460,24 @@ struct Answer {
     completion_tokens: Option<usize>,
     t0: Instant,
     first_token: Option<Instant>,
+    thinking: Rewrap,
 }
 
 impl Answer {
-    fn done(self, finish: Finish) -> EngineEvent {
+    /// Adds `text` to the answer and sends it on.
+    fn emit(&mut self, text: String, tx: &Sender<EngineEvent>) {
+        if text.is_empty() {
+            return;
+        }
+        self.first_token.get_or_insert_with(Instant::now);
+        self.text.push_str(&text);
+        let _ = tx.send(EngineEvent::Token { id: self.id, text });
+    }
+
+    /// The end of the answer (closing a think block the server left open).
+    fn done(mut self, finish: Finish, tx: &Sender<EngineEvent>) -> EngineEvent {
+        let close = self.thinking.close();
+        self.emit(close, tx);
         let n = self.completion_tokens.unwrap_or(self.pieces);
         let first = self.first_token.unwrap_or_else(Instant::now);
         let decode_s = first.elapsed().as_secs_f64();
@@ -442,12 +521,13 @@ fn generate(
         completion_tokens: None,
         t0: Instant::now(),
         first_token: None,
+        thinking: Rewrap::default(),
     };
     let replies = post(agent.clone(), cfg, body.to_string());
     loop {
         if cancel.load(Ordering::SeqCst) {
             // dropping `replies` ends the HTTP thread and its connection
-            let _ = tx.send(answer.done(Finish::Cancelled));
+            let _ = tx.send(answer.done(Finish::Cancelled, tx));
             return Ok(());
         }
         let reply = match replies.recv_timeout(POLL) {
@@ -481,12 +561,12 @@ fn generate(
                         Fault::Engine,
                     ));
                 };
-                let _ = tx.send(answer.done(finish));
+                let _ = tx.send(answer.done(finish, tx));
                 return Ok(());
             }
             Reply::Data(d) if d.trim() == "[DONE]" => {
                 let finish = answer.finish.unwrap_or(Finish::Stop);
-                let _ = tx.send(answer.done(finish));
+                let _ = tx.send(answer.done(finish, tx));
                 return Ok(());
             }
             Reply::Data(d) => chunk(&d, &mut answer, tx)?,
@@ -506,17 +586,20 @@ fn chunk(data: &str, answer: &mut Answer, tx: &Sender<EngineEvent>) -> Result<()
         return Err((error_message(500, data), Fault::Engine));
     }
     let choice = &v["choices"][0];
-    if let Some(text) = choice["delta"]["content"]
-        .as_str()
+    let delta = &choice["delta"];
+    if let Some(r) = [&delta["reasoning_content"], &delta["reasoning"]]
+        .into_iter()
+        .find_map(Value::as_str)
         .filter(|t| !t.is_empty())
     {
-        answer.first_token.get_or_insert_with(Instant::now);
-        answer.text.push_str(text);
+        let text = answer.thinking.reasoning(r);
+        answer.emit(text, tx);
         answer.pieces += 1;
-        let _ = tx.send(EngineEvent::Token {
-            id: answer.id,
-            text: text.to_string(),
-        });
+    }
+    if let Some(c) = delta["content"].as_str().filter(|t| !t.is_empty()) {
+        let text = answer.thinking.content(c);
+        answer.emit(text, tx);
+        answer.pieces += 1;
     }
     if let Some(reason) = choice["finish_reason"].as_str() {
         answer.finish = Some(if reason == "length" {
@@ -662,6 +745,68 @@ mod tests {
         };
         let e = user_message("x", &[missing]).unwrap_err();
         assert!(e.contains("none.jpg: cannot read the picture"), "{e}");
+    }
+
+    #[test]
+    fn thinking_asks_the_server_and_its_reasoning_comes_back_wrapped() {
+        let mut r = request(vec![], "How many?", vec![]);
+        assert!(request_body("m", &r)
+            .unwrap()
+            .get("chat_template_kwargs")
+            .is_none());
+        r.system = Some(R1_SYSTEM_PROMPT.into());
+        let body = request_body("m", &r).unwrap();
+        assert_eq!(
+            body["chat_template_kwargs"],
+            json!({"enable_thinking": true})
+        );
+        assert_eq!(body["messages"][0]["content"], R1_SYSTEM_PROMPT);
+        // streamed reasoning_content (vLLM's newer `reasoning` too), then content
+        let (tx, rx) = unbounded();
+        let mut answer = Answer {
+            id: 7,
+            text: String::new(),
+            pieces: 0,
+            finish: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            t0: Instant::now(),
+            first_token: None,
+            thinking: Rewrap::default(),
+        };
+        for delta in [
+            json!({"role": "assistant", "content": ""}),
+            json!({"reasoning_content": "\n"}),
+            json!({"reasoning_content": "Two shapes.\n"}),
+            json!({"reasoning": "Both cats.\n\n"}),
+            json!({"content": "Two cats."}),
+        ] {
+            let data = json!({"choices": [{"delta": delta, "finish_reason": null}]});
+            chunk(&data.to_string(), &mut answer, &tx).unwrap();
+        }
+        let done = answer.done(Finish::Stop, &tx);
+        let tokens: Vec<String> = rx
+            .try_iter()
+            .filter_map(|e| match e {
+                EngineEvent::Token { text, .. } => Some(text),
+                _ => None,
+            })
+            .collect();
+        let local = "<think>\nTwo shapes.\nBoth cats.\n</think>\n\nTwo cats.";
+        assert_eq!(tokens.concat(), local, "{tokens:?}");
+        let EngineEvent::Done { answer, .. } = done else {
+            panic!("{done:?}")
+        };
+        assert_eq!(answer, local);
+        // a stream that ends while thinking closes the block
+        let mut w = Rewrap::default();
+        let text = w.reasoning("hm") + &w.close();
+        assert_eq!(text, "<think>\nhm\n</think>\n\n");
+        assert_eq!(w.content("ok"), "ok");
+        // no thinking: content passes as it is
+        let mut w = Rewrap::default();
+        assert_eq!(w.content(" ok"), " ok");
+        assert_eq!(w.close(), "");
     }
 
     #[test]

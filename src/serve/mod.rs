@@ -15,6 +15,7 @@ use crate::engine::protocol::{
     Attachment, EngineEvent, Fault, Finish, GenerateRequest, RequestId, Turn,
 };
 use crate::engine::EngineHandle;
+use crate::prompt::thinking::{ThinkStream, R1_SYSTEM_PROMPT};
 use crate::sampling::SamplingParams;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use http::{Conn, ReadError, Request};
@@ -280,9 +281,27 @@ fn generate_request(
             answer: answer.clone(),
         });
     }
+    let thinking = Some(R1_SYSTEM_PROMPT);
+    let system = match (chat.think, chat.system) {
+        (Some((true, field)), Some(s)) if s != R1_SYSTEM_PROMPT => {
+            return Err(ApiError::invalid(format!(
+                "{field}: thinking has its own system message; leave out the system message"
+            )))
+        }
+        (Some((true, _)), _) => thinking.map(str::to_string),
+        // declined: not the server's --think either
+        (Some((false, _)), s) => s.or_else(|| {
+            shared
+                .cfg
+                .system
+                .clone()
+                .filter(|s| Some(s.as_str()) != thinking)
+        }),
+        (None, s) => s.or_else(|| shared.cfg.system.clone()),
+    };
     Ok(GenerateRequest {
         id,
-        system: chat.system.or_else(|| shared.cfg.system.clone()),
+        system,
         history,
         attachments: attachments(shared, &chat.question, files)?,
         question: chat.question.text,
@@ -363,6 +382,7 @@ fn chat(shared: &Shared, conn: &mut Conn, req: &Request, keep: bool) -> io::Resu
         Ok(r) => r,
         Err(e) => return send_error(conn, &e, keep),
     };
+    let thinks = request.system.as_deref() == Some(R1_SYSTEM_PROMPT);
     // the engine names the private files of data: URLs; the client knows them by place
     let places: Vec<(String, String)> = files
         .iter()
@@ -398,7 +418,7 @@ fn chat(shared: &Shared, conn: &mut Conn, req: &Request, keep: bool) -> io::Resu
             send_error(conn, &engine_error(&message, fault), keep)
         }
         _ if stream => stream_answer(shared, conn, &events, &env, include_usage),
-        first => whole_answer(shared, conn, &events, &env, first, keep),
+        first => whole_answer(shared, conn, &events, &env, first, thinks, keep),
     }
 }
 
@@ -426,6 +446,7 @@ fn whole_answer(
     events: &Events,
     env: &Envelope,
     first: EngineEvent,
+    thinks: bool,
     keep: bool,
 ) -> io::Result<()> {
     let mut ev = first;
@@ -437,7 +458,7 @@ fn whole_answer(
                     completion_tokens: stats.completion_tokens,
                 };
                 log_done(env, stats.finish, usage, false);
-                let body = env.completion(&answer, finish_reason(stats.finish), usage);
+                let body = env.completion(&answer, thinks, finish_reason(stats.finish), usage);
                 return send_json(conn, 200, &body, keep);
             }
             EngineEvent::Error { message, fault, .. } => {
@@ -472,13 +493,24 @@ fn stream_answer(
     }
     let role = env.chunk(json!({"role": "assistant", "content": ""}), None);
     sse(shared, conn, id, &role.to_string())?;
+    // a think block goes out as `reasoning_content`, the rest as `content`
+    let mut split = ThinkStream::new();
+    let send = |conn: &mut Conn, d: crate::prompt::thinking::Delta| -> io::Result<()> {
+        if !d.reasoning.is_empty() {
+            let chunk = env.chunk(json!({ "reasoning_content": d.reasoning }), None);
+            sse(shared, conn, id, &chunk.to_string())?;
+        }
+        if !d.content.is_empty() {
+            let chunk = env.chunk(json!({ "content": d.content }), None);
+            sse(shared, conn, id, &chunk.to_string())?;
+        }
+        Ok(())
+    };
     loop {
         match next_event(shared, conn, events)? {
-            EngineEvent::Token { text, .. } => {
-                let chunk = env.chunk(json!({ "content": text }), None);
-                sse(shared, conn, id, &chunk.to_string())?;
-            }
+            EngineEvent::Token { text, .. } => send(conn, split.push(&text))?,
             EngineEvent::Done { stats, .. } => {
+                send(conn, split.finish())?;
                 let usage = Usage {
                     prompt_tokens: stats.prompt_tokens,
                     completion_tokens: stats.completion_tokens,

@@ -69,6 +69,9 @@ pub struct ChatRequest {
     pub question: UserMessage,
     pub params: SamplingParams,
     pub stop: Vec<String>,
+    /// Thinking asked for or declined, and the field that said so (for error messages);
+    /// `None`: not said.
+    pub think: Option<(bool, &'static str)>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,6 +136,7 @@ pub fn parse_chat(body: &[u8], base: &SamplingParams) -> Result<ChatRequest, Api
     let (system, history, question) = messages(obj.get("messages"))?;
     let stop = stop_strings(obj.get("stop"))?;
     let params = sampling(&fields, base)?;
+    let think = thinking(obj)?;
     Ok(ChatRequest {
         model: fields.model.filter(|m| !m.is_empty()),
         stream: fields.stream.unwrap_or(false),
@@ -142,7 +146,68 @@ pub fn parse_chat(body: &[u8], base: &SamplingParams) -> Result<ChatRequest, Api
         question,
         params,
         stop,
+        think,
     })
+}
+
+/// Whether the request asks for thinking, in any of the ways peers take it: `"reasoning":
+/// true` or an object (OpenRouter's `{"enabled": ..., "effort": ...}`), `"reasoning_effort"`
+/// (OpenAI's; any value but "none" or "minimal" thinks) and vLLM's and LMDeploy's
+/// `"chat_template_kwargs": {"enable_thinking": ...}`. One that says yes wins.
+fn thinking(
+    obj: &serde_json::Map<String, Value>,
+) -> Result<Option<(bool, &'static str)>, ApiError> {
+    let effort = |v: &Value, at: &str| match v {
+        Value::String(e) => Ok(!matches!(e.as_str(), "none" | "minimal")),
+        _ => Err(ApiError::invalid(format!(
+            "{at}: expected a string such as \"low\", \"medium\", \"high\" or \"none\""
+        ))),
+    };
+    let flag = |v: &Value, at: &str| {
+        v.as_bool()
+            .ok_or_else(|| ApiError::invalid(format!("{at}: expected true or false")))
+    };
+    let mut said: Vec<(bool, &'static str)> = Vec::new();
+    match obj.get("reasoning") {
+        None | Some(Value::Null) => {}
+        Some(Value::Bool(b)) => said.push((*b, "reasoning")),
+        Some(Value::Object(o)) => {
+            let enabled = match o.get("enabled") {
+                None | Some(Value::Null) => true,
+                Some(v) => flag(v, "reasoning.enabled")?,
+            };
+            let effort = match o.get("effort") {
+                None | Some(Value::Null) => true,
+                Some(v) => effort(v, "reasoning.effort")?,
+            };
+            said.push((enabled && effort, "reasoning"));
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "reasoning: expected true, false or an object such as {\"enabled\": true}",
+            ))
+        }
+    }
+    match obj.get("reasoning_effort") {
+        None | Some(Value::Null) => {}
+        Some(v) => said.push((effort(v, "reasoning_effort")?, "reasoning_effort")),
+    }
+    match obj.get("chat_template_kwargs") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o)) => match o.get("enable_thinking") {
+            None | Some(Value::Null) => {}
+            Some(v) => said.push((
+                flag(v, "chat_template_kwargs.enable_thinking")?,
+                "chat_template_kwargs.enable_thinking",
+            )),
+        },
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "chat_template_kwargs: expected an object",
+            ))
+        }
+    }
+    Ok(said.iter().find(|(on, _)| *on).or(said.first()).copied())
 }
 
 /// Features this server does not have are refused rather than silently ignored.
@@ -418,7 +483,15 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    pub fn completion(&self, answer: &str, finish: &str, usage: Usage) -> Value {
+    /// The whole answer; when the request thought (or the answer has a think block anyway)
+    /// its thinking goes apart as `reasoning_content`, as vLLM and LMDeploy give it.
+    pub fn completion(&self, answer: &str, thinks: bool, finish: &str, usage: Usage) -> Value {
+        let split = crate::prompt::thinking::split(answer);
+        let message = if thinks || split.reasoning.is_some() {
+            json!({"role": "assistant", "content": split.content, "reasoning_content": split.reasoning})
+        } else {
+            json!({"role": "assistant", "content": answer})
+        };
         json!({
             "id": self.id,
             "object": "chat.completion",
@@ -426,7 +499,7 @@ impl Envelope {
             "model": self.model,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": answer},
+                "message": message,
                 "logprobs": null,
                 "finish_reason": finish,
             }],
@@ -646,6 +719,114 @@ mod tests {
             let got = error(body.clone());
             assert!(got.contains(want), "{body}: {got:?} should say {want:?}");
         }
+    }
+
+    #[test]
+    fn thinking_is_asked_in_every_way_peers_ask_it() {
+        let think = |extra: Value| {
+            let mut b = json!({"messages": [{"role": "user", "content": "Hi"}]});
+            for (k, v) in extra.as_object().unwrap() {
+                b[k] = v.clone();
+            }
+            parse(b).map(|r| r.think)
+        };
+        let cases = [
+            (json!({}), None),
+            (json!({"reasoning": true}), Some((true, "reasoning"))),
+            (json!({"reasoning": false}), Some((false, "reasoning"))),
+            (json!({"reasoning": {}}), Some((true, "reasoning"))),
+            (
+                json!({"reasoning": {"enabled": false}}),
+                Some((false, "reasoning")),
+            ),
+            (
+                json!({"reasoning": {"effort": "none"}}),
+                Some((false, "reasoning")),
+            ),
+            (json!({"reasoning": null}), None),
+            (
+                json!({"reasoning_effort": "high"}),
+                Some((true, "reasoning_effort")),
+            ),
+            (
+                json!({"reasoning_effort": "low"}),
+                Some((true, "reasoning_effort")),
+            ),
+            (
+                json!({"reasoning_effort": "minimal"}),
+                Some((false, "reasoning_effort")),
+            ),
+            (
+                json!({"reasoning_effort": "none"}),
+                Some((false, "reasoning_effort")),
+            ),
+            (
+                json!({"chat_template_kwargs": {"enable_thinking": true}}),
+                Some((true, "chat_template_kwargs.enable_thinking")),
+            ),
+            (json!({"chat_template_kwargs": {"other": 1}}), None),
+            (
+                json!({"reasoning_effort": "none", "chat_template_kwargs": {"enable_thinking": true}}),
+                Some((true, "chat_template_kwargs.enable_thinking")),
+            ),
+        ];
+        for (extra, want) in cases {
+            assert_eq!(think(extra.clone()).unwrap(), want, "{extra}");
+        }
+        for (extra, message) in [
+            (
+                json!({"reasoning": "yes"}),
+                "reasoning: expected true, false or an object",
+            ),
+            (
+                json!({"reasoning": {"enabled": 1}}),
+                "reasoning.enabled: expected true or false",
+            ),
+            (
+                json!({"reasoning_effort": 3}),
+                "reasoning_effort: expected a string",
+            ),
+            (
+                json!({"chat_template_kwargs": {"enable_thinking": "on"}}),
+                "chat_template_kwargs.enable_thinking: expected true or false",
+            ),
+            (
+                json!({"chat_template_kwargs": []}),
+                "chat_template_kwargs: expected an object",
+            ),
+        ] {
+            let e = think(extra.clone()).unwrap_err();
+            assert_eq!(e.status, 400);
+            assert!(e.message.starts_with(message), "{extra}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn a_completion_gives_the_thinking_apart() {
+        let env = Envelope {
+            id: "c".into(),
+            created: 0,
+            model: "m".into(),
+        };
+        let usage = Usage {
+            prompt_tokens: 1,
+            completion_tokens: 2,
+        };
+        let m = |answer: &str, thinks: bool| {
+            env.completion(answer, thinks, "stop", usage)["choices"][0]["message"].clone()
+        };
+        assert_eq!(
+            m("<think>\nLook.\n</think>\n\nTwo cats.", false),
+            json!({"role": "assistant", "content": "Two cats.", "reasoning_content": "Look."})
+        );
+        assert_eq!(
+            m("Two cats.", true),
+            json!({"role": "assistant", "content": "Two cats.", "reasoning_content": null})
+        );
+        assert_eq!(
+            m("Two cats.", false),
+            json!({"role": "assistant", "content": "Two cats."})
+        );
     }
 
     #[test]
