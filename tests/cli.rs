@@ -506,3 +506,197 @@ fn load_8bit_plans_and_answers() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stdout(&o).trim().is_empty());
 }
+
+/// InternVL3.5 (Qwen3 and Qwen3-MoE decoders) and InternVL3 (Qwen2 with a dynamic rope) through
+/// the real binary: the reference's answers, thinking mode, `--context`, `--load-8bit`.
+#[test]
+fn internvl3_and_3_5_one_shot() {
+    let response = |m: &str, case: &str| {
+        golden(m, case)["turns"][0]["response"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let img = |name: &str, tiles: u32| {
+        format!(
+            "{}:{tiles}",
+            fixture(&format!("media/images/{name}")).display()
+        )
+    };
+    // dense Qwen3, a picture
+    let m = model("tiny-qwen3");
+    let image = img("image1.jpg", 6);
+    let o = run(
+        &greedy_args(
+            &m,
+            &[
+                "--image",
+                &image,
+                "--prompt",
+                "<image>\nPlease describe the image shortly.",
+            ],
+        ),
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o).trim_end(),
+        response("tiny-qwen3", "image_single")
+    );
+    // thinking mode: the model card's R1 system prompt
+    let g = golden("tiny-qwen3", "thinking");
+    let image = img("image3.jpg", 1);
+    let o = run(
+        &greedy_args(
+            &m,
+            &[
+                "--think",
+                "--image",
+                &image,
+                "--prompt",
+                g["question"].as_str().unwrap(),
+            ],
+        ),
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim_end(), response("tiny-qwen3", "thinking"));
+    // Qwen3-MoE, bf16 weights as stored run in f32, and in 8-bit
+    let m = model("tiny-qwen3-moe");
+    let o = run(&greedy_args(&m, &["--prompt", "Hello, who are you?"]), None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o).trim_end(),
+        response("tiny-qwen3-moe", "text_hello")
+    );
+    let o = run(
+        &[
+            "--model",
+            &m,
+            "--device",
+            "cpu",
+            "--load-8bit",
+            "--greedy",
+            "--max-new-tokens",
+            "8",
+            "--prompt",
+            "Hello",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).trim().is_empty());
+    // a dynamic rope: 1846 prompt tokens past 256 trained positions, with a larger window
+    let m = model("tiny-qwen2-dyn");
+    let image = img("image1.jpg", 6);
+    let q = "<image>\nPlease describe the image shortly.";
+    let o = run(
+        &greedy_args(&m, &["--context", "4096", "--image", &image, "--prompt", q]),
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o).trim_end(),
+        response("tiny-qwen2-dyn", "image_single")
+    );
+    // the default window (256 x factor 2) refuses it with the numbers
+    let o = run(&greedy_args(&m, &["--image", &image, "--prompt", q]), None);
+    assert_one_line_error(
+        &o,
+        &[
+            "1846 tokens",
+            "24 new tokens",
+            "context window of 512 tokens",
+        ],
+    );
+    let o = run(
+        &greedy_args(&m, &["--context", "0", "--prompt", "hi"]),
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+/// `plan` gives a sane plan for every config of the fixtures; a mixture of experts shows what a
+/// token reads; `--context` sizes the KV cache.
+#[test]
+fn plan_covers_every_config() {
+    for e in std::fs::read_dir(fixtures().join("configs")).unwrap() {
+        let p = e.unwrap().path();
+        let c = p.to_str().unwrap();
+        let o = run(
+            &[
+                "plan",
+                "--model",
+                c,
+                "--gpus",
+                "8",
+                "--gpu-memory",
+                "141",
+                "--json",
+            ],
+            None,
+        );
+        assert!(o.status.success(), "{c}: {}", stderr(&o));
+        let j: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(j["fits"], true, "{c}");
+        let params = &j["parameters"];
+        let total = params["total"].as_u64().unwrap();
+        let active = params["active_per_token"].as_u64().unwrap();
+        assert!(
+            total > 900_000_000 && active <= total,
+            "{c}: {total} {active}"
+        );
+        if c.contains("-A3B") || c.contains("-A28B") {
+            assert!(
+                active * 4 < total,
+                "{c}: a MoE reads a fraction: {active} of {total}"
+            );
+        } else {
+            assert!(
+                active
+                    + params["vision_model"].as_u64().unwrap()
+                    + params["mlp1"].as_u64().unwrap()
+                    >= total,
+                "{c}"
+            );
+        }
+        assert_eq!(j["context"], 8192, "{c}");
+    }
+    let c = fixtures().join("configs/InternVL3_5-30B-A3B.config.json");
+    let o = run(
+        &[
+            "plan",
+            "--model",
+            c.to_str().unwrap(),
+            "--gpus",
+            "1",
+            "--gpu-memory",
+            "141",
+        ],
+        None,
+    );
+    let out = stdout(&o);
+    assert!(out.contains("read per token (experts)"), "{out}");
+    let kv = |ctx: &str| {
+        let o = run(
+            &[
+                "plan",
+                "--model",
+                c.to_str().unwrap(),
+                "--gpus",
+                "1",
+                "--gpu-memory",
+                "141",
+                "--context",
+                ctx,
+                "--json",
+            ],
+            None,
+        );
+        let j: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        j["devices"]["cuda:0"]["kv_bytes"].as_u64().unwrap()
+    };
+    // 48 layers x (k + v) x 4 KV heads x 128 x bf16 per position
+    assert_eq!(kv("1000"), 1000 * 48 * 2 * 4 * 128 * 2);
+    assert_eq!(kv("2000"), 2 * kv("1000"));
+}

@@ -650,3 +650,31 @@ fn dynamic_rope_default_window() {
         "prompt of 1846 tokens plus 24 new tokens exceeds the context window of 512 tokens"
     );
 }
+
+/// InternVL3.5's thinking mode: the model card's R1 system prompt (what `--think` sets) gives
+/// the reference's query, ids, logits and tokens.
+#[test]
+fn thinking_mode() {
+    use internvl_chat::prompt::thinking::R1_SYSTEM_PROMPT;
+    let model = "tiny-qwen3";
+    let g = json(&format!("golden/{model}/thinking.json"));
+    assert_eq!(g["system_message"].as_str().unwrap(), R1_SYSTEM_PROMPT);
+    let mut e = engine(model, Kind::Float);
+    let p = e
+        .prepare(&ChatInput {
+            system: Some(R1_SYSTEM_PROMPT),
+            history: &[],
+            question: &typed_question(&g),
+            attachments: &attachments(&g),
+            combine_images: false,
+        })
+        .unwrap();
+    let out = run(&mut e, &p);
+    check_turn(
+        "tiny-qwen3 thinking",
+        &p,
+        &out,
+        &g["turns"][0],
+        &golden_logits(model, "thinking", 0),
+    );
+}
