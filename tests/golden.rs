@@ -678,3 +678,57 @@ fn thinking_mode() {
         &golden_logits(model, "thinking", 0),
     );
 }
+
+/// Qwen3's vocabulary is padded (151936 rows over 151678 tokens). In a copy of tiny-qwen3 whose
+/// padding rows are made huge, the tied output head scores them above every real token; the
+/// program still only ever picks tokens the tokenizer can decode: the best real one.
+#[test]
+fn padded_vocabulary_rows_are_never_chosen() {
+    let src = fixture("models/tiny-qwen3");
+    let dir = std::env::temp_dir().join(format!("ivl-padded-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        if !p.to_string_lossy().ends_with(".safetensors") {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let name = "language_model.model.embed_tokens.weight";
+    let tensors: Vec<(String, Tensor)> = Tensor::read_safetensors(src.join("model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| {
+            if n == name {
+                let t = t.copy();
+                let (rows, dim) = t.size2().unwrap();
+                let pad = t.narrow(0, 151678, rows - 151678);
+                // alternately +100 and -100 in every dimension: one of the two always wins
+                let _ = pad.get(0).fill_(100.0);
+                let _ = pad.get(1).fill_(-100.0);
+                assert_eq!(dim, 16);
+                (n, t)
+            } else {
+                (n, t)
+            }
+        })
+        .collect();
+    Tensor::write_safetensors(&tensors, dir.join("model.safetensors")).unwrap();
+    let mut e = Engine::load(&dir, &LoadOptions::single(Device::Cpu, Kind::Float)).unwrap();
+    assert_eq!(e.tokenizer.vocab_size(), 151678);
+    let g = json("golden/tiny-qwen3/text_hello.json");
+    let p = prepare_case(&e, &g);
+    let out = run(&mut e, &p);
+    let logits = out.gen.first_logits.as_ref().unwrap().get(0);
+    let best_any = logits.argmax(0, false).int64_value(&[]);
+    assert!(
+        best_any >= 151678,
+        "the padding rows win the raw argmax ({best_any})"
+    );
+    let best_real = logits
+        .narrow(0, 0, 151678)
+        .argmax(0, false)
+        .int64_value(&[]);
+    assert_eq!(out.tokens[0] as i64, best_real);
+    assert!(out.tokens.iter().all(|&t| t < 151678), "{:?}", out.tokens);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
