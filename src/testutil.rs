@@ -5,6 +5,16 @@ use std::path::PathBuf;
 
 /// Where the fixtures should be: `$INTERNVL_FIXTURES`, else `../shared/fixtures` beside the
 /// project root (not checked).
+/// Every tiny checkpoint of the fixtures (`models/NAME`), in the remote-code layout.
+pub const TINY_MODELS: [&str; 6] = [
+    "tiny-qwen2",
+    "tiny-internlm2",
+    "tiny-vit6b-qwen2",
+    "tiny-qwen3",
+    "tiny-qwen3-moe",
+    "tiny-qwen2-dyn",
+];
+
 pub fn fixtures_dir() -> PathBuf {
     match std::env::var_os("INTERNVL_FIXTURES") {
         Some(p) => PathBuf::from(p),

@@ -616,6 +616,15 @@ fn internvl3_and_3_5_one_shot() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
 
+/// `plan --json` of config `c` on GPUs of 141 GiB with `extra` flags; it must succeed.
+fn plan_json(c: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["plan", "--model", c, "--gpu-memory", "141", "--json"];
+    args.extend(extra);
+    let o = run(&args, None);
+    assert!(o.status.success(), "{c}: {}", stderr(&o));
+    serde_json::from_str(&stdout(&o)).unwrap()
+}
+
 /// `plan` gives a sane plan for every config of the fixtures; a mixture of experts shows what a
 /// token reads; `--context` sizes the KV cache.
 #[test]
@@ -623,21 +632,7 @@ fn plan_covers_every_config() {
     for e in std::fs::read_dir(fixtures().join("configs")).unwrap() {
         let p = e.unwrap().path();
         let c = p.to_str().unwrap();
-        let o = run(
-            &[
-                "plan",
-                "--model",
-                c,
-                "--gpus",
-                "8",
-                "--gpu-memory",
-                "141",
-                "--json",
-            ],
-            None,
-        );
-        assert!(o.status.success(), "{c}: {}", stderr(&o));
-        let j: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        let j = plan_json(c, &["--gpus", "8"]);
         assert_eq!(j["fits"], true, "{c}");
         let params = &j["parameters"];
         let total = params["total"].as_u64().unwrap();
@@ -677,24 +672,11 @@ fn plan_covers_every_config() {
     );
     let out = stdout(&o);
     assert!(out.contains("read per token (experts)"), "{out}");
+    let c = c.to_str().unwrap();
     let kv = |ctx: &str| {
-        let o = run(
-            &[
-                "plan",
-                "--model",
-                c.to_str().unwrap(),
-                "--gpus",
-                "1",
-                "--gpu-memory",
-                "141",
-                "--context",
-                ctx,
-                "--json",
-            ],
-            None,
-        );
-        let j: Value = serde_json::from_str(&stdout(&o)).unwrap();
-        j["devices"]["cuda:0"]["kv_bytes"].as_u64().unwrap()
+        plan_json(c, &["--gpus", "1", "--context", ctx])["devices"]["cuda:0"]["kv_bytes"]
+            .as_u64()
+            .unwrap()
     };
     // 48 layers x (k + v) x 4 KV heads x 128 x bf16 per position
     assert_eq!(kv("1000"), 1000 * 48 * 2 * 4 * 128 * 2);

@@ -232,14 +232,7 @@ mod tests {
     /// The recorded tensor list of each tiny config is exactly what its checkpoint holds.
     #[test]
     fn expected_tensors_equal_the_checkpoints() {
-        for name in [
-            "tiny-qwen2",
-            "tiny-internlm2",
-            "tiny-vit6b-qwen2",
-            "tiny-qwen3",
-            "tiny-qwen3-moe",
-            "tiny-qwen2-dyn",
-        ] {
+        for name in crate::testutil::TINY_MODELS {
             let dir = fixture(&format!("models/{name}"));
             let cfg = InternVLConfig::load(&dir).unwrap();
             let mut expected = InternVL::expected_tensors(&cfg);

@@ -118,14 +118,7 @@ pub(crate) mod tests {
     use crate::testutil::fixture;
     use serde_json::Value;
 
-    pub(crate) const MODELS: [&str; 6] = [
-        "tiny-qwen2",
-        "tiny-internlm2",
-        "tiny-vit6b-qwen2",
-        "tiny-qwen3",
-        "tiny-qwen3-moe",
-        "tiny-qwen2-dyn",
-    ];
+    pub(crate) use crate::testutil::TINY_MODELS as MODELS;
     /// 448px tiles, downsample ratio 0.5: (448 / 14 * 0.5)^2.
     const NUM_IMAGE_TOKEN: usize = 256;
 

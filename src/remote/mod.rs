@@ -464,6 +464,21 @@ struct Answer {
 }
 
 impl Answer {
+    /// An answer to request `id`, nothing received yet, timed from now.
+    fn new(id: RequestId) -> Self {
+        Self {
+            id,
+            text: String::new(),
+            pieces: 0,
+            finish: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            t0: Instant::now(),
+            first_token: None,
+            thinking: Rewrap::default(),
+        }
+    }
+
     /// Adds `text` to the answer and sends it on.
     fn emit(&mut self, text: String, tx: &Sender<EngineEvent>) {
         if text.is_empty() {
@@ -512,17 +527,7 @@ fn generate(
 ) -> Result<(), Failure> {
     let body = request_body(model, req).map_err(|e| (e, Fault::Request))?;
     let question = with_placeholders(&req.question, &slots(&req.attachments), req.combine_images);
-    let mut answer = Answer {
-        id: req.id,
-        text: String::new(),
-        pieces: 0,
-        finish: None,
-        prompt_tokens: None,
-        completion_tokens: None,
-        t0: Instant::now(),
-        first_token: None,
-        thinking: Rewrap::default(),
-    };
+    let mut answer = Answer::new(req.id);
     let replies = post(agent.clone(), cfg, body.to_string());
     loop {
         if cancel.load(Ordering::SeqCst) {
@@ -763,17 +768,7 @@ mod tests {
         assert_eq!(body["messages"][0]["content"], R1_SYSTEM_PROMPT);
         // streamed reasoning_content (vLLM's newer `reasoning` too), then content
         let (tx, rx) = unbounded();
-        let mut answer = Answer {
-            id: 7,
-            text: String::new(),
-            pieces: 0,
-            finish: None,
-            prompt_tokens: None,
-            completion_tokens: None,
-            t0: Instant::now(),
-            first_token: None,
-            thinking: Rewrap::default(),
-        };
+        let mut answer = Answer::new(7);
         for delta in [
             json!({"role": "assistant", "content": ""}),
             json!({"reasoning_content": "\n"}),
