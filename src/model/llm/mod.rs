@@ -175,6 +175,17 @@ impl SparseMoe {
         // the routing decides which weights are read: it has to be known on the host
         let chosen: Vec<i64> =
             Vec::try_from(chosen.to_device(Device::Cpu).view([-1])).expect("expert ids are int64");
+        let out = if flat.size()[0] == 1 {
+            self.forward_one(&flat, &weights, &chosen)
+        } else {
+            self.forward_routed(&flat, &weights, &chosen)
+        };
+        out.view(size.as_slice())
+    }
+
+    /// The reference's loop: for each expert in ascending order, its tokens gathered, its
+    /// output times their weights scatter-added into theirs.
+    fn forward_routed(&self, flat: &Tensor, weights: &Tensor, chosen: &[i64]) -> Tensor {
         let k = self.top_k as usize;
         let mut out = flat.zeros_like();
         let dev = flat.device();
@@ -195,7 +206,29 @@ impl SparseMoe {
                 * weights.index_select(0, &slots_t).unsqueeze(-1);
             let _ = out.index_add_(0, &tokens_t, &ys);
         }
-        out.view(size.as_slice())
+        out
+    }
+}
+
+impl SparseMoe {
+    /// One token (a decoding step): the chosen experts on the row itself, each output times its
+    /// weight (a value of the activations' dtype, as the reference's cast weights are) added in
+    /// ascending expert order, so the result is bit for bit the gather/scatter path's, without
+    /// its index tensors, gathers and scatter-adds.
+    fn forward_one(&self, row: &Tensor, weights: &Tensor, chosen: &[i64]) -> Tensor {
+        let weights: Vec<f64> = Vec::try_from(weights.to_device(Device::Cpu).to_kind(Kind::Double))
+            .expect("routing weights convert to f64");
+        let mut order: Vec<(i64, f64)> = chosen.iter().copied().zip(weights).collect();
+        order.sort_by_key(|&(e, _)| e);
+        let mut out: Option<Tensor> = None;
+        for (e, w) in order {
+            let y = self.experts[e as usize].forward(row) * w;
+            out = Some(match out {
+                None => y,
+                Some(acc) => acc + y,
+            });
+        }
+        out.expect("top_k >= 1 experts")
     }
 }
 
@@ -513,6 +546,66 @@ mod tests {
                 let want = reference(&q, &k, &v, &m);
                 let diff = (got - want).abs().max().double_value(&[]);
                 assert!(diff < 1e-5, "q_len {q_len}: {diff}");
+            }
+        }
+    }
+
+    /// A decoding step's single-token expert path gives bit for bit what the gather/scatter
+    /// path gives for that token (in bf16 and f32), and that path what transformers'
+    /// `Qwen3MoeSparseMoeBlock` computes, written out here with dense per-expert products.
+    #[test]
+    fn moe_single_token_path_is_the_reference_loop() {
+        tch::manual_seed(9);
+        let (hidden, inter, n_exp) = (16i64, 12i64, 8usize);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let f = (kind, Device::Cpu);
+            let lin = |o, i| Linear::dense(Tensor::randn([o, i], f) * 0.3, None);
+            let moe = SparseMoe {
+                gate: lin(n_exp as i64, hidden),
+                experts: (0..n_exp)
+                    .map(|_| Mlp {
+                        gate_up: lin(2 * inter, hidden),
+                        down: lin(hidden, inter),
+                        inter,
+                    })
+                    .collect(),
+                top_k: 2,
+                norm_topk_prob: true,
+            };
+            let xs = Tensor::randn([1, 5, hidden], f);
+            let batched = moe.forward(&xs);
+            for t in 0..5 {
+                let row = xs.narrow(1, t, 1);
+                let one = moe.forward(&row);
+                // the same token through the gather/scatter loop: bit for bit
+                let flat = row.view([1, hidden]);
+                let p = moe.gate.forward(&flat).softmax(-1, Kind::Float);
+                let (rw, rc) = p.topk(2, -1, true, true);
+                let rw = (&rw / rw.sum_dim_intlist(-1, true, Kind::Float)).to_kind(kind);
+                let rc: Vec<i64> = Vec::try_from(rc.view([-1])).unwrap();
+                let routed = moe.forward_routed(&flat, &rw.view([-1]), &rc);
+                assert!(one.view([1, hidden]).equal(&routed), "{kind:?} token {t}");
+                // and with the other tokens (other GEMM shapes): rounding apart only
+                let tol = if kind == Kind::Float { 1e-5 } else { 0.05 };
+                let d = (&one - batched.narrow(1, t, 1))
+                    .to_kind(Kind::Float)
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert!(d <= tol, "{kind:?} token {t}: {d}");
+                // the reference written out: its two experts in ascending order, each output
+                // times its (cast) weight, summed from zero
+                let mut pairs: Vec<(i64, i64)> = rc.iter().copied().zip(0..).collect();
+                pairs.sort();
+                let mut want = flat.zeros_like();
+                for (e, s) in pairs {
+                    want = want + moe.experts[e as usize].forward(&flat) * rw.get(0).get(s);
+                }
+                let d = (one.view([1, hidden]).to_kind(Kind::Float) - want.to_kind(Kind::Float))
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert_eq!(d, 0.0, "{kind:?} token {t}");
             }
         }
     }
