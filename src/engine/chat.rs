@@ -511,40 +511,21 @@ impl Engine {
             });
         }
         let _guard = tch::no_grad_guard();
-        // reuse the longest cached prefix that does not cut an image's token run
-        let mut reuse = self
-            .cached_ids
-            .iter()
-            .zip(&p.ids)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(p.ids.len() - 1);
-        // a dynamic rope rotates all keys of a prompt longer than max_position_embeddings with
-        // a base grown for that length (and each key decoded past it with its own): cached keys
-        // stand for a fresh prefill only while neither they nor the new prompt went past it
-        let rope = &self.model.llm.rope;
-        if rope.dynamic_flavor().is_some()
-            && (p.ids.len() as i64 > rope.max_positions()
-                || self.cache.max_held() > rope.max_positions())
-        {
-            reuse = 0;
-        }
         let runs = image_runs(&p.ids, self.img_context_id);
         let fingerprints = Self::image_fingerprints(p);
         debug_assert_eq!(runs.len(), fingerprints.len(), "one run per placeholder");
-        // equal ids do not mean equal pictures: reuse stops at the first picture not cached
-        if let Some((r, _)) = runs
-            .iter()
-            .zip(&fingerprints)
-            .enumerate()
-            .find(|(k, (r, f))| r.0 < reuse && self.cached_images.get(*k) != Some(f))
-            .map(|(_, rf)| rf)
-        {
-            reuse = r.0;
-        }
-        if let Some(r) = runs.iter().find(|r| r.0 < reuse && r.1 > reuse) {
-            reuse = r.0;
-        }
+        let rope = &self.model.llm.rope;
+        let reuse = reusable_prefix(
+            &Cached {
+                ids: &self.cached_ids,
+                images: &self.cached_images,
+                max_held: self.cache.max_held(),
+            },
+            &p.ids,
+            &runs,
+            &fingerprints,
+            rope.dynamic_flavor().map(|_| rope.max_positions()),
+        );
         let cached_tiles: usize = runs
             .iter()
             .filter(|r| r.1 <= reuse)
@@ -667,6 +648,121 @@ impl Engine {
             })
             .collect();
         Ok(outs)
+    }
+}
+
+/// What a conversation's KV cache holds, for [`reusable_prefix`].
+struct Cached<'a, K> {
+    /// The ids whose keys and values are cached.
+    ids: &'a [i64],
+    /// The fingerprint of the picture behind each of their `<IMG_CONTEXT>` runs.
+    images: &'a [K],
+    /// The most positions the cache held since it was last cut back.
+    max_held: i64,
+}
+
+/// How many leading positions of a cached conversation a new prompt `ids` can keep: the
+/// longest common prefix, short of the whole prompt (its last position must run to give
+/// logits), cut back to the start of the first picture whose run is not the cached picture's
+/// (equal ids do not mean equal pictures) and never through a picture's run. With a dynamic rope
+/// (`dynamic_max_positions`: its `max_position_embeddings`) nothing is kept once the prompt or
+/// the cache went past that length: the reference rotates a longer prompt's keys with a base
+/// grown for its length, and keys decoded past it with one grown per step.
+fn reusable_prefix<K: PartialEq>(
+    cached: &Cached<'_, K>,
+    ids: &[i64],
+    runs: &[(usize, usize)],
+    fingerprints: &[K],
+    dynamic_max_positions: Option<i64>,
+) -> usize {
+    if let Some(max) = dynamic_max_positions {
+        if ids.len() as i64 > max || cached.max_held > max {
+            return 0;
+        }
+    }
+    let mut reuse = cached
+        .ids
+        .iter()
+        .zip(ids)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(ids.len().saturating_sub(1));
+    if let Some(r) = runs
+        .iter()
+        .zip(fingerprints)
+        .enumerate()
+        .find(|(k, (r, f))| r.0 < reuse && cached.images.get(*k) != Some(f))
+        .map(|(_, (r, _))| r)
+    {
+        reuse = r.0;
+    }
+    if let Some(r) = runs.iter().find(|r| r.0 < reuse && r.1 > reuse) {
+        reuse = r.0;
+    }
+    reuse
+}
+
+#[cfg(test)]
+mod reuse_tests {
+    use super::*;
+
+    const C: i64 = 9; // the <IMG_CONTEXT> id in these tests
+
+    fn reuse(
+        cached: &[i64],
+        images: &[&str],
+        held: i64,
+        ids: &[i64],
+        fps: &[&str],
+        dynamic: Option<i64>,
+    ) -> usize {
+        let runs = image_runs(ids, C);
+        reusable_prefix(
+            &Cached {
+                ids: cached,
+                images,
+                max_held: held.max(cached.len() as i64),
+            },
+            ids,
+            &runs,
+            fps,
+            dynamic,
+        )
+    }
+
+    #[test]
+    fn the_common_prefix_short_of_the_last_position() {
+        assert_eq!(reuse(&[1, 2, 3, 4], &[], 0, &[1, 2, 3, 5, 6], &[], None), 3);
+        // the whole prompt cached: its last position still runs
+        assert_eq!(reuse(&[1, 2, 3, 4], &[], 0, &[1, 2, 3], &[], None), 2);
+        assert_eq!(reuse(&[], &[], 0, &[1, 2], &[], None), 0);
+    }
+
+    #[test]
+    fn pictures_are_kept_only_when_they_are_the_same_and_whole() {
+        let cached = [1, C, C, 2, 3];
+        // same picture: kept, up to the divergence
+        assert_eq!(reuse(&cached, &["a"], 0, &[1, C, C, 2, 4], &["a"], None), 4);
+        // another picture with the same ids: cut back to its start
+        assert_eq!(reuse(&cached, &["a"], 0, &[1, C, C, 2, 4], &["b"], None), 1);
+        // the common prefix ends inside a run: cut back to its start
+        assert_eq!(
+            reuse(&[1, C, C, 2], &["a"], 0, &[1, C, C, C, 2], &["a"], None),
+            1
+        );
+    }
+
+    #[test]
+    fn a_dynamic_rope_past_its_length_keeps_nothing() {
+        let cached = [1, 2, 3, 4, 5];
+        let ids = [1, 2, 3, 4, 5, 6];
+        assert_eq!(reuse(&cached, &[], 0, &ids, &[], Some(6)), 5);
+        // the new prompt goes past max positions
+        assert_eq!(reuse(&cached, &[], 0, &ids, &[], Some(5)), 0);
+        // the cache went past it while decoding, even if the new prompt fits
+        assert_eq!(reuse(&cached, &[], 8, &ids, &[], Some(6)), 0);
+        // no dynamic rope: lengths do not matter
+        assert_eq!(reuse(&cached, &[], 80, &ids, &[], None), 5);
     }
 }
 
