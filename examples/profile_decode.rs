@@ -5,10 +5,13 @@
 //! ```sh
 //! cargo build --profile profiling --example profile_decode
 //! perf record -e cpu-clock -g target/profiling/examples/profile_decode /tmp/bench-1b 256 \
-//!     [THREADS] [int8|bf16] [BATCH]
+//!     [THREADS] [int8|bf16] [BATCH] [greedy|sampled]
 //! ```
+//!
+//! `sampled`: the chat's default sampling instead of greedy (the same forced length), to measure
+//! what the sampler costs a decoding step. `INTERNVL_KERNEL` picks the gemv kernel level.
 use anyhow::{Context, Result};
-use internvl_chat::bench::forced;
+use internvl_chat::bench::{forced, forced_sampled};
 use internvl_chat::engine::chat::{ChatInput, Engine};
 use internvl_chat::engine::generate::Flow;
 use internvl_chat::model::{Int8, LoadOptions};
@@ -18,10 +21,10 @@ use tch::{Device, Kind};
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let model = PathBuf::from(
-        args.next()
-            .context("usage: profile_decode MODEL_DIR [TOKENS] [THREADS] [int8]")?,
-    );
+    let model = PathBuf::from(args.next().context(
+        "usage: profile_decode MODEL_DIR [TOKENS] [THREADS] [int8|bf16] [BATCH] \
+                 [greedy|sampled]",
+    )?);
     let n: usize = args.next().map_or(Ok(256), |s| s.parse())?;
     if let Some(t) = args.next() {
         tch::set_num_threads(t.parse()?);
@@ -32,6 +35,7 @@ fn main() -> Result<()> {
         Int8::Off
     };
     let batch: usize = args.next().map_or(Ok(1), |s| s.parse())?;
+    let sampled = args.next().as_deref() == Some("sampled");
     let _g = tch::no_grad_guard();
     let opts = LoadOptions {
         int8,
@@ -45,7 +49,11 @@ fn main() -> Result<()> {
         attachments: &[],
         combine_images: false,
     })?;
-    let params = forced(n);
+    let params = if sampled {
+        forced_sampled(n)
+    } else {
+        forced(n)
+    };
     let mut first = None;
     let tokens = if batch == 1 {
         let out = engine.run(&p, &params, &mut |_| {
@@ -63,7 +71,9 @@ fn main() -> Result<()> {
     };
     let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
     println!(
-        "{batch} x {tokens} tokens, decode {:.2} steps/s",
+        "{batch} x {tokens} tokens, {}, kernel {}, decode {:.2} steps/s",
+        if sampled { "sampled" } else { "greedy" },
+        internvl_chat::model::gemv::level().name(),
         (tokens - 1) as f64 / secs
     );
     Ok(())

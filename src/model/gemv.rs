@@ -11,6 +11,12 @@
 //! bf16 GEMM does. Only the order of the f32 additions differs from oneDNN's.
 //!
 //! Weight rows are split across a small thread pool sized like libtorch's (`--threads`).
+//!
+//! Kernel levels, chosen at run time from what the CPU has: AVX512-BF16 pair dot products (bf16
+//! weights), AVX-512F, AVX2 + FMA (most laptops), else libtorch's `linear`. All of them
+//! accumulate exact products in f32 and round once to bf16; only the order of the f32 additions
+//! differs. `INTERNVL_KERNEL` forces a lower level (tests and `bench` run each one on one
+//! machine).
 use half::bf16;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,9 +43,114 @@ pub fn set_enabled(on: bool) {
     ENABLED.with(|e| e.set(on));
 }
 
-/// Whether this CPU takes this path (AVX-512); elsewhere libtorch's `linear` runs.
+/// Whether this path runs here (a kernel level above [`Level::Torch`]); elsewhere libtorch's
+/// `linear` runs.
 pub fn available() -> bool {
-    simd::available()
+    level() > Level::Torch
+}
+
+/// The environment variable that forces a kernel level: `avx512bf16`, `avx512`, `avx2` or
+/// `torch`.
+pub const KERNEL_ENV: &str = "INTERNVL_KERNEL";
+
+/// The kernels a product runs with, ordered from the slowest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// libtorch's `linear`; a direct [`gemv`] call takes the portable loop.
+    Torch,
+    /// AVX2 + FMA: 8 f32 lanes.
+    Avx2,
+    /// AVX-512F: 16 f32 lanes.
+    Avx512,
+    /// AVX-512F, and AVX512-BF16's pair dot products for bf16 weights.
+    Avx512Bf16,
+}
+
+impl Level {
+    pub const ALL: [Level; 4] = [Level::Torch, Level::Avx2, Level::Avx512, Level::Avx512Bf16];
+
+    /// The name `INTERNVL_KERNEL` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Torch => "torch",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+            Level::Avx512Bf16 => "avx512bf16",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Level> {
+        Level::ALL
+            .into_iter()
+            .find(|l| l.name().eq_ignore_ascii_case(s.trim()))
+    }
+
+    /// The best level this CPU runs.
+    pub fn detected() -> Level {
+        if simd::avx512_bf16() {
+            Level::Avx512Bf16
+        } else if simd::avx512() {
+            Level::Avx512
+        } else if simd::avx2_fma() {
+            Level::Avx2
+        } else {
+            Level::Torch
+        }
+    }
+
+    /// Every level this CPU runs, slowest first.
+    pub fn supported() -> Vec<Level> {
+        let best = Level::detected();
+        Level::ALL.into_iter().filter(|&l| l <= best).collect()
+    }
+}
+
+/// The level for a `request` (the variable's value, if set) on a CPU whose best is `best`, and
+/// the warning to give when the request cannot be followed.
+fn choose(request: Option<&str>, best: Level) -> (Level, Option<String>) {
+    let Some(request) = request.filter(|r| !r.trim().is_empty()) else {
+        return (best, None);
+    };
+    match Level::parse(request) {
+        Some(l) if l <= best => (l, None),
+        Some(l) => (
+            best,
+            Some(format!(
+                "{KERNEL_ENV}={}: this CPU lacks it, using {}",
+                l.name(),
+                best.name()
+            )),
+        ),
+        None => (
+            best,
+            Some(format!(
+                "{KERNEL_ENV}={request:?} is not one of avx512bf16, avx512, avx2, torch; using {}",
+                best.name()
+            )),
+        ),
+    }
+}
+
+/// The level products run at in this process: the CPU's best, or the lower one `INTERNVL_KERNEL`
+/// asks for (read once; a request the CPU cannot follow is logged once and falls back).
+pub fn level() -> Level {
+    level_and_note().0
+}
+
+/// Why the level differs from the one `INTERNVL_KERNEL` asked for, if it does.
+pub fn level_note() -> Option<&'static str> {
+    level_and_note().1.as_deref()
+}
+
+fn level_and_note() -> &'static (Level, Option<String>) {
+    static LEVEL: OnceLock<(Level, Option<String>)> = OnceLock::new();
+    LEVEL.get_or_init(|| {
+        let (level, note) = choose(std::env::var(KERNEL_ENV).ok().as_deref(), Level::detected());
+        if let Some(n) = &note {
+            tracing::warn!("{n}");
+        }
+        (level, note)
+    })
 }
 
 static CALLS: AtomicUsize = AtomicUsize::new(0);
@@ -54,7 +165,7 @@ pub fn calls() -> usize {
 pub fn applies(xs: &Tensor, weight: &Tensor) -> bool {
     let k = *xs.size().last().unwrap_or(&0);
     ENABLED.with(Cell::get)
-        && simd::available()
+        && available()
         && xs.device() == Device::Cpu
         && weight.device() == Device::Cpu
         && xs.kind() == Kind::BFloat16
@@ -67,6 +178,17 @@ pub fn applies(xs: &Tensor, weight: &Tensor) -> bool {
 /// `xs` [.., k] times `weight` [n, k] transposed, scaled per row by `scale` [n] (int8 weights),
 /// plus `bias` [n]: [.., n] in bf16. Call only where [`applies`] holds.
 pub fn linear(
+    xs: &Tensor,
+    weight: &Tensor,
+    scale: Option<&Tensor>,
+    bias: Option<&Tensor>,
+) -> Tensor {
+    linear_at(level(), xs, weight, scale, bias)
+}
+
+/// [`linear`] with the kernels of `level`.
+fn linear_at(
+    level: Level,
     xs: &Tensor,
     weight: &Tensor,
     scale: Option<&Tensor>,
@@ -89,7 +211,14 @@ pub fn linear(
     // here, through this one slice.
     let out_slice =
         unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut u16, rows * n as usize) };
-    gemv(slice_of::<u16>(&x), rows, &w, bias.as_deref(), out_slice);
+    gemv_at(
+        level,
+        slice_of::<u16>(&x),
+        rows,
+        &w,
+        bias.as_deref(),
+        out_slice,
+    );
     out
 }
 
@@ -113,18 +242,24 @@ fn to_f32_vec(t: &Tensor) -> Vec<f32> {
 /// Row-major `x` [rows, k] (bf16 bits) times `w` [n, k] transposed plus `bias` [n], rounded to
 /// bf16 into `out` [rows, n]. `k` is `x.len() / rows`.
 pub fn gemv(x: &[u16], rows: usize, w: &WeightRef, bias: Option<&[f32]>, out: &mut [u16]) {
-    gemv_with(x, rows, w, bias, out, simd::avx512_bf16())
+    gemv_at(level(), x, rows, w, bias, out)
 }
 
-/// [`gemv`], with AVX512-BF16 allowed or not (tests run both kernels).
-fn gemv_with(
+/// [`gemv`] with the kernels of `level` ([`Level::Torch`]: the portable loop), which this CPU
+/// must run.
+pub fn gemv_at(
+    level: Level,
     x: &[u16],
     rows: usize,
     w: &WeightRef,
     bias: Option<&[f32]>,
     out: &mut [u16],
-    allow_pairs: bool,
 ) {
+    // the kernels' instructions exist only up to the detected level
+    assert!(
+        level <= Level::detected(),
+        "kernel level {level:?} on a CPU without it"
+    );
     assert!((1..=MAX_ROWS).contains(&rows) && x.len().is_multiple_of(rows));
     let k = x.len() / rows;
     let n = out.len() / rows;
@@ -136,7 +271,7 @@ fn gemv_with(
         assert_eq!(b.len(), n);
     }
     // bf16 pairs straight into AVX512-BF16's dot product where the CPU has it; f32 otherwise
-    let pairs = matches!(w, WeightRef::Bf16(_)) && allow_pairs;
+    let pairs = matches!(w, WeightRef::Bf16(_)) && level == Level::Avx512Bf16;
     let x_f32: Vec<f32> = if pairs {
         Vec::new()
     } else {
@@ -146,6 +281,7 @@ fn gemv_with(
         x_f32: &x_f32,
         x_bf16: x,
         pairs,
+        level,
         rows,
         k,
         n,
@@ -189,6 +325,8 @@ struct Job<'a> {
     x_bf16: &'a [u16],
     /// bf16 weights through AVX512-BF16 pair dot products of the bf16 input.
     pairs: bool,
+    /// The kernels for the f32 input.
+    level: Level,
     rows: usize,
     k: usize,
     n: usize,
@@ -219,6 +357,7 @@ impl Job<'_> {
                 }
                 WeightRef::Bf16(w) => {
                     dot(
+                        self.level,
                         self.x_f32,
                         self.rows,
                         &w[i * self.k..(i + 1) * self.k],
@@ -228,6 +367,7 @@ impl Job<'_> {
                 }
                 WeightRef::Int8(w, s) => {
                     dot(
+                        self.level,
                         self.x_f32,
                         self.rows,
                         &w[i * self.k..(i + 1) * self.k],
@@ -271,31 +411,57 @@ impl Weight for i8 {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod simd {
-    pub trait Load16: super::Weight {}
-    impl<W: super::Weight> Load16 for W {}
+    pub trait Load: super::Weight {}
+    impl<W: super::Weight> Load for W {}
     pub fn avx512_bf16() -> bool {
         false
     }
-    pub fn available() -> bool {
+    pub fn avx512() -> bool {
+        false
+    }
+    pub fn avx2_fma() -> bool {
         false
     }
 }
 
-/// `dots[r] = x[r] · w` for each of `rows` input rows and one weight row (unscaled).
-fn dot<W: simd::Load16>(x: &[f32], rows: usize, w: &[W], dots: &mut [f32]) {
+/// `dots[r] = x[r] · w` for each of `rows` input rows and one weight row (unscaled), with the
+/// f32 kernels of `level` (which [`gemv_at`] checked the CPU has).
+fn dot<W: simd::Load>(level: Level, x: &[f32], rows: usize, w: &[W], dots: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if simd::avx512() {
-        // SAFETY: the CPU has AVX-512F (checked at run time); the lengths are the caller's.
-        unsafe { simd::dot(x, rows, w, dots) };
-        return;
+    match level {
+        Level::Avx512 | Level::Avx512Bf16 => {
+            // SAFETY: the CPU has AVX-512F (the level is at most the detected one); the
+            // lengths are the caller's.
+            unsafe { simd::dot(x, rows, w, dots) };
+            return;
+        }
+        Level::Avx2 => {
+            // SAFETY: the CPU has AVX2 and FMA (as above); the lengths are the caller's.
+            unsafe { simd::dot_avx2(x, rows, w, dots) };
+            return;
+        }
+        Level::Torch => {}
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = level;
     let k = w.len();
     for (r, d) in dots.iter_mut().enumerate().take(rows) {
-        *d = x[r * k..(r + 1) * k]
+        // eight partial sums, as the vector kernels keep: one running sum of a long row loses
+        // more than one bf16 ulp where the terms nearly cancel (and does not vectorise)
+        let xr = &x[r * k..(r + 1) * k];
+        let mut lanes = [0f32; 8];
+        for (xs, ws) in xr.chunks_exact(8).zip(w.chunks_exact(8)) {
+            for ((l, a), &b) in lanes.iter_mut().zip(xs).zip(ws) {
+                *l += a * b.to_f32();
+            }
+        }
+        let tail = k - k % 8;
+        let tail_sum: f32 = xr[tail..]
             .iter()
-            .zip(w)
+            .zip(&w[tail..])
             .map(|(a, &b)| a * b.to_f32())
             .sum();
+        *d = lanes.iter().sum::<f32>() + tail_sum;
     }
 }
 
@@ -371,44 +537,55 @@ mod simd {
         }
     }
 
-    /// Whether this path is worth taking: without AVX-512 libtorch's own kernels are faster than
-    /// the portable loop.
-    pub fn available() -> bool {
-        avx512()
-    }
-
     pub fn avx512() -> bool {
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
     }
 
-    /// Loads 16 weights as f32.
-    pub trait Load16: super::Weight {
+    pub fn avx2_fma() -> bool {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+
+    /// Loads weights as f32, 16 or 8 at a time.
+    pub trait Load: super::Weight {
         /// # Safety
         /// `p` points at 16 readable elements; the CPU has AVX-512F.
         unsafe fn load16(p: *const Self) -> __m512;
+        /// # Safety
+        /// `p` points at 8 readable elements; the CPU has AVX2.
+        unsafe fn load8(p: *const Self) -> __m256;
     }
 
-    impl Load16 for u16 {
+    impl Load for u16 {
         #[inline(always)]
         unsafe fn load16(p: *const u16) -> __m512 {
             // bf16 is the top half of an f32
             let wi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wi))
         }
+        #[inline(always)]
+        unsafe fn load8(p: *const u16) -> __m256 {
+            let wi = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wi))
+        }
     }
 
-    impl Load16 for i8 {
+    impl Load for i8 {
         #[inline(always)]
         unsafe fn load16(p: *const i8) -> __m512 {
             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())))
+        }
+        #[inline(always)]
+        unsafe fn load8(p: *const i8) -> __m256 {
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())))
         }
     }
 
     /// `dots[r] = x[r] · w` for `M` input rows. Two accumulators per input row (even and odd
     /// 16-element blocks) hide the FMA latency; `M` is a constant so that they stay in registers.
     #[target_feature(enable = "avx512f")]
-    unsafe fn dot_m<W: Load16, const M: usize>(x: &[f32], w: &[W], dots: &mut [f32]) {
+    unsafe fn dot_m<W: Load, const M: usize>(x: &[f32], w: &[W], dots: &mut [f32]) {
         let k = w.len();
         let mut a0 = [_mm512_setzero_ps(); M];
         let mut a1 = [_mm512_setzero_ps(); M];
@@ -445,7 +622,7 @@ mod simd {
     /// # Safety
     /// The CPU has AVX-512F; `x` holds `rows * w.len()` values and `dots` `rows`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot<W: Load16>(x: &[f32], rows: usize, w: &[W], dots: &mut [f32]) {
+    pub unsafe fn dot<W: Load>(x: &[f32], rows: usize, w: &[W], dots: &mut [f32]) {
         debug_assert!(x.len() >= rows * w.len() && dots.len() >= rows);
         match rows {
             1 => dot_m::<W, 1>(x, w, dots),
@@ -456,6 +633,73 @@ mod simd {
             6 => dot_m::<W, 6>(x, w, dots),
             7 => dot_m::<W, 7>(x, w, dots),
             _ => dot_m::<W, 8>(x, w, dots),
+        }
+    }
+
+    /// `dots[r] = x[r] · w` for `M` input rows, 8 lanes at a time: [`dot_m`]'s contract on
+    /// AVX2. `U` accumulators per input row, enough independent FMA chains (`M * U` >= 6) within
+    /// the 16 registers.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot8_m<W: Load, const M: usize, const U: usize>(
+        x: &[f32],
+        w: &[W],
+        dots: &mut [f32],
+    ) {
+        let k = w.len();
+        let mut acc = [[_mm256_setzero_ps(); U]; M];
+        let wp = w.as_ptr();
+        let xp = x.as_ptr();
+        let mut j = 0;
+        while j + 8 * U <= k {
+            for u in 0..U {
+                let wv = W::load8(wp.add(j + 8 * u));
+                for r in 0..M {
+                    let xv = _mm256_loadu_ps(xp.add(r * k + j + 8 * u));
+                    acc[r][u] = _mm256_fmadd_ps(wv, xv, acc[r][u]);
+                }
+            }
+            j += 8 * U;
+        }
+        while j + 8 <= k {
+            let wv = W::load8(wp.add(j));
+            for r in 0..M {
+                acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(r * k + j)), acc[r][0]);
+            }
+            j += 8;
+        }
+        for r in 0..M {
+            let mut sum = acc[r][0];
+            for u in 1..U {
+                sum = _mm256_add_ps(sum, acc[r][u]);
+            }
+            // the 8 lanes: halves, then pairs, then the last two
+            let h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_add_ss(h, _mm_shuffle_ps::<1>(h, h));
+            let mut s = _mm_cvtss_f32(h);
+            for t in j..k {
+                s += x[r * k + t] * w[t].to_f32();
+            }
+            dots[r] = s;
+        }
+    }
+
+    /// [`dot8_m`] for `rows` (1..=8) input rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `x` holds `rows * w.len()` values and `dots` `rows`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_avx2<W: Load>(x: &[f32], rows: usize, w: &[W], dots: &mut [f32]) {
+        debug_assert!(x.len() >= rows * w.len() && dots.len() >= rows);
+        match rows {
+            1 => dot8_m::<W, 1, 6>(x, w, dots),
+            2 => dot8_m::<W, 2, 4>(x, w, dots),
+            3 => dot8_m::<W, 3, 2>(x, w, dots),
+            4 => dot8_m::<W, 4, 2>(x, w, dots),
+            5 => dot8_m::<W, 5, 2>(x, w, dots),
+            6 => dot8_m::<W, 6, 2>(x, w, dots),
+            7 => dot8_m::<W, 7, 1>(x, w, dots),
+            _ => dot8_m::<W, 8, 1>(x, w, dots),
         }
     }
 }
@@ -479,6 +723,11 @@ pub struct TorchSingleThreaded {
 impl TorchSingleThreaded {
     pub fn new() -> Self {
         pool_threads(); // fixed before libtorch's count changes
+        if !available() {
+            // libtorch's `linear` does the products (`INTERNVL_KERNEL=torch`, an old CPU): it
+            // needs its threads
+            return Self { restore: 1 };
+        }
         let restore = tch::get_num_threads();
         if restore != 1 {
             tch::set_num_threads(1);
@@ -524,11 +773,12 @@ mod tests {
     }
 
     /// Integer-valued inputs make every sum exact in f32, whatever the order: the result must then
-    /// equal libtorch's bit for bit (rounding once to bf16, bias added before rounding).
+    /// equal libtorch's bit for bit (rounding once to bf16, bias added before rounding), at
+    /// every kernel level this CPU has (`Torch`: the portable loop).
     #[test]
     fn exact_sums_equal_libtorch_bit_for_bit() {
         tch::manual_seed(3);
-        for k in [7i64, 16, 40, 896] {
+        for k in [7i64, 16, 40, 203, 896] {
             let w = Tensor::randint_low(-8, 8, [300, k], (Kind::Float, Device::Cpu))
                 .to_kind(Kind::BFloat16);
             let b = (Tensor::randint_low(-50, 50, [300], (Kind::Float, Device::Cpu)) / 4.0)
@@ -536,19 +786,23 @@ mod tests {
             for rows in 1..=MAX_ROWS as i64 {
                 let x = Tensor::randint_low(-3, 4, [1, rows, k], (Kind::Float, Device::Cpu))
                     .to_kind(Kind::BFloat16);
-                assert!(applies(&x, &w));
+                assert_eq!(applies(&x, &w), available());
                 let want = x.linear(&w, Some(&b));
-                let got = linear(&x, &w, None, Some(&b));
-                assert_eq!(got.size(), want.size());
-                assert!(got.equal(&want), "k {k} rows {rows}");
-                assert!(linear(&x, &w, None, None).equal(&x.linear::<&Tensor>(&w, None)));
+                let want_nb = x.linear::<&Tensor>(&w, None);
+                for level in Level::supported() {
+                    let got = linear_at(level, &x, &w, None, Some(&b));
+                    assert_eq!(got.size(), want.size());
+                    assert!(got.equal(&want), "{level:?} k {k} rows {rows}");
+                    assert!(linear_at(level, &x, &w, None, None).equal(&want_nb));
+                }
             }
         }
     }
 
     /// Real-valued inputs: within one bf16 ulp of libtorch (the f32 sums are added in another
-    /// order), for bf16 and int8 weights, on every row count. libtorch's int8 kernel only takes
-    /// `k` a multiple of 64 (it returns garbage for k = 904), hence k = 896 there.
+    /// order), for bf16 and int8 weights, on every row count and kernel level. libtorch's int8
+    /// kernel only takes `k` a multiple of 64 (it returns garbage for k = 904), hence k = 896
+    /// there.
     #[test]
     fn random_inputs_within_one_ulp_of_libtorch() {
         tch::manual_seed(4);
@@ -557,61 +811,127 @@ mod tests {
             let w = wf.to_kind(Kind::BFloat16);
             let b = Tensor::randn([n], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
             let (q, scale) = crate::model::nn::quantize_rows(&wf, Kind::BFloat16);
-            for rows in [1i64, 2, 5, 8] {
+            for rows in [1i64, 2, 3, 5, 6, 8] {
                 let x =
                     Tensor::randn([rows, k], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
                 let want = x.linear(&w, Some(&b));
-                let got = linear(&x, &w, None, Some(&b));
-                assert!(bf16_ulps(&got, &want) <= 1, "bf16 {k} rows {rows}");
-                if int8 {
-                    // the scaled product is rounded to bf16 before the bias (as ATen's kernel
-                    // then `+ b` does): one ulp there, and the bias added exactly as libtorch
-                    // adds it. (One ulp of the product can be several of a result the bias
-                    // nearly cancels.)
-                    let want = x.contiguous().internal_weight_int8pack_mm(&q, &scale);
-                    let got = linear(&x, &q, Some(&scale), None);
-                    assert!(bf16_ulps(&got, &want) <= 1, "int8 rows {rows}");
-                    let with_bias = linear(&x, &q, Some(&scale), Some(&b));
-                    assert!(with_bias.equal(&(&got + &b)), "int8 bias rows {rows}");
+                // (only where k suits libtorch's int8 kernel: it reads out of bounds elsewhere)
+                let want_q = int8.then(|| x.contiguous().internal_weight_int8pack_mm(&q, &scale));
+                for level in Level::supported() {
+                    let got = linear_at(level, &x, &w, None, Some(&b));
+                    assert!(
+                        bf16_ulps(&got, &want) <= 1,
+                        "{level:?} bf16 {k} rows {rows}"
+                    );
+                    if let Some(want_q) = &want_q {
+                        // the scaled product is rounded to bf16 before the bias (as ATen's
+                        // kernel then `+ b` does): one ulp there, and the bias added exactly as
+                        // libtorch adds it. (One ulp of the product can be several of a result
+                        // the bias nearly cancels.)
+                        let got = linear_at(level, &x, &q, Some(&scale), None);
+                        assert!(bf16_ulps(&got, want_q) <= 1, "{level:?} int8 rows {rows}");
+                        let with_bias = linear_at(level, &x, &q, Some(&scale), Some(&b));
+                        assert!(
+                            with_bias.equal(&(&got + &b)),
+                            "{level:?} int8 bias rows {rows}"
+                        );
+                    }
                 }
             }
         }
     }
 
-    /// Both bf16 kernels (AVX512-BF16 pairs where the CPU has them, f32 FMAs) within one ulp of
-    /// libtorch, and exact on exact sums.
+    /// int8 weights at lengths libtorch's int8 kernel does not take (blocks and tails of every
+    /// kernel): with integer values and scales of 1 the product is exact, so it must equal the
+    /// bf16 product of the same values bit for bit, at every level.
     #[test]
-    fn both_bf16_kernels_agree_with_libtorch() {
-        tch::manual_seed(5);
-        let (n, k) = (130, 200); // k: 6 blocks of 32 and a tail of 8
-        for exact in [true, false] {
-            let (w, x) = if exact {
-                (
-                    Tensor::randint_low(-8, 8, [n, k], (Kind::Float, Device::Cpu)),
-                    Tensor::randint_low(-3, 4, [3, k], (Kind::Float, Device::Cpu)),
-                )
-            } else {
-                (
-                    Tensor::randn([n, k], (Kind::Float, Device::Cpu)) * 0.05,
-                    Tensor::randn([3, k], (Kind::Float, Device::Cpu)),
-                )
-            };
-            let (w, x) = (w.to_kind(Kind::BFloat16), x.to_kind(Kind::BFloat16));
-            let want = x.linear::<&Tensor>(&w, None);
-            for pairs in [false, simd::avx512_bf16()] {
-                let mut out = vec![0u16; 3 * n as usize];
-                let wr = WeightRef::Bf16(slice_of::<u16>(&w));
-                gemv_with(slice_of::<u16>(&x), 3, &wr, None, &mut out, pairs);
-                let got = Tensor::from_slice(&out.iter().map(|&b| b as i16).collect::<Vec<_>>())
-                    .view_dtype(Kind::BFloat16)
-                    .view([3, n]);
-                let ulps = bf16_ulps(&got, &want);
-                assert!(
-                    ulps <= if exact { 0 } else { 1 },
-                    "pairs {pairs} exact {exact}: {ulps}"
-                );
+    fn int8_exact_sums_equal_the_bf16_product_at_every_level() {
+        tch::manual_seed(6);
+        let n = 70;
+        for k in [8i64, 24, 200, 203] {
+            let wi = Tensor::randint_low(-100, 100, [n, k], (Kind::Float, Device::Cpu));
+            let q = wi.to_kind(Kind::Int8);
+            let ones = Tensor::ones([n], (Kind::BFloat16, Device::Cpu));
+            let w = wi.to_kind(Kind::BFloat16);
+            for rows in 1..=MAX_ROWS as i64 {
+                let x = Tensor::randint_low(-3, 4, [rows, k], (Kind::Float, Device::Cpu))
+                    .to_kind(Kind::BFloat16);
+                let want = x.linear::<&Tensor>(&w, None);
+                for level in Level::supported() {
+                    let got = linear_at(level, &x, &q, Some(&ones), None);
+                    assert!(got.equal(&want), "{level:?} k {k} rows {rows}");
+                }
             }
         }
+    }
+
+    /// Every level (AVX512-BF16 pairs, AVX-512 and AVX2 FMAs, the portable loop) within one ulp
+    /// of libtorch on random values and exact on exact sums, on lengths that leave a tail after
+    /// each kernel's blocks, for every row count.
+    #[test]
+    fn every_level_agrees_with_libtorch() {
+        tch::manual_seed(5);
+        let n = 130;
+        for k in [200i64, 203] {
+            for exact in [true, false] {
+                for rows in 1..=MAX_ROWS {
+                    let r = rows as i64;
+                    let (w, x) = if exact {
+                        (
+                            Tensor::randint_low(-8, 8, [n, k], (Kind::Float, Device::Cpu)),
+                            Tensor::randint_low(-3, 4, [r, k], (Kind::Float, Device::Cpu)),
+                        )
+                    } else {
+                        (
+                            Tensor::randn([n, k], (Kind::Float, Device::Cpu)) * 0.05,
+                            Tensor::randn([r, k], (Kind::Float, Device::Cpu)),
+                        )
+                    };
+                    let (w, x) = (w.to_kind(Kind::BFloat16), x.to_kind(Kind::BFloat16));
+                    let want = x.linear::<&Tensor>(&w, None);
+                    for level in Level::supported() {
+                        let mut out = vec![0u16; rows * n as usize];
+                        let wr = WeightRef::Bf16(slice_of::<u16>(&w));
+                        gemv_at(level, slice_of::<u16>(&x), rows, &wr, None, &mut out);
+                        let got =
+                            Tensor::from_slice(&out.iter().map(|&b| b as i16).collect::<Vec<_>>())
+                                .view_dtype(Kind::BFloat16)
+                                .view([r, n]);
+                        let ulps = bf16_ulps(&got, &want);
+                        assert!(
+                            ulps <= if exact { 0 } else { 1 },
+                            "{level:?} k {k} rows {rows} exact {exact}: {ulps}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kernel_requests_fall_back_to_what_the_cpu_has() {
+        use Level::*;
+        assert_eq!(choose(None, Avx512Bf16), (Avx512Bf16, None));
+        assert_eq!(choose(Some(""), Avx2), (Avx2, None));
+        assert_eq!(choose(Some("avx2"), Avx512Bf16), (Avx2, None));
+        assert_eq!(choose(Some("AVX512"), Avx512Bf16), (Avx512, None));
+        assert_eq!(choose(Some("torch"), Avx2), (Torch, None));
+        let (l, note) = choose(Some("avx512bf16"), Avx2);
+        assert_eq!(l, Avx2);
+        assert_eq!(
+            note.as_deref(),
+            Some("INTERNVL_KERNEL=avx512bf16: this CPU lacks it, using avx2")
+        );
+        let (l, note) = choose(Some("sse"), Avx512);
+        assert_eq!(l, Avx512);
+        assert!(note.is_some_and(|n| n.contains("\"sse\" is not one of")));
+        for l in Level::ALL {
+            assert_eq!(Level::parse(l.name()), Some(l));
+        }
+        // what this CPU has is ordered and ends at its best
+        let s = Level::supported();
+        assert_eq!(s.first(), Some(&Torch));
+        assert_eq!(s.last(), Some(&Level::detected()));
     }
 
     /// The thread pool splits the weight rows: many rows, several threads, same answer as one.

@@ -1,0 +1,75 @@
+//! `internvl-chat bench` on a tiny fixture model: the figures it adds for decoding (the chat's
+//! default sampling, fractions of the bandwidth bound) and the kernel level it reports, forced
+//! through `INTERNVL_KERNEL`.
+use internvl_chat::model::gemv::Level;
+use internvl_chat::testutil::fixture;
+use serde_json::Value;
+use std::process::Command;
+
+fn bench(kernel: &str) -> Value {
+    let model = fixture("models/tiny-qwen2");
+    let out = Command::new(env!("CARGO_BIN_EXE_internvl-chat"))
+        .env("INTERNVL_KERNEL", kernel)
+        .args(["bench", "--model"])
+        .arg(&model)
+        .args(["--device", "cpu", "--threads", "2"])
+        .args([
+            "--tiles",
+            "1",
+            "--new-tokens",
+            "12",
+            "--runs",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number: {v}"))
+}
+
+#[test]
+fn bench_reports_sampled_decode_fractions_and_the_forced_kernel() {
+    let forced = if Level::detected() >= Level::Avx2 {
+        "avx2"
+    } else {
+        "torch"
+    };
+    let v = bench(forced);
+    assert_eq!(v["kernel"], forced);
+    assert!(v["kernel_note"].is_null(), "{v}");
+    let (greedy, sampled) = (f(&v, "decode_tok_s"), f(&v, "decode_sampled_tok_s"));
+    assert!(greedy > 0.0 && sampled > 0.0, "{v}");
+    assert!((f(&v, "decode_sampled_ratio") - sampled / greedy).abs() < 1e-9);
+    assert!(f(&v, "batch8_decode_tok_s") > 0.0);
+    let r = &v["roofline"];
+    let bound = f(r, "decode_bound_tok_s");
+    assert!(bound > 0.0 && bound.is_finite());
+    for (fraction, tok_s) in [
+        ("decode_fraction", greedy),
+        ("decode_sampled_fraction", sampled),
+        ("batch8_decode_fraction", f(&v, "batch8_decode_tok_s") / 8.0),
+    ] {
+        assert!((f(r, fraction) - tok_s / bound).abs() < 1e-9, "{fraction}");
+    }
+    assert!((f(&v["shapes"][0], "decode_fraction") - greedy / bound).abs() < 1e-9);
+}
+
+/// A level nobody has heard of: the CPU's best, and the reason in the output.
+#[test]
+fn bench_falls_back_from_an_unknown_kernel() {
+    let v = bench("sse9");
+    assert_eq!(v["kernel"], Level::detected().name());
+    let note = v["kernel_note"].as_str().unwrap();
+    assert!(note.contains("\"sse9\" is not one of"), "{note}");
+}
