@@ -6,8 +6,8 @@ use std::path::PathBuf;
 #[command(
     name = "internvl-chat",
     version,
-    about = "Chat with InternVL 2.5 vision-language models in the terminal",
-    long_about = "Chat with InternVL 2.5 vision-language models in the terminal.\n\n\
+    about = "Chat with InternVL 2.5, 3 and 3.5 vision-language models in the terminal",
+    long_about = "Chat with InternVL 2.5, 3 and 3.5 vision-language models in the terminal.\n\n\
         With --prompt (or a prompt on a non-terminal stdin) it answers once on stdout;\n\
         otherwise it opens the full-screen chat.\n\n\
         Exit codes: 0 success, 1 error (bad input, model or runtime), 2 usage error."

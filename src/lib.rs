@@ -1,4 +1,4 @@
-//! internvl-chat: InternVL 2.5 vision-language models in the terminal.
+//! internvl-chat: InternVL 2.5, 3 and 3.5 vision-language models in the terminal.
 pub mod app;
 pub mod batch;
 pub mod bench;
