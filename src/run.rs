@@ -421,6 +421,7 @@ fn serve(cli: &Cli, s: &ServeArgs) -> Result<ExitCode> {
             system: system_from(&cli.gen),
             max_tiles: cli.gen.max_tiles,
             context_len: info.context_len,
+            request_time: std::time::Duration::from_secs(s.request_timeout),
         },
     )?;
     Ok(ExitCode::SUCCESS)
