@@ -1104,6 +1104,32 @@ mod tests {
     }
 
     #[test]
+    fn fifos_and_devices_are_refused_before_anything_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe.jpg");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut app = app_in(dir.path());
+        for (path, kind) in [
+            (fifo.display().to_string(), "a FIFO (named pipe)"),
+            ("/dev/zero".to_string(), "a character device"),
+        ] {
+            for cmd in ["/image", "/video"] {
+                let cmds = submit(&mut app, &format!("{cmd} {path}"));
+                assert!(probes(&cmds).is_empty(), "{cmd} {path}: nothing probes it");
+                assert_eq!(
+                    last_notice(&app),
+                    (
+                        format!("Cannot attach {path}: it is {kind}, not a regular file."),
+                        true
+                    )
+                );
+                assert!(app.staged.is_empty());
+            }
+        }
+    }
+
+    #[test]
     fn enter_and_newline_keys() {
         let dir = tempfile::tempdir().unwrap();
         let mut app = app_in(dir.path());

@@ -164,11 +164,20 @@ fn file_url(url: &str, at: &str) -> Result<PathBuf, ApiError> {
     let path = PathBuf::from(percent_decode(path).ok_or_else(|| {
         ApiError::invalid(format!("{at}: bad percent-encoding in {:?}", short(url)))
     })?);
-    if !path.is_file() {
-        return Err(ApiError::invalid(format!(
-            "{at}: {}: no such file",
-            path.display()
-        )));
+    match crate::files::regular_within(&path, crate::files::MAX_PICTURE_BYTES, "a picture") {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::invalid(format!(
+                "{at}: {}: no such file",
+                path.display()
+            )))
+        }
+        Err(e) => {
+            return Err(ApiError::invalid(format!(
+                "{at}: {}: cannot read: {e}",
+                path.display()
+            )))
+        }
     }
     Ok(path)
 }
