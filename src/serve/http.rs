@@ -37,6 +37,23 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The length of the body the head announces, at most `max_body`.
+    pub fn body_length(&self, max_body: usize) -> Result<usize, ReadError> {
+        if self.header("transfer-encoding").is_some() {
+            return Err(ReadError::LengthRequired);
+        }
+        let length = match self.header("content-length") {
+            None => 0,
+            Some(v) => v
+                .parse::<usize>()
+                .map_err(|_| ReadError::Malformed(format!("Content-Length {v:?}")))?,
+        };
+        if length > max_body {
+            return Err(ReadError::TooLarge { limit: max_body });
+        }
+        Ok(length)
+    }
+
     /// Whether the connection stays open after the response.
     pub fn keep_alive(&self) -> bool {
         let conn = self.header("connection").map(str::to_ascii_lowercase);
@@ -46,6 +63,38 @@ impl Request {
             _ => self.http11,
         }
     }
+}
+
+/// A request head (request line and headers, up to and including the blank line) as a
+/// [`Request`] without its body.
+pub fn parse_head(head: &[u8]) -> Result<Request, ReadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => {
+            return Err(ReadError::Malformed("incomplete request head".into()))
+        }
+        Err(e) => return Err(ReadError::Malformed(e.to_string())),
+    }
+    let target = parsed.path.unwrap_or("/");
+    let path = target.split(['?', '#']).next().unwrap_or("/").to_string();
+    Ok(Request {
+        method: parsed.method.unwrap_or("").to_string(),
+        path,
+        headers: parsed
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_string(),
+                    String::from_utf8_lossy(h.value).trim().to_string(),
+                )
+            })
+            .collect(),
+        body: Vec::new(),
+        http11: parsed.version == Some(1),
+    })
 }
 
 /// Why no request could be read.
@@ -178,50 +227,12 @@ impl Conn {
                 )));
             }
         }
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Request::new(&mut headers);
-        match parsed.parse(&head) {
-            Ok(httparse::Status::Complete(_)) => {}
-            Ok(httparse::Status::Partial) => {
-                return Err(ReadError::Malformed("incomplete request head".into()))
-            }
-            Err(e) => return Err(ReadError::Malformed(e.to_string())),
-        }
-        let target = parsed.path.unwrap_or("/");
-        let path = target.split(['?', '#']).next().unwrap_or("/").to_string();
-        let request = Request {
-            method: parsed.method.unwrap_or("").to_string(),
-            path,
-            headers: parsed
-                .headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.name.to_string(),
-                        String::from_utf8_lossy(h.value).trim().to_string(),
-                    )
-                })
-                .collect(),
-            body: Vec::new(),
-            http11: parsed.version == Some(1),
-        };
-        Ok(Some(request))
+        parse_head(&head).map(Some)
     }
 
     /// The body of `request`, whose head [`Conn::read_head`] read, within the same deadline.
     pub fn read_body(&mut self, request: &mut Request, max_body: usize) -> Result<(), ReadError> {
-        if request.header("transfer-encoding").is_some() {
-            return Err(ReadError::LengthRequired);
-        }
-        let length = match request.header("content-length") {
-            None => 0,
-            Some(v) => v
-                .parse::<usize>()
-                .map_err(|_| ReadError::Malformed(format!("Content-Length {v:?}")))?,
-        };
-        if length > max_body {
-            return Err(ReadError::TooLarge { limit: max_body });
-        }
+        let length = request.body_length(max_body)?;
         if length > 0 {
             if request
                 .header("expect")
