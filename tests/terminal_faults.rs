@@ -274,3 +274,25 @@ fn a_closed_terminal_ends_the_chat_within_a_second_after_saving() {
     let questions: Vec<&str> = saved.exchanges.iter().map(|x| x.typed.as_str()).collect();
     assert_eq!(questions, ["Before the hangup?"]);
 }
+
+#[test]
+fn a_fifo_or_a_device_in_the_chat_is_refused_at_once_and_the_next_message_answered() {
+    let home = tempdir("chatfifo");
+    let fifo = home.path().join("pipe.jpg");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let sh = Shell::start("ivl-chatfifo", home.path());
+    let pid = launch(&sh, &[]);
+    sh.line(&format!("/image {}", fifo.display()));
+    sh.wait("the FIFO refused", 10, |s| {
+        s.contains("it is a FIFO (named")
+    });
+    sh.line("/video /dev/zero");
+    sh.wait("the device refused", 10, |s| {
+        s.contains("/dev/zero") && s.contains("character device")
+    });
+    // nothing is left reading: the next message goes out at once
+    ask(&sh, "Still answered?", 0);
+    sh.line("/quit");
+    sh.wait_exit(pid, 30);
+}
