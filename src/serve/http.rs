@@ -415,6 +415,42 @@ mod tests {
     }
 
     #[test]
+    fn every_prefix_of_the_fuzz_seeds_parses_or_is_refused_with_a_reason() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/http_request");
+        let mut seeds = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            for n in 0..=bytes.len() {
+                match parse_head(&bytes[..n]) {
+                    Ok(r) => {
+                        assert!(!r.path.contains(['?', '#']));
+                        if let Ok(len) = r.body_length(100) {
+                            assert!(len <= 100);
+                        }
+                    }
+                    Err(e) => assert!(!e.to_string().is_empty()),
+                }
+            }
+            seeds += 1;
+        }
+        assert!(seeds >= 5, "{}", dir.display());
+        let get = std::fs::read(dir.join("get-models")).unwrap();
+        let r = parse_head(&get).unwrap();
+        assert_eq!((r.method.as_str(), r.path.as_str()), ("GET", "/v1/models"));
+        let post = std::fs::read(dir.join("post-with-length")).unwrap();
+        let r = parse_head(&post).unwrap();
+        assert_eq!(r.path, "/v1/chat/completions");
+        assert_eq!(r.body_length(100).unwrap(), 52);
+        assert!(matches!(
+            r.body_length(51),
+            Err(ReadError::TooLarge { limit: 51 })
+        ));
+        let huge = std::fs::read(dir.join("huge-length")).unwrap();
+        let e = parse_head(&huge).unwrap().body_length(100).unwrap_err();
+        assert!(e.to_string().contains("Content-Length"), "{e}");
+    }
+
+    #[test]
     fn a_trickling_client_is_cut_at_the_request_deadline() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
