@@ -283,6 +283,25 @@ mod tests {
         assert!(files.is_empty());
         let missing = format!("file://{}/none.png", dir.path().display());
         assert!(refused(&missing, false).ends_with("none.png: no such file"));
+        // only regular files: a FIFO would hang the engine's read, a device never ends
+        let fifo = dir.path().join("pipe.png");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = refused(&format!("file://{}", fifo.display()), false);
+        assert!(
+            e.ends_with("pipe.png: cannot read: it is a FIFO (named pipe), not a regular file"),
+            "{e}"
+        );
+        let e = refused("file:///dev/zero", false);
+        assert!(
+            e.ends_with("/dev/zero: cannot read: it is a character device, not a regular file"),
+            "{e}"
+        );
+        let e = refused(&format!("file://{}", dir.path().display()), false);
+        assert!(
+            e.ends_with("cannot read: it is a directory, not a regular file"),
+            "{e}"
+        );
     }
 
     #[test]
