@@ -1286,3 +1286,34 @@ fn a_client_trickling_a_byte_at_a_time_is_cut_at_the_request_deadline() {
         "{took:?}"
     );
 }
+
+#[test]
+fn a_huge_message_is_refused_before_it_is_tokenized_with_the_numbers() {
+    let server = Server::start(&[]);
+    let body = json!({"messages": [user(&"word ".repeat(6 << 20))], "max_tokens": 4}).to_string();
+    let mut request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body.as_bytes());
+    let t = Instant::now();
+    let response = exchange(connect_from([127, 0, 0, 1], port_of(&server)), &request, 60);
+    let took = t.elapsed();
+    assert!(response.starts_with("HTTP/1.1 400"), "{:.300}", response);
+    assert!(
+        response.contains("question of 31457280 bytes is at least")
+            && response.contains("exceeds the context window of 32768 tokens"),
+        "{response:.500}"
+    );
+    // 30 MB over loopback and parsed as JSON, but never tokenized
+    assert!(took < Duration::from_secs(5), "answered after {took:?}");
+    // and the server goes on
+    let models = exchange(
+        connect_from([127, 0, 0, 1], port_of(&server)),
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        30,
+    );
+    assert!(models.starts_with("HTTP/1.1 200 OK\r\n"), "{models}");
+}
