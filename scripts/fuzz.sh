@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Fuzzes the JSONL request parser, the prompt expander and the image loader (fuzz/), each for a
-# bounded time: ./scripts/fuzz.sh [SECONDS per target, default 60]. Runs start from the committed
-# corpus (fuzz/corpus/<target>); inputs found on the way go to a scratch folder, so the corpus
+# Fuzzes the JSONL request parser, the prompt expander, the image loader, serve's HTTP request
+# head parser and its OpenAI message parser (fuzz/), each for a bounded time:
+# ./scripts/fuzz.sh [SECONDS per target, default 60]. Runs start from the committed corpus
+# (fuzz/corpus/<target>); inputs found on the way go to a scratch folder, so the corpus
 # stays as committed. A crash fails the run and leaves its input in fuzz/artifacts/<target>/.
 # Needs cargo-fuzz (scripts/setup.sh installs it) and the environment ./dev sets for libtorch.
 set -euo pipefail
@@ -14,7 +15,7 @@ export RUSTC_BOOTSTRAP=1
 # instrumented anyway); libFuzzer still catches panics, hangs and memory blow-ups
 flags=(--sanitizer none)
 cargo fuzz build "${flags[@]}"
-for target in jsonl_request prompt_expander image_loader; do
+for target in jsonl_request prompt_expander image_loader http_request openai_request; do
   scratch=$(mktemp -d)
   trap 'rm -rf "$scratch"' EXIT
   echo "fuzzing $target for ${secs}s" >&2

@@ -3,11 +3,12 @@
 use crate::engine::chat::{ChatInput, ChatOutput, Engine, Fit, Prepared};
 use crate::engine::generate::Flow;
 use crate::engine::protocol::{Attachment, Turn};
+use crate::files::MAX_JSONL_LINE_BYTES;
 use crate::prompt::thinking::{self, R1_SYSTEM_PROMPT};
 use crate::sampling::{Overrides, SamplingParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -197,6 +198,50 @@ fn result_json(
     v
 }
 
+/// One line of the input, without its line ending.
+enum Line {
+    Text(String),
+    /// Longer than the limit: its length in bytes; it was skipped, never held whole.
+    TooLong(u64),
+}
+
+/// The next line of `input`, or `None` at its end. A line over `limit` bytes is read past
+/// in pieces and reported by its length.
+fn next_line(input: &mut dyn BufRead, limit: u64) -> std::io::Result<Option<Line>> {
+    let mut buf = Vec::new();
+    if (&mut *input).take(limit + 1).read_until(b'\n', &mut buf)? == 0 {
+        return Ok(None);
+    }
+    if buf.last() != Some(&b'\n') && buf.len() as u64 > limit {
+        let mut bytes = buf.len() as u64;
+        loop {
+            let avail = input.fill_buf()?;
+            if avail.is_empty() {
+                break;
+            }
+            let (used, end) = match avail.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (avail.len(), false),
+            };
+            input.consume(used);
+            bytes += used as u64 - u64::from(end);
+            if end {
+                break;
+            }
+        }
+        return Ok(Some(Line::TooLong(bytes)));
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+    }
+    String::from_utf8(buf)
+        .map(|s| Some(Line::Text(s)))
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()))
+}
+
 fn error_json(id: &Value, msg: &str) -> Value {
     json!({ "id": id, "error": msg })
 }
@@ -274,22 +319,42 @@ pub fn run_batch(
     // A reader thread runs ahead of the model by up to two batches, decoding and tiling their
     // attachments on other threads (into the shared cache) while the model works.
     let tiles = engine.tiles;
-    let (tx, rx) = crossbeam_channel::bounded::<(usize, std::io::Result<String>)>(2 * batch_size);
+    let (tx, rx) = crossbeam_channel::bounded::<(usize, std::io::Result<Line>)>(2 * batch_size);
     std::thread::scope(|scope| -> anyhow::Result<()> {
         scope.spawn(move || {
-            for (n, line) in input.lines().enumerate() {
-                if let Ok(Ok(req)) = line.as_deref().map(parse_line) {
-                    for a in req.attachments() {
-                        crate::preprocess::prefetch(&a, &tiles);
+            for n in 0.. {
+                let line = match next_line(input, MAX_JSONL_LINE_BYTES) {
+                    Ok(None) => break,
+                    Ok(Some(l)) => Ok(l),
+                    Err(e) => Err(e),
+                };
+                let failed = line.is_err();
+                if let Ok(Line::Text(text)) = &line {
+                    if let Ok(req) = parse_line(text) {
+                        for a in req.attachments() {
+                            crate::preprocess::prefetch(&a, &tiles);
+                        }
                     }
                 }
-                if tx.send((n, line)).is_err() {
+                if tx.send((n, line)).is_err() || failed {
                     break;
                 }
             }
         });
         for (n, line) in rx {
-            let line = line.map_err(|e| anyhow::anyhow!("reading line {}: {e}", n + 1))?;
+            let line = match line.map_err(|e| anyhow::anyhow!("reading line {}: {e}", n + 1))? {
+                Line::Text(text) => text,
+                Line::TooLong(bytes) => {
+                    flush(engine, &mut pending, output, &mut emit)?;
+                    let e = format!(
+                        "line {}: {bytes} bytes, longer than the limit of \
+                         {MAX_JSONL_LINE_BYTES} bytes for a request line",
+                        n + 1
+                    );
+                    emit(error_json(&Value::Null, &e), output, false)?;
+                    continue;
+                }
+            };
             if line.trim().is_empty() {
                 continue;
             }
@@ -357,6 +422,20 @@ pub fn run_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_over_the_limit_are_skipped_and_measured() {
+        let text = format!("{{}}\r\n{}\nnext\n{}", "x".repeat(50), "y".repeat(11));
+        let mut input = std::io::Cursor::new(text.into_bytes());
+        let mut got = Vec::new();
+        while let Some(line) = next_line(&mut input, 10).unwrap() {
+            got.push(match line {
+                Line::Text(t) => t,
+                Line::TooLong(n) => format!("too long: {n}"),
+            });
+        }
+        assert_eq!(got, ["{}", "too long: 50", "next", "too long: 11"]);
+    }
 
     fn req(line: &str) -> Request {
         parse_line(line).unwrap()

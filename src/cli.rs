@@ -100,6 +100,10 @@ pub struct ServeArgs {
     /// Fetch pictures given as http(s) URLs (otherwise only data: and file:// URLs).
     #[arg(long)]
     pub allow_remote_images: bool,
+    /// Seconds a client has to send a whole request, head and body, from its first byte.
+    #[arg(long, value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub request_timeout: u64,
     /// The model's name in /v1/models and requests (default: the model folder's name).
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cli;
 pub mod device_map;
 pub mod engine;
+pub mod files;
 pub mod hub;
 pub mod logging;
 pub mod model;

@@ -421,6 +421,7 @@ fn serve(cli: &Cli, s: &ServeArgs) -> Result<ExitCode> {
             system: system_from(&cli.gen),
             max_tiles: cli.gen.max_tiles,
             context_len: info.context_len,
+            request_time: std::time::Duration::from_secs(s.request_timeout),
         },
     )?;
     Ok(ExitCode::SUCCESS)
@@ -553,7 +554,8 @@ fn one_shot(cli: &Cli, prompt: &str) -> Result<ExitCode> {
     // check attachments before the (slow) model load
     for a in &attachments {
         let p = a.path();
-        std::fs::metadata(p).with_context(|| format!("{}: cannot read attachment", p.display()))?;
+        crate::files::regular(p)
+            .with_context(|| format!("{}: cannot read attachment", p.display()))?;
     }
     let (mut engine, _) = load_engine(&cli.model)?;
     if let Some(t) = cli.gen.max_tiles {
@@ -609,7 +611,8 @@ fn remote_one_shot(cli: &Cli, url: &str, prompt: &str) -> Result<ExitCode> {
     let mut attachments = attachments_from(cli)?;
     for a in &mut attachments {
         let p = a.path();
-        std::fs::metadata(p).with_context(|| format!("{}: cannot read attachment", p.display()))?;
+        crate::files::regular(p)
+            .with_context(|| format!("{}: cannot read attachment", p.display()))?;
         if let Attachment::Image { max_tiles, .. } = a {
             *max_tiles = max_tiles.or(cli.gen.max_tiles);
         }

@@ -550,3 +550,234 @@ fn bad_request_lines_name_the_field() {
     assert_eq!(results[4]["id"], 4);
     assert_eq!(results[21]["id"], 21);
 }
+
+/// Runs the binary with `args` and `stdin`, killed (and the test failed) if it is not done in
+/// `secs`; also its peak resident memory, sampled as it runs.
+fn run_bounded(args: &[&str], stdin: Option<Vec<u8>>, secs: u64) -> (std::process::Output, u64) {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    let mut child = common::bin()
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let feeder = stdin.map(|bytes| {
+        let mut input = child.stdin.take().unwrap();
+        std::thread::spawn(move || {
+            let _ = input.write_all(&bytes);
+        })
+    });
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        let _ = out.read_to_end(&mut o);
+        let _ = err.read_to_end(&mut e);
+        (o, e)
+    });
+    let status_file = format!("/proc/{}/status", child.id());
+    let start = std::time::Instant::now();
+    let mut peak = 0u64;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if let Some(kb) = std::fs::read_to_string(&status_file).ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        }) {
+            peak = peak.max(kb * 1024);
+        }
+        if start.elapsed() > std::time::Duration::from_secs(secs) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} still running after {secs} s (peak RSS {peak} bytes)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
+    let (stdout, stderr) = reader.join().unwrap();
+    (
+        std::process::Output {
+            status,
+            stdout,
+            stderr,
+        },
+        peak,
+    )
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// Far above what a refused attachment needs (no model is loaded for it).
+const GIB: u64 = 1 << 30;
+
+#[test]
+fn fifos_devices_and_sockets_are_refused_at_once_naming_what_they_are() {
+    let d = tempdir("special");
+    let fifo = d.path().join("pipe.jpg");
+    mkfifo(&fifo);
+    let sock = d.path().join("sock.mp4");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let fifo = fifo.display().to_string();
+    let sock = sock.display().to_string();
+    let m = model("tiny-qwen2");
+    let cases = [
+        (
+            "--image",
+            "/dev/zero",
+            "is a character device, not a regular file",
+        ),
+        (
+            "--image",
+            fifo.as_str(),
+            "is a FIFO (named pipe), not a regular file",
+        ),
+        (
+            "--video",
+            fifo.as_str(),
+            "is a FIFO (named pipe), not a regular file",
+        ),
+        (
+            "--video",
+            "/dev/zero",
+            "is a character device, not a regular file",
+        ),
+        ("--image", sock.as_str(), "is a socket, not a regular file"),
+    ];
+    for (flag, path, what) in cases {
+        let args = greedy(&m, "4", &[flag, path, "--prompt", "hi"]);
+        let (o, peak) = run_bounded(&args, None, 60);
+        assert_one_line_error(&o, &[path, what]);
+        assert!(peak < GIB, "{path}: peak RSS {peak}");
+    }
+}
+
+#[test]
+fn a_batch_goes_on_past_special_files_and_over_long_lines() {
+    let d = tempdir("special-batch");
+    let fifo = d.path().join("pipe.png");
+    mkfifo(&fifo);
+    let m = model("tiny-qwen2");
+    let huge = format!(
+        "{{\"id\": 2, \"question\": \"{}\"}}",
+        "x".repeat(internvl_chat::files::MAX_JSONL_LINE_BYTES as usize)
+    );
+    let huge_len = huge.len();
+    let input = [
+        json!({"id": 1, "question": "<image>\nwhat?", "images": [{"path": fifo}]}).to_string(),
+        huge,
+        json!({"id": 3, "question": "<image>\nwhat?", "images": [{"path": "/dev/zero"}]})
+            .to_string(),
+        json!({"id": 4, "question": "Hi"}).to_string(),
+    ]
+    .join("\n");
+    let args = [
+        "batch",
+        "--model",
+        &m,
+        "--device",
+        "cpu",
+        "--greedy",
+        "--max-new-tokens",
+        "2",
+        "--input",
+        "-",
+    ];
+    let (o, peak) = run_bounded(&args, Some(input.into_bytes()), 300);
+    let lines: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{}", stderr(&o));
+    let error = |i: usize| lines[i]["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        error(0).contains(&format!("{} cannot be read: it is a FIFO", fifo.display())),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(
+        error(1),
+        format!(
+            "line 2: {huge_len} bytes, longer than the limit of 67108864 bytes for a request line"
+        )
+    );
+    assert!(error(2).contains("/dev/zero cannot be read: it is a character device"));
+    assert_eq!(lines[3]["id"], 4);
+    assert!(lines[3]["response"].is_string(), "{}", lines[3]);
+    assert_eq!(o.status.code(), Some(1));
+    // the 64 MiB line was never held whole, let alone tokenized
+    assert!(peak < GIB, "peak RSS {peak}");
+}
+
+#[test]
+fn a_huge_question_is_refused_before_it_is_tokenized_with_the_numbers() {
+    let m = model("tiny-qwen2");
+    let question = "word ".repeat(6 << 20);
+    assert_eq!(question.len(), 31_457_280);
+    // a one-shot reading its prompt from stdin (an argument cannot be that long)
+    let args = greedy(&m, "4", &[]);
+    let t = std::time::Instant::now();
+    let (small, _) = run_bounded(&args, Some(b"Hi".to_vec()), 120);
+    let answered = t.elapsed();
+    assert_eq!(small.status.code(), Some(0), "{}", stderr(&small));
+    let t = std::time::Instant::now();
+    let (o, peak) = run_bounded(&args, Some(question.clone().into_bytes()), 120);
+    let refused = t.elapsed();
+    assert_one_line_error(
+        &o,
+        &[
+            "question of 31457280 bytes is at least",
+            "tokens (no token covers more than",
+            "which with 4 new tokens exceeds the context window of",
+        ],
+    );
+    // the same model load as the answered one, and well under a second more
+    assert!(
+        refused < answered + std::time::Duration::from_secs(1),
+        "refused after {refused:?}, a short question answered in {answered:?}"
+    );
+    // the question itself is 30 MiB, its ids alone would be 240 MiB
+    assert!(peak < GIB, "peak RSS {peak}");
+    // a batch line
+    let line = json!({"id": 7, "question": question}).to_string();
+    let hi = json!({"id": 8, "question": "Hi"}).to_string();
+    let args = [
+        "batch",
+        "--model",
+        &m,
+        "--device",
+        "cpu",
+        "--greedy",
+        "--max-new-tokens",
+        "2",
+        "--input",
+        "-",
+    ];
+    let (o, peak) = run_bounded(&args, Some(format!("{line}\n{hi}\n").into_bytes()), 120);
+    let lines: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", stderr(&o));
+    assert_eq!(lines[0]["id"], 7);
+    let e = lines[0]["error"].as_str().unwrap();
+    assert!(
+        e.starts_with("question of 31457280 bytes is at least "),
+        "{e}"
+    );
+    assert!(lines[1]["response"].is_string(), "{}", lines[1]);
+    assert!(peak < GIB, "peak RSS {peak}");
+}

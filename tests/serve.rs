@@ -1158,3 +1158,162 @@ fn remote_chat_shows_a_servers_thinking_as_local_thinking() {
         "{open}"
     );
 }
+
+/// A TCP connection to `port` on 127.0.0.1 from the loopback address `from` (127.0.0.x), so a
+/// test can be another client address than its other connections.
+fn connect_from(from: [u8; 4], port: u16) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    let sockaddr = |ip: [u8; 4], port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        // network byte order is the order of the bytes as written
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a fresh socket, plain C structs of the right size; the fd is owned once wrapped
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket");
+        let stream = std::net::TcpStream::from_raw_fd(fd);
+        let src = sockaddr(from, 0);
+        let dst = sockaddr([127, 0, 0, 1], port);
+        assert_eq!(libc::bind(fd, (&raw const src).cast(), len), 0, "bind");
+        assert_eq!(
+            libc::connect(fd, (&raw const dst).cast(), len),
+            0,
+            "connect"
+        );
+        stream
+    }
+}
+
+fn port_of(server: &Server) -> u16 {
+    server.url.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// Sends `request` and reads the whole response (the server closes after it), within `secs`.
+fn exchange(mut s: std::net::TcpStream, request: &[u8], secs: u64) -> String {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(secs))).unwrap();
+    s.write_all(request).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn half_open_connections_from_one_address_do_not_lock_out_another() {
+    use std::io::Read;
+    let server = Server::start(&["--api-key", "k"]);
+    let port = port_of(&server);
+    let start = Instant::now();
+    let mut half_open = Vec::new();
+    for _ in 0..300 {
+        let mut s = connect_from([127, 0, 0, 1], port);
+        s.write_all(b"POST /v1/chat/comp").unwrap();
+        half_open.push(s);
+    }
+    let t = Instant::now();
+    let models = exchange(
+        connect_from([127, 0, 0, 2], port),
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nConnection: close\r\n\r\n",
+        30,
+    );
+    let took = t.elapsed();
+    assert!(models.starts_with("HTTP/1.1 200 OK\r\n"), "{models}");
+    assert!(models.contains("tiny-qwen2"), "{models}");
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    // the ones over the per-address cap were told so at once
+    let mut refused = 0;
+    for s in &mut half_open[200..] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+        assert!(text.contains("connections from 127.0.0.1"), "{text}");
+        refused += 1;
+    }
+    assert_eq!(refused, 100);
+    // without the key, a request announcing a large body is refused before the body is read
+    let t = Instant::now();
+    let denied = exchange(
+        connect_from([127, 0, 0, 3], port),
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n\r\n{",
+        30,
+    );
+    assert!(denied.starts_with("HTTP/1.1 401"), "{denied}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    drop(half_open);
+    assert!(start.elapsed() < Duration::from_secs(60));
+}
+
+#[test]
+fn a_client_trickling_a_byte_at_a_time_is_cut_at_the_request_deadline() {
+    use std::io::Read;
+    let server = Server::start(&["--request-timeout", "2"]);
+    let mut s = connect_from([127, 0, 0, 1], port_of(&server));
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let request = b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 1000\r\n\r\n";
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // a byte each 100 ms: each read is quick, the request is never whole
+    for b in request.iter().chain(std::iter::repeat(&b'x')) {
+        if s.write_all(&[*b]).is_err() {
+            break;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "never cut");
+    }
+    let took = start.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{text}"
+    );
+    assert!(text.contains("did not arrive within 2 seconds"), "{text}");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn a_huge_message_is_refused_before_it_is_tokenized_with_the_numbers() {
+    let server = Server::start(&[]);
+    let body = json!({"messages": [user(&"word ".repeat(6 << 20))], "max_tokens": 4}).to_string();
+    let mut request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body.as_bytes());
+    let t = Instant::now();
+    let response = exchange(connect_from([127, 0, 0, 1], port_of(&server)), &request, 60);
+    let took = t.elapsed();
+    assert!(response.starts_with("HTTP/1.1 400"), "{:.300}", response);
+    assert!(
+        response.contains("question of 31457280 bytes is at least")
+            && response.contains("exceeds the context window of 32768 tokens"),
+        "{response:.500}"
+    );
+    // 30 MB over loopback and parsed as JSON, but never tokenized
+    assert!(took < Duration::from_secs(5), "answered after {took:?}");
+    // and the server goes on
+    let models = exchange(
+        connect_from([127, 0, 0, 1], port_of(&server)),
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        30,
+    );
+    assert!(models.starts_with("HTTP/1.1 200 OK\r\n"), "{models}");
+}

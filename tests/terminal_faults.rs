@@ -229,3 +229,70 @@ fn bad_input_in_the_chat_is_a_message_and_the_chat_goes_on() {
     sh.line("/quit");
     sh.wait_exit(pid, 30);
 }
+
+#[test]
+fn a_closed_terminal_ends_the_chat_within_a_second_after_saving() {
+    let home = tempdir("hup");
+    let sh = Shell::start("ivl-hup", home.path());
+    let pid = launch(&sh, &[]);
+    ask(&sh, "Before the hangup?", 0);
+    sh.line("/set max_new_tokens 30000");
+    sh.line("/set min_new_tokens 30000");
+    sh.line("Answered when the window closes?");
+    sh.wait("tokens streaming", 60, |s| streamed(s) > 5);
+    // the window goes away: the terminal hangs up on the shell and on the chat
+    let start = std::time::Instant::now();
+    assert!(std::process::Command::new("tmux")
+        .args(["kill-session", "-t", &sh.name])
+        .status()
+        .unwrap()
+        .success());
+    let gone = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.is_empty()
+            || stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+    };
+    while !gone(pid) {
+        // a bound far above the second it takes, against a chat that never notices
+        assert!(start.elapsed() < Duration::from_secs(10), "still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = start.elapsed();
+    eprintln!("the chat ended {took:?} after the hangup");
+    assert!(
+        took < Duration::from_secs(1),
+        "ended {took:?} after the hangup"
+    );
+    let files = session_files(home.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    let saved = session::load(&files[0]).unwrap();
+    let questions: Vec<&str> = saved.exchanges.iter().map(|x| x.typed.as_str()).collect();
+    assert_eq!(questions, ["Before the hangup?"]);
+}
+
+#[test]
+fn a_fifo_or_a_device_in_the_chat_is_refused_at_once_and_the_next_message_answered() {
+    let home = tempdir("chatfifo");
+    let fifo = home.path().join("pipe.jpg");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let sh = Shell::start("ivl-chatfifo", home.path());
+    let pid = launch(&sh, &[]);
+    sh.line(&format!("/image {}", fifo.display()));
+    sh.wait("the FIFO refused", 10, |s| {
+        s.contains("it is a FIFO (named")
+    });
+    sh.line("/video /dev/zero");
+    sh.wait("the device refused", 10, |s| {
+        s.contains("/dev/zero") && s.contains("character device")
+    });
+    // nothing is left reading: the next message goes out at once
+    ask(&sh, "Still answered?", 0);
+    sh.line("/quit");
+    sh.wait_exit(pid, 30);
+}

@@ -248,9 +248,12 @@ impl App {
         bound: Option<(f64, f64)>,
     ) -> Vec<Command> {
         let path = self.paths.resolve(raw);
-        let problem = match std::fs::metadata(&path) {
-            Ok(m) if m.is_dir() => Some("it is a folder".to_string()),
+        // a FIFO or a device is refused here, before anything tries to read it
+        let problem = match crate::files::regular(&path) {
             Ok(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => {
+                Some("it is a folder".to_string())
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("no such file".into()),
             Err(e) => Some(e.to_string()),
         };

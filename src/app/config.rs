@@ -160,7 +160,7 @@ pub fn default_path() -> Result<PathBuf, ConfigError> {
 
 /// Reads the settings from `path`; a missing file gives the defaults.
 pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-    match std::fs::read_to_string(path) {
+    match crate::files::read_to_string(path, crate::files::MAX_SESSION_BYTES, "config.toml") {
         Ok(src) => parse(&src, path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Settings::default()),
         Err(source) => Err(ConfigError::Read {

@@ -307,28 +307,28 @@ where
 /// Carries out commands; results come back as messages.
 struct Runner<'h> {
     handle: &'h EngineHandle,
-    probes: Sender<(u64, Attachment)>,
+    probe: Probe,
+    tx: Sender<Msg>,
 }
 
 impl<'h> Runner<'h> {
-    /// Starts the thread that runs the probe, one attachment at a time.
     fn new(handle: &'h EngineHandle, probe: Probe, tx: Sender<Msg>) -> anyhow::Result<Self> {
-        let (probes, jobs) = crossbeam_channel::unbounded::<(u64, Attachment)>();
+        Ok(Self { handle, probe, tx })
+    }
+
+    /// Reads `attachment` on a thread of its own, so that a read that hangs (a file on a hung
+    /// network mount) holds up no other; the chat drops it at its deadline.
+    fn start_probe(&self, id: u64, attachment: Attachment) -> std::io::Result<()> {
+        let (probe, tx) = (self.probe.clone(), self.tx.clone());
         thread::Builder::new()
             .name("probe".into())
             .spawn(move || {
-                for (id, attachment) in jobs {
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        probe(&attachment)
-                    }))
-                    .unwrap_or_else(|_| Err("reading it failed unexpectedly".into()));
-                    if tx.send(Msg::Probed { id, result }).is_err() {
-                        break;
-                    }
-                }
+                let result =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| probe(&attachment)))
+                        .unwrap_or_else(|_| Err("reading it failed unexpectedly".into()));
+                let _ = tx.send(Msg::Probed { id, result });
             })
-            .context("cannot start the attachment reader thread")?;
-        Ok(Self { handle, probes })
+            .map(drop)
     }
 
     /// Returns true to quit.
@@ -344,8 +344,8 @@ impl<'h> Runner<'h> {
             }
             Command::Cancel => self.handle.cancel.store(true, Ordering::SeqCst),
             Command::Probe { id, attachment } => {
-                if self.probes.send((id, attachment)).is_err() {
-                    let result = Err("the attachment reader has stopped".into());
+                if let Err(e) = self.start_probe(id, attachment) {
+                    let result = Err(format!("cannot start a thread to read it: {e}"));
                     queue.push_back(Msg::Probed { id, result });
                 }
             }

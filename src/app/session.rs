@@ -105,18 +105,19 @@ pub fn path_for(dir: &Path, name: &str) -> Result<PathBuf, SessionError> {
 }
 
 pub fn load(path: &Path) -> Result<Session, SessionError> {
-    let text = fs::read_to_string(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => SessionError::NotFound {
-            name: path
-                .file_stem()
-                .map_or_else(String::new, |s| s.to_string_lossy().into_owned()),
-            dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
-        },
-        _ => SessionError::Read {
-            path: path.to_path_buf(),
-            source,
-        },
-    })?;
+    let text = crate::files::read_to_string(path, crate::files::MAX_SESSION_BYTES, "a session")
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => SessionError::NotFound {
+                name: path
+                    .file_stem()
+                    .map_or_else(String::new, |s| s.to_string_lossy().into_owned()),
+                dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            },
+            _ => SessionError::Read {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
     let session: Session = serde_json::from_str(&text).map_err(|e| SessionError::Corrupt {
         path: path.to_path_buf(),
         line: e.line(),

@@ -146,6 +146,8 @@ pub struct Staged {
     pub attachment: Attachment,
     /// `None` while the file is being read.
     pub info: Option<AttachmentInfo>,
+    /// When reading it started (the first tick after, where no tick had come yet).
+    pub since: Option<Instant>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

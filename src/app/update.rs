@@ -12,7 +12,11 @@ use super::AttachmentInfo;
 use crate::engine::protocol::{Attachment, EngineEvent, Finish, GenerateRequest};
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers, MouseEvent, MouseEventKind};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How long a staged attachment may take to be read before it is dropped (a file on a hung
+/// network mount, say): the message waiting for it goes out without it.
+pub const READ_DEADLINE: Duration = Duration::from_secs(20);
 
 /// Everything that can happen: input, engine events, results of commands, time.
 #[derive(Debug, Clone)]
@@ -140,7 +144,7 @@ impl App {
                         self.flash = None;
                     }
                 }
-                vec![]
+                self.drop_slow_reads(now)
             }
             Msg::Signal => {
                 let mut cmds: Vec<Command> = self.cancel();
@@ -216,7 +220,10 @@ impl App {
                     return self.cancel();
                 }
                 if self.pending.is_some() {
+                    self.drop_reads("was cancelled", |_| true);
                     self.abandon_pending("sending stopped");
+                } else if self.staged.iter().any(|s| s.info.is_none()) {
+                    self.drop_reads("was cancelled", |_| true);
                 } else if self.editing.take().is_some() {
                     self.editor.take();
                     self.staged.clear();
@@ -428,6 +435,47 @@ impl App {
         }
     }
 
+    /// Staged attachments still being read that `which` picks are dropped, each with a notice
+    /// saying `why`; a late answer of their reads is ignored.
+    fn drop_reads(&mut self, why: &str, which: impl Fn(&Staged) -> bool) {
+        let mut dropped = Vec::new();
+        self.staged.retain(|s| {
+            let drop = s.info.is_none() && which(s);
+            if drop {
+                dropped.push((s.probe, s.attachment.path().display().to_string()));
+            }
+            !drop
+        });
+        for (probe, path) in dropped {
+            self.probes.remove(&probe);
+            self.notice(format!("Reading {path} {why}; it was not attached."), true);
+        }
+    }
+
+    /// Staged attachments read for longer than [`READ_DEADLINE`] are dropped; a message that
+    /// waited for them goes out without them.
+    fn drop_slow_reads(&mut self, now: Instant) -> Vec<Command> {
+        for s in self.staged.iter_mut().filter(|s| s.info.is_none()) {
+            s.since.get_or_insert(now);
+        }
+        let slow = |s: &Staged| {
+            s.since
+                .is_some_and(|t| now.duration_since(t) >= READ_DEADLINE)
+        };
+        if !self.staged.iter().any(|s| s.info.is_none() && slow(s)) {
+            return vec![];
+        }
+        self.drop_reads(
+            &format!("took more than {} s", READ_DEADLINE.as_secs()),
+            slow,
+        );
+        if self.pending.is_some() && self.staged.iter().all(|s| s.info.is_some()) {
+            let question = self.pending.take().unwrap_or_default();
+            return self.dispatch(question);
+        }
+        vec![]
+    }
+
     /// The pending message goes back to the prompt; nothing is sent.
     fn abandon_pending(&mut self, why: &str) {
         if let Some(text) = self.pending.take() {
@@ -481,6 +529,7 @@ impl App {
             probe: id,
             attachment: attachment.clone(),
             info: None,
+            since: self.now,
         });
         vec![Command::Probe { id, attachment }]
     }
@@ -581,6 +630,7 @@ impl App {
                         probe,
                         attachment,
                         info: Some(info),
+                        since: None,
                     });
                 }
                 None => cmds.extend(self.stage(attachment)),
@@ -745,6 +795,71 @@ mod tests {
         assert!(app.staged.is_empty() && app.pending.is_none());
         assert_eq!(last(&app).status, Status::Waiting);
         assert_eq!(last(&app).infos, vec![Some(info("cat.png"))]);
+    }
+
+    #[test]
+    fn a_read_that_never_ends_is_dropped_at_its_deadline_and_the_message_goes_out() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("slow.png"), b"png").unwrap();
+        let mut app = app_in(dir.path());
+        ready(&mut app);
+        let t0 = Instant::now();
+        let tick = |app: &mut App, after: Duration| {
+            app.update(Msg::Tick {
+                now: t0 + after,
+                unix: 0,
+            })
+        };
+        tick(&mut app, Duration::ZERO);
+        let probe = probes(&submit(&mut app, "/image slow.png"))[0];
+        assert!(submit(&mut app, "what is this?").is_empty());
+        assert_eq!(app.pending.as_deref(), Some("what is this?"));
+        assert!(tick(&mut app, READ_DEADLINE - Duration::from_millis(1)).is_empty());
+        assert_eq!(
+            app.staged.len(),
+            1,
+            "still waiting just before the deadline"
+        );
+        let cmds = tick(&mut app, READ_DEADLINE);
+        let req = request(&cmds);
+        assert_eq!(req.question, "what is this?");
+        assert!(req.attachments.is_empty());
+        assert!(app.staged.is_empty() && app.pending.is_none());
+        let path = dir.path().join("slow.png").display().to_string();
+        assert!(app.entries.iter().any(|e| matches!(&e.kind,
+            EntryKind::Notice { text, error: true }
+                if *text == format!("Reading {path} took more than 20 s; it was not attached."))));
+        // the read answering after all changes nothing
+        assert!(app
+            .update(Msg::Probed {
+                id: probe,
+                result: Ok(info("slow.png")),
+            })
+            .is_empty());
+        assert!(app.staged.is_empty());
+        assert_eq!(last(&app).attachments, vec![]);
+    }
+
+    #[test]
+    fn esc_cancels_a_read_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("slow.png"), b"png").unwrap();
+        let mut app = app_in(dir.path());
+        ready(&mut app);
+        let path = dir.path().join("slow.png").display().to_string();
+        let cancelled = format!("Reading {path} was cancelled; it was not attached.");
+        // staged, not sent yet
+        submit(&mut app, "/image slow.png");
+        assert!(key(&mut app, KeyCode::Esc).is_empty());
+        assert!(app.staged.is_empty());
+        assert_eq!(last_notice(&app), (cancelled.clone(), true));
+        // a message waiting for the read goes back to the prompt
+        submit(&mut app, "/image slow.png");
+        assert!(submit(&mut app, "what is this?").is_empty());
+        assert!(key(&mut app, KeyCode::Esc).is_empty());
+        assert!(app.staged.is_empty() && app.pending.is_none());
+        assert_eq!(app.editor.text(), "what is this?");
+        assert_eq!(exchange_count(&app), 0);
     }
 
     #[test]
@@ -1101,6 +1216,32 @@ mod tests {
         );
         submit(&mut app, "/detach 1");
         assert!(app.staged.is_empty());
+    }
+
+    #[test]
+    fn fifos_and_devices_are_refused_before_anything_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe.jpg");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut app = app_in(dir.path());
+        for (path, kind) in [
+            (fifo.display().to_string(), "a FIFO (named pipe)"),
+            ("/dev/zero".to_string(), "a character device"),
+        ] {
+            for cmd in ["/image", "/video"] {
+                let cmds = submit(&mut app, &format!("{cmd} {path}"));
+                assert!(probes(&cmds).is_empty(), "{cmd} {path}: nothing probes it");
+                assert_eq!(
+                    last_notice(&app),
+                    (
+                        format!("Cannot attach {path}: it is {kind}, not a regular file."),
+                        true
+                    )
+                );
+                assert!(app.staged.is_empty());
+            }
+        }
     }
 
     #[test]

@@ -38,6 +38,14 @@ pub enum ChatError {
         max_new: usize,
         context: usize,
     },
+    #[error("question of {bytes} bytes is at least {min_tokens} tokens (no token covers more than {max_token_bytes} bytes), which with {max_new} new tokens exceeds the context window of {context} tokens")]
+    TextTooLong {
+        bytes: usize,
+        min_tokens: usize,
+        max_token_bytes: usize,
+        max_new: usize,
+        context: usize,
+    },
     #[error("prompt of {prompt} tokens plus {max_new} new tokens exceeds the context window of {context} tokens even with the {dropped} oldest turns left out")]
     TooLongAlone {
         prompt: usize,
@@ -238,6 +246,21 @@ impl Engine {
             max_new: fit.max_new_tokens,
             context,
         };
+        // A question longer in bytes than the whole window is measured before it is tokenized
+        // (which takes seconds for megabytes); it stays whatever turns are left out.
+        if input.question.len() > context {
+            if let Some(min) = self.tokenizer.min_tokens(input.question) {
+                if min.tokens + fit.max_new_tokens > context {
+                    return Err(ChatError::TextTooLong {
+                        bytes: min.bytes,
+                        min_tokens: min.tokens,
+                        max_token_bytes: min.max_token_bytes,
+                        max_new: fit.max_new_tokens,
+                        context,
+                    });
+                }
+            }
+        }
         if !fit.truncate_history || input.history.is_empty() {
             let p = self.prepare(input)?;
             if p.ids.len() + fit.max_new_tokens > context {

@@ -164,6 +164,7 @@ fn fault_of(e: &ChatError) -> Fault {
         | ChatError::Prompt(_)
         | ChatError::Invalid(_)
         | ChatError::TooLong { .. }
+        | ChatError::TextTooLong { .. }
         | ChatError::TooLongAlone { .. } => Fault::Request,
         ChatError::Model(_) | ChatError::Template(_) | ChatError::Tokenizer(_) => Fault::Engine,
     }

@@ -70,7 +70,8 @@ pub enum ImageLoadError {
 /// The format is guessed from the content, not the extension.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageLoadError> {
     let file = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| io_error(&file, e))?;
+    let bytes = crate::files::read(path, crate::files::MAX_PICTURE_BYTES, "a picture")
+        .map_err(|e| io_error(&file, e))?;
     decode_rgb(&bytes, &file)
 }
 

@@ -406,7 +406,14 @@ fn open_stream(path: &Path) -> Result<(format::context::Input, usize, decoder::V
         ffmpeg::init().expect("ffmpeg-next's init only registers error strings and devices");
     });
     let owned = || path.to_path_buf();
-    match std::fs::metadata(path) {
+    // only regular files: FFmpeg would wait forever on a FIFO and read a device without end
+    match crate::files::regular(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(VideoError::NotFound { path: owned() })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => {
+            return Err(VideoError::IsDirectory { path: owned() })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(VideoError::NotFound { path: owned() })
         }

@@ -301,7 +301,8 @@ struct Symbol {
 impl SentencePiece {
     /// Loads and checks `tokenizer.model` (a BPE model with the identity normaliser).
     pub fn from_file(path: &Path) -> Result<SentencePiece, SentencePieceError> {
-        let data = std::fs::read(path).map_err(|source| SentencePieceError::Read {
+        let data = crate::files::read(path, crate::files::MAX_METADATA_BYTES, "a tokenizer file")
+            .map_err(|source| SentencePieceError::Read {
             path: path.to_owned(),
             source,
         })?;
@@ -500,6 +501,25 @@ impl SentencePiece {
             out.push_str(space);
         }
         out
+    }
+
+    /// The most bytes of normalized text one token of [`SentencePiece::encode`] covers; `None`
+    /// without byte fallback, where a run of unknown characters of any length is one token.
+    pub fn max_token_bytes(&self) -> Option<usize> {
+        self.byte_ids.as_ref()?;
+        Some(
+            self.pieces
+                .iter()
+                .map(|p| p.text.len())
+                .max()
+                .unwrap_or(1)
+                .max(1),
+        )
+    }
+
+    /// The length in bytes of `text` as [`SentencePiece::encode`] normalises it.
+    pub fn normalized_len(&self, text: &str) -> usize {
+        self.normalize(text).len()
     }
 
     /// `SentencePieceProcessor::Encode` as ids: normalise, BPE, then byte fallback (or merged

@@ -32,6 +32,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use super::sentencepiece::{SentencePiece, SentencePieceError};
+use crate::files::MAX_METADATA_BYTES;
 
 /// `Qwen2Tokenizer`'s pre-tokenisation pattern (`PRETOKENIZE_REGEX`).
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -126,6 +127,17 @@ enum Model {
     SentencePiece(Box<SentencePiece>),
 }
 
+/// What [`Tokenizer::min_tokens`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinTokens {
+    /// The text's length after normalization.
+    pub bytes: usize,
+    /// The most bytes one token covers.
+    pub max_token_bytes: usize,
+    /// At least this many tokens: `bytes / max_token_bytes`, rounded up.
+    pub tokens: usize,
+}
+
 /// A tokenizer loaded from a checkpoint folder. Cloning copies the vocabularies.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -145,6 +157,9 @@ pub struct Tokenizer {
     add_eos: bool,
     clean_up_tokenization_spaces: bool,
     vocab_size: usize,
+    /// The most bytes of normalized text one token covers (`None`: no bound, see
+    /// [`Tokenizer::min_tokens`]).
+    max_token_bytes: Option<usize>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -163,7 +178,7 @@ impl std::fmt::Debug for Tokenizer {
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>, TokenizerError> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match crate::files::read_to_string(path, MAX_METADATA_BYTES, "a tokenizer file") {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
@@ -421,10 +436,11 @@ fn read_vocab_merges(
                 .ok_or_else(|| invalid(vocab_path, format!("{token:?} has no token id")))
         })
         .collect::<Result<Vocab, _>>()?;
-    let text = std::fs::read_to_string(merges_path).map_err(|source| TokenizerError::Read {
-        path: merges_path.to_owned(),
-        source,
-    })?;
+    let text = crate::files::read_to_string(merges_path, MAX_METADATA_BYTES, "a tokenizer file")
+        .map_err(|source| TokenizerError::Read {
+            path: merges_path.to_owned(),
+            source,
+        })?;
     let mut merges = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -505,12 +521,16 @@ impl Tokenizer {
         let json_path = dir.join("tokenizer.json");
         let spm_path = dir.join("tokenizer.model");
         let (model, family) = if bpe && json_path.is_file() {
-            let mut inner = tokenizers::Tokenizer::from_file(&json_path).map_err(|e| {
-                TokenizerError::Invalid {
+            let bytes = crate::files::read(&json_path, MAX_METADATA_BYTES, "a tokenizer file")
+                .map_err(|source| TokenizerError::Read {
+                    path: json_path.clone(),
+                    source,
+                })?;
+            let mut inner =
+                tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| TokenizerError::Invalid {
                     path: json_path.clone(),
                     what: e.to_string(),
-                }
-            })?;
+                })?;
             inner.with_padding(None);
             inner
                 .with_truncation(None)
@@ -579,6 +599,7 @@ impl Tokenizer {
             add_eos: family == Family::InternLm2 && config.add_eos_token.unwrap_or(false),
             clean_up_tokenization_spaces: config.clean_up_tokenization_spaces,
             vocab_size: 0,
+            max_token_bytes: None,
         };
         let mut specials: Vec<String> = SPECIAL_ATTRIBUTES
             .iter()
@@ -651,6 +672,7 @@ impl Tokenizer {
         };
         (tokenizer.bos_id, tokenizer.eos_id) = (bos_id, eos_id);
         tokenizer.splitter = AddedSplitter::new(&tokenizer.added_by_content);
+        tokenizer.max_token_bytes = tokenizer.longest_token();
         if tokenizer.add_bos && tokenizer.bos_id.is_none() {
             return Err(TokenizerError::Invalid {
                 path: config_path,
@@ -824,6 +846,58 @@ impl Tokenizer {
         }
     }
 
+    /// The most bytes of normalized text one token covers: a vocabulary entry (byte-level
+    /// entries are one character per byte) or an added token's text.
+    fn longest_token(&self) -> Option<usize> {
+        let added = self.added_by_content.keys().map(String::len).max();
+        let model = match &self.model {
+            Model::ByteLevel { inner, .. } => {
+                // only NFC (or none) is measured by `min_tokens`; another normalizer may shrink text
+                use tokenizers::NormalizerWrapper;
+                if !matches!(
+                    inner.get_normalizer(),
+                    None | Some(NormalizerWrapper::NFC(_))
+                ) {
+                    return None;
+                }
+                let vocab = inner
+                    .get_vocab(false)
+                    .into_keys()
+                    .map(|t| t.chars().count());
+                let added = inner.get_added_tokens_decoder().into_values();
+                vocab.chain(added.map(|t| t.content.len())).max()
+            }
+            Model::SentencePiece(sp) => Some(sp.max_token_bytes()?),
+        };
+        Some(model?.max(added.unwrap_or(0)).max(1))
+    }
+
+    /// A lower bound of the number of tokens `text` encodes to, found without encoding it: its
+    /// length after normalization divided by the most bytes one token covers, rounded up. `None`
+    /// when there is no such bound (a sentencepiece model without byte fallback makes one
+    /// token of a run of unknown characters, however long).
+    pub fn min_tokens(&self, text: &str) -> Option<MinTokens> {
+        let max_token_bytes = self.max_token_bytes?;
+        let bytes = match &self.model {
+            // NFC (the only normalizer `longest_token` allows) leaves ASCII alone
+            Model::ByteLevel { inner, .. }
+                if text.is_ascii() || inner.get_normalizer().is_none() =>
+            {
+                text.len()
+            }
+            Model::ByteLevel { .. } => {
+                use unicode_normalization_alignments::UnicodeNormalization;
+                text.nfc().map(|(c, _)| c.len_utf8()).sum()
+            }
+            Model::SentencePiece(sp) => sp.normalized_len(text),
+        };
+        Some(MinTokens {
+            bytes,
+            max_token_bytes,
+            tokens: bytes.div_ceil(max_token_bytes),
+        })
+    }
+
     /// Largest id + 1, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
@@ -848,6 +922,51 @@ mod tests {
 
     fn load(model: &str) -> Tokenizer {
         Tokenizer::from_dir(&fixture(&format!("models/{model}"))).unwrap()
+    }
+
+    #[test]
+    fn min_tokens_never_exceeds_the_tokens_of_the_text() {
+        let texts = [
+            "Hello, world!".to_string(),
+            " ".repeat(5000),
+            "-".repeat(3000),
+            "\n".repeat(2000),
+            "0".repeat(4000),
+            "描述这张图片。".repeat(300),
+            // decomposed: NFC makes one character of each pair
+            "e\u{301}a\u{308}".repeat(500),
+            "\u{1100}\u{1161}\u{11a8}".repeat(500),
+            "<|im_start|><|im_end|><IMG_CONTEXT>".repeat(200),
+            "the quick brown fox ".repeat(400),
+        ];
+        for model in [
+            "tiny-qwen2",
+            "tiny-internlm2",
+            "tiny-qwen2-hf",
+            "tiny-qwen3",
+        ] {
+            let t = load(model);
+            let longest = t.max_token_bytes;
+            for text in &texts {
+                let ids = t.encode(text).unwrap();
+                let min = t
+                    .min_tokens(text)
+                    .unwrap_or_else(|| panic!("{model}: a bound ({longest:?})"));
+                assert!(
+                    min.tokens <= ids.len(),
+                    "{model}: {} tokens at least but {} encoded ({:?})",
+                    min.tokens,
+                    ids.len(),
+                    text.chars().take(10).collect::<String>()
+                );
+                assert!(min.tokens > 0);
+            }
+        }
+        // a long ASCII text is measured without encoding it
+        let t = load("tiny-qwen2");
+        let min = t.min_tokens(&"x".repeat(30 << 20)).unwrap();
+        assert_eq!(min.bytes, 30 << 20);
+        assert_eq!(min.tokens, (30usize << 20).div_ceil(min.max_token_bytes));
     }
 
     fn check_golden(tokenizer: &Tokenizer, golden: &str) {

@@ -233,7 +233,7 @@ fn connect(agent: &ureq::Agent, cfg: &RemoteConfig) -> Result<(String, usize), S
 
 /// A picture file as a `data:` URL.
 pub fn data_url(path: &std::path::Path) -> Result<String, String> {
-    let bytes = std::fs::read(path)
+    let bytes = crate::files::read(path, crate::files::MAX_PICTURE_BYTES, "a picture")
         .map_err(|e| format!("{}: cannot read the picture: {e}", path.display()))?;
     let format = image::guess_format(&bytes)
         .map_err(|_| format!("{}: not a picture this program can send", path.display()))?;

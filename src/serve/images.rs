@@ -164,11 +164,20 @@ fn file_url(url: &str, at: &str) -> Result<PathBuf, ApiError> {
     let path = PathBuf::from(percent_decode(path).ok_or_else(|| {
         ApiError::invalid(format!("{at}: bad percent-encoding in {:?}", short(url)))
     })?);
-    if !path.is_file() {
-        return Err(ApiError::invalid(format!(
-            "{at}: {}: no such file",
-            path.display()
-        )));
+    match crate::files::regular_within(&path, crate::files::MAX_PICTURE_BYTES, "a picture") {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::invalid(format!(
+                "{at}: {}: no such file",
+                path.display()
+            )))
+        }
+        Err(e) => {
+            return Err(ApiError::invalid(format!(
+                "{at}: {}: cannot read: {e}",
+                path.display()
+            )))
+        }
     }
     Ok(path)
 }
@@ -274,6 +283,25 @@ mod tests {
         assert!(files.is_empty());
         let missing = format!("file://{}/none.png", dir.path().display());
         assert!(refused(&missing, false).ends_with("none.png: no such file"));
+        // only regular files: a FIFO would hang the engine's read, a device never ends
+        let fifo = dir.path().join("pipe.png");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = refused(&format!("file://{}", fifo.display()), false);
+        assert!(
+            e.ends_with("pipe.png: cannot read: it is a FIFO (named pipe), not a regular file"),
+            "{e}"
+        );
+        let e = refused("file:///dev/zero", false);
+        assert!(
+            e.ends_with("/dev/zero: cannot read: it is a character device, not a regular file"),
+            "{e}"
+        );
+        let e = refused(&format!("file://{}", dir.path().display()), false);
+        assert!(
+            e.ends_with("cannot read: it is a directory, not a regular file"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -24,16 +24,19 @@ use openai::{ApiError, Envelope, Usage, UserMessage};
 use queue::{Job, Msg};
 use serde_json::{json, Value};
 use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Largest request body (pictures come inline as data: URLs).
 const MAX_BODY: usize = 64 << 20;
-/// Connections served at once; more are turned away with 503.
+/// Connections served at once; more are turned away with 503 (once no idle one is left to close).
 const MAX_CONNECTIONS: usize = 256;
+/// Connections served at once for one client address, so that one client cannot take them all.
+const MAX_PER_CLIENT: usize = 32;
 /// How often a waiting handler looks whether its client is still there.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -50,6 +53,8 @@ pub struct ServeConfig {
     /// Tiles per picture when a request does not say (else the model's).
     pub max_tiles: Option<usize>,
     pub context_len: usize,
+    /// Time for a whole request, head and body, from its first byte.
+    pub request_time: Duration,
 }
 
 struct Shared {
@@ -59,7 +64,75 @@ struct Shared {
     next_id: AtomicU64,
     /// Start time: `created` of the model, and part of completion ids.
     started: u64,
-    connections: AtomicUsize,
+    slots: Mutex<Slots>,
+}
+
+/// The connections being served, and those of them idle between requests.
+#[derive(Default)]
+struct Slots {
+    total: usize,
+    per_client: HashMap<IpAddr, usize>,
+    /// Kept-alive connections waiting for a next request, oldest wait first.
+    idle: BTreeMap<u64, TcpStream>,
+    next_idle: u64,
+}
+
+/// Why a connection is not taken.
+enum Refusal {
+    Client(IpAddr),
+    Full,
+}
+
+impl Shared {
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        // a panic elsewhere never leaves the counts half-updated
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a connection from `ip`; at the global cap the connection idle longest is closed
+    /// to make room (its thread ends on its own and gives its slot back).
+    fn admit(&self, ip: IpAddr) -> Result<(), Refusal> {
+        let mut slots = self.slots();
+        if slots.per_client.get(&ip).copied().unwrap_or(0) >= MAX_PER_CLIENT {
+            return Err(Refusal::Client(ip));
+        }
+        if slots.total >= MAX_CONNECTIONS {
+            let Some((_, idle)) = slots.idle.pop_first() else {
+                return Err(Refusal::Full);
+            };
+            let _ = idle.shutdown(std::net::Shutdown::Both);
+        }
+        slots.total += 1;
+        *slots.per_client.entry(ip).or_insert(0) += 1;
+        Ok(())
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut slots = self.slots();
+        slots.total = slots.total.saturating_sub(1);
+        if let Some(n) = slots.per_client.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                slots.per_client.remove(&ip);
+            }
+        }
+    }
+
+    /// Marks `conn` idle (closable to make room) until the returned key is given to [`Shared::busy`].
+    fn idle(&self, conn: &Conn) -> Option<u64> {
+        let stream = conn.stream().try_clone().ok()?;
+        let mut slots = self.slots();
+        let key = slots.next_idle;
+        slots.next_idle += 1;
+        slots.idle.insert(key, stream);
+        Some(key)
+    }
+
+    fn busy(&self, key: Option<u64>) {
+        if let Some(key) = key {
+            self.slots().idle.remove(&key);
+        }
+    }
 }
 
 fn unix_now() -> u64 {
@@ -81,7 +154,7 @@ pub fn run(listener: TcpListener, handle: EngineHandle, cfg: ServeConfig) -> any
         queue,
         next_id: AtomicU64::new(1),
         started: unix_now(),
-        connections: AtomicUsize::new(0),
+        slots: Mutex::new(Slots::default()),
     });
     for stream in listener.incoming() {
         let stream = match stream {
@@ -94,16 +167,18 @@ pub fn run(listener: TcpListener, handle: EngineHandle, cfg: ServeConfig) -> any
             }
         };
         let shared = shared.clone();
-        if shared.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            shared.connections.fetch_sub(1, Ordering::SeqCst);
-            turn_away(stream);
+        let Ok(ip) = stream.peer_addr().map(|a| a.ip()) else {
+            continue;
+        };
+        if let Err(why) = shared.admit(ip) {
+            turn_away(stream, why);
             continue;
         }
         let spawned = std::thread::Builder::new()
             .name("http".into())
             .spawn(move || {
                 connection(&shared, stream);
-                shared.connections.fetch_sub(1, Ordering::SeqCst);
+                shared.release(ip);
             });
         if let Err(e) = spawned {
             tracing::warn!("cannot start a connection thread: {e}");
@@ -130,45 +205,73 @@ fn stop_on_signals(pictures: std::path::PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn turn_away(stream: TcpStream) {
+fn turn_away(stream: TcpStream, why: Refusal) {
+    // the answer fits the socket's buffer: writing it never waits for the client
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
     if let Ok(mut conn) = Conn::new(stream) {
-        let e = ApiError::new(
-            503,
-            "overloaded",
-            format!("more than {MAX_CONNECTIONS} connections; try again later"),
-        );
-        let _ = send_error(&mut conn, &e, false);
+        let message = match why {
+            Refusal::Client(ip) => {
+                format!("more than {MAX_PER_CLIENT} connections from {ip}; try again later")
+            }
+            Refusal::Full => format!("more than {MAX_CONNECTIONS} connections; try again later"),
+        };
+        let _ = send_error(&mut conn, &ApiError::new(503, "overloaded", message), false);
     }
+}
+
+fn unauthorized() -> ApiError {
+    ApiError::new(
+        401,
+        "invalid_api_key",
+        "invalid or missing API key (send the header Authorization: Bearer KEY)",
+    )
 }
 
 /// Requests of one connection, until it closes.
 fn connection(shared: &Shared, stream: TcpStream) {
-    let Ok(mut conn) = Conn::new(stream) else {
+    let Ok(mut conn) = Conn::with_deadline(stream, shared.cfg.request_time) else {
         return;
     };
     loop {
-        let req = match conn.read_request(MAX_BODY) {
+        let idle = shared.idle(&conn);
+        let more = conn.wait_for_request();
+        shared.busy(idle);
+        if !matches!(more, Ok(true)) {
+            return;
+        }
+        let mut req = match conn.read_head() {
             Ok(Some(r)) => r,
             Ok(None) | Err(ReadError::Io(_)) => return,
-            Err(e) => {
-                let err = match &e {
-                    ReadError::TooLarge { .. } => {
-                        ApiError::new(413, "request_too_large", e.to_string())
-                    }
-                    ReadError::LengthRequired => {
-                        ApiError::new(411, "length_required", e.to_string())
-                    }
-                    _ => ApiError::invalid(e.to_string()),
-                };
-                let _ = send_error(&mut conn, &err, false);
+            Err(e) => return refuse(&mut conn, &e),
+        };
+        // before the body: a client without the key cannot make the server read 64 MiB
+        if let Some(key) = &shared.cfg.api_key {
+            if !authorized(&req, key) {
+                let _ = send_error(&mut conn, &unauthorized(), false);
                 return;
             }
-        };
+        }
+        match conn.read_body(&mut req, MAX_BODY) {
+            Ok(()) => {}
+            Err(ReadError::Io(_)) => return,
+            Err(e) => return refuse(&mut conn, &e),
+        }
         let keep = req.keep_alive();
         if handle(shared, &mut conn, &req, keep).is_err() || !keep {
             return;
         }
     }
+}
+
+/// Answers a request that could not be read, and closes the connection.
+fn refuse(conn: &mut Conn, e: &ReadError) {
+    let err = match e {
+        ReadError::TooLarge { .. } => ApiError::new(413, "request_too_large", e.to_string()),
+        ReadError::LengthRequired => ApiError::new(411, "length_required", e.to_string()),
+        ReadError::Timeout(_) => ApiError::new(408, "request_timeout", e.to_string()),
+        _ => ApiError::invalid(e.to_string()),
+    };
+    let _ = send_error(conn, &err, false);
 }
 
 fn send_json(conn: &mut Conn, status: u16, v: &Value, keep: bool) -> io::Result<()> {
@@ -197,12 +300,7 @@ fn handle(shared: &Shared, conn: &mut Conn, req: &Request, keep: bool) -> io::Re
     let cfg = &shared.cfg;
     if let Some(key) = &cfg.api_key {
         if !authorized(req, key) {
-            let e = ApiError::new(
-                401,
-                "invalid_api_key",
-                "invalid or missing API key (send the header Authorization: Bearer KEY)",
-            );
-            return send_error(conn, &e, keep);
+            return send_error(conn, &unauthorized(), keep);
         }
     }
     let card = || openai::model_card(&cfg.model, shared.started, cfg.context_len);
