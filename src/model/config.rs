@@ -252,7 +252,12 @@ impl InternVLConfig {
         if !path.exists() {
             return Err(ConfigError::Missing { path });
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        let text = crate::files::read_to_string(
+            &path,
+            crate::files::MAX_METADATA_BYTES,
+            "a model's metadata file",
+        )
+        .map_err(|source| ConfigError::Read {
             path: path.clone(),
             source,
         })?;
@@ -458,6 +463,24 @@ mod tests {
         c.mlp_only_layers = vec![1];
         assert!(!c.is_sparse_layer(1));
         assert!(!load("models/tiny-qwen3").is_sparse_layer(0));
+    }
+
+    /// A config.json that is a FIFO or a directory is refused at once, naming what it is.
+    #[test]
+    fn a_config_that_is_not_a_regular_file_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ivl-cfg-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("config.json");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = InternVLConfig::load(&dir).unwrap_err().to_string();
+        assert!(e.contains("config.json") && e.contains("FIFO"), "{e}");
+        std::fs::remove_file(&fifo).unwrap();
+        std::fs::create_dir(&fifo).unwrap();
+        let e = InternVLConfig::load(&dir).unwrap_err().to_string();
+        assert!(e.contains("config.json") && e.contains("directory"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -75,7 +75,12 @@ impl Weights {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         let shard_names: Vec<String> = if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
+            let text = crate::files::read_to_string(
+                &index,
+                crate::files::MAX_METADATA_BYTES,
+                "a model's metadata file",
+            )
+            .map_err(io_err(&index))?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| WeightsError::Index {
                     path: index.clone(),
