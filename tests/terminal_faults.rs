@@ -296,3 +296,43 @@ fn a_fifo_or_a_device_in_the_chat_is_refused_at_once_and_the_next_message_answer
     sh.line("/quit");
     sh.wait_exit(pid, 30);
 }
+
+/// The resident memory of process `pid`, in bytes.
+fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// A 10 MB paste: the chat takes it, sending it is refused before it is tokenized, with the
+/// numbers, and the chat goes on; its memory stays bounded.
+#[test]
+fn a_ten_megabyte_paste_is_refused_with_the_numbers_and_the_chat_goes_on() {
+    let home = tempdir("bigpaste");
+    let sh = Shell::start("ivl-bigpaste", home.path());
+    let pid = launch(&sh, &[]);
+    let text = "lorem ipsum ".repeat((10 << 20) / 12);
+    let t0 = std::time::Instant::now();
+    sh.paste(&text);
+    sh.wait("the pasted text", 120, |s| s.contains("lorem ipsum"));
+    sh.keys(&["Enter"]);
+    sh.wait("the refusal", 120, |s| {
+        s.contains("exceeds the context window") && ready(s)
+    });
+    let took = t0.elapsed();
+    let rss = rss_of(pid);
+    eprintln!(
+        "10 MB paste: refused {took:?} after pasting began, RSS {} MiB",
+        rss >> 20
+    );
+    assert!(took < Duration::from_secs(120), "{took:?}");
+    assert!(rss < 1 << 30, "RSS {} MiB", rss >> 20);
+    ask(&sh, "Still here?", 0);
+    sh.line("/quit");
+    sh.wait_exit(pid, 30);
+}
