@@ -544,6 +544,21 @@ fn tui(cli: &Cli) -> Result<ExitCode> {
     cancel.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = tx.send(EngineCmd::Shutdown);
     drop(tx);
+    // The chat is saved and the terminal restored by now. A worker inside a step it cannot
+    // leave (a long prefill of a big model) is not waited for: the chat ends within a second
+    // whatever the model is doing, as when its terminal goes away.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    while !join.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    if result.is_ok() && !join.is_finished() {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        // exit without running libtorch's exit-time destructors under the busy worker's feet
+        // SAFETY: _exit ends the process at once; our output is flushed, the session saved.
+        unsafe { libc::_exit(0) };
+    }
     let _ = join.join();
     result.map(|_| ExitCode::SUCCESS)
 }
