@@ -1247,6 +1247,15 @@ fn half_open_connections_from_one_address_do_not_lock_out_another() {
     );
     assert!(denied.starts_with("HTTP/1.1 401"), "{denied}");
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // 200 connections held open cost threads, not memory
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(rss_kib < 1 << 20, "server RSS {} MiB", rss_kib >> 10);
     drop(half_open);
     assert!(start.elapsed() < Duration::from_secs(60));
 }
