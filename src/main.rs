@@ -8,21 +8,11 @@ fn main() -> ExitCode {
     match internvl_chat::run::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            // one line: the context chain joined (causes already quoted by their parent left
-            // out), libtorch backtraces cut
-            let mut msg = String::new();
-            for c in e.chain() {
-                let s = c.to_string();
-                let s = s.lines().next().unwrap_or("");
-                if msg.contains(s) {
-                    continue;
-                }
-                if !msg.is_empty() {
-                    msg.push_str(": ");
-                }
-                msg.push_str(s);
-            }
-            eprintln!("internvl-chat: error: {msg}");
+            // one line: the context chain joined, libtorch backtraces cut
+            eprintln!(
+                "internvl-chat: error: {}",
+                internvl_chat::run::error_line(&e)
+            );
             ExitCode::from(1)
         }
     }

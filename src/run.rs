@@ -545,19 +545,27 @@ fn tui(cli: &Cli) -> Result<ExitCode> {
     let _ = tx.send(EngineCmd::Shutdown);
     drop(tx);
     // The chat is saved and the terminal restored by now. A worker inside a step it cannot
-    // leave (a long prefill of a big model) is not waited for: the chat ends within a second
+    // leave (a long prefill of a big model) is waited for 200 ms at most: the chat ends within a second
     // whatever the model is doing, as when its terminal goes away.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
     while !join.is_finished() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    if result.is_ok() && !join.is_finished() {
+    if !join.is_finished() {
         use std::io::Write;
+        // (a terminal that went away makes restoring it fail: that error is still reported)
+        let code = match &result {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("internvl-chat: error: {}", error_line(e));
+                1
+            }
+        };
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
         // exit without running libtorch's exit-time destructors under the busy worker's feet
         // SAFETY: _exit ends the process at once; our output is flushed, the session saved.
-        unsafe { libc::_exit(0) };
+        unsafe { libc::_exit(code) };
     }
     let _ = join.join();
     result.map(|_| ExitCode::SUCCESS)
@@ -682,4 +690,22 @@ fn remote_answer(handle: &EngineHandle, req: GenerateRequest) -> Result<ExitCode
             Err(_) => bail!("the remote worker stopped"),
         }
     }
+}
+
+/// An error as one line: its chain of contexts joined by ": ", a cause its parent already
+/// quotes left out, libtorch's C++ backtraces cut.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for c in e.chain() {
+        let s = c.to_string();
+        let s = s.lines().next().unwrap_or("");
+        if msg.contains(s) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(s);
+    }
+    msg
 }

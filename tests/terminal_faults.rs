@@ -230,17 +230,9 @@ fn bad_input_in_the_chat_is_a_message_and_the_chat_goes_on() {
     sh.wait_exit(pid, 30);
 }
 
-#[test]
-fn a_closed_terminal_ends_the_chat_within_a_second_after_saving() {
-    let home = tempdir("hup");
-    let sh = Shell::start("ivl-hup", home.path());
-    let pid = launch(&sh, &[]);
-    ask(&sh, "Before the hangup?", 0);
-    sh.line("/set max_new_tokens 30000");
-    sh.line("/set min_new_tokens 30000");
-    sh.line("Answered when the window closes?");
-    sh.wait("tokens streaming", 60, |s| streamed(s) > 5);
-    // the window goes away: the terminal hangs up on the shell and on the chat
+/// Closes the tmux session (the terminal hangs up on the shell and on the chat) and asserts the
+/// chat process `pid` is gone within a second.
+fn hang_up_and_wait_for_exit(sh: &Shell, pid: u32) {
     let start = std::time::Instant::now();
     assert!(std::process::Command::new("tmux")
         .args(["kill-session", "-t", &sh.name])
@@ -268,6 +260,19 @@ fn a_closed_terminal_ends_the_chat_within_a_second_after_saving() {
         took < Duration::from_secs(1),
         "ended {took:?} after the hangup"
     );
+}
+
+#[test]
+fn a_closed_terminal_ends_the_chat_within_a_second_after_saving() {
+    let home = tempdir("hup");
+    let sh = Shell::start("ivl-hup", home.path());
+    let pid = launch(&sh, &[]);
+    ask(&sh, "Before the hangup?", 0);
+    sh.line("/set max_new_tokens 30000");
+    sh.line("/set min_new_tokens 30000");
+    sh.line("Answered when the window closes?");
+    sh.wait("tokens streaming", 60, |s| streamed(s) > 5);
+    hang_up_and_wait_for_exit(&sh, pid);
     let files = session_files(home.path());
     assert_eq!(files.len(), 1, "{files:?}");
     let saved = session::load(&files[0]).unwrap();
@@ -335,4 +340,35 @@ fn a_ten_megabyte_paste_is_refused_with_the_numbers_and_the_chat_goes_on() {
     ask(&sh, "Still here?", 0);
     sh.line("/quit");
     sh.wait_exit(pid, 30);
+}
+
+/// The terminal goes away while the model is inside one long step it cannot leave (reading 120
+/// video frames and prefilling some 30000 tokens, tens of seconds here): the chat still ends
+/// within a second, its finished turn saved.
+#[test]
+fn a_closed_terminal_ends_the_chat_within_a_second_even_mid_prefill() {
+    let home = tempdir("hupprefill");
+    let config = home.path().join("config/internvl-chat");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(config.join("config.toml"), "video_segments = 120\n").unwrap();
+    let sh = Shell::start("ivl-slowstep", home.path());
+    let pid = launch(&sh, &[]);
+    ask(&sh, "Before the video?", 0);
+    sh.line(&format!(
+        "/video {}",
+        media("videos/flipping_a_pancake.mkv")
+    ));
+    sh.wait("the staged video", 60, |s| s.contains("flipping_a_pancake"));
+    sh.line("What happens in it?");
+    sh.wait("the model busy with the prompt", 30, |s| {
+        s.contains("reading the prompt") && answered(s) == 1
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let s = sh.screen();
+    assert!(!ready(&s) && answered(&s) == 1, "the model is busy:\n{s}");
+    hang_up_and_wait_for_exit(&sh, pid);
+    let files = session_files(home.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    let saved = session::load(&files[0]).unwrap();
+    assert_eq!(saved.exchanges[0].typed, "Before the video?");
 }

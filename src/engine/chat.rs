@@ -725,6 +725,24 @@ fn reusable_prefix<K: PartialEq>(
     reuse
 }
 
+/// [start, end) of each run of `<IMG_CONTEXT>` tokens.
+fn image_runs(ids: &[i64], ctx: i64) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < ids.len() {
+        if ids[i] == ctx {
+            let s = i;
+            while i < ids.len() && ids[i] == ctx {
+                i += 1;
+            }
+            runs.push((s, i));
+        } else {
+            i += 1;
+        }
+    }
+    runs
+}
+
 #[cfg(test)]
 mod reuse_tests {
     use super::*;
@@ -787,22 +805,4 @@ mod reuse_tests {
         // no dynamic rope: lengths do not matter
         assert_eq!(reuse(&cached, &[], 80, &ids, &[], None), 5);
     }
-}
-
-/// [start, end) of each run of `<IMG_CONTEXT>` tokens.
-fn image_runs(ids: &[i64], ctx: i64) -> Vec<(usize, usize)> {
-    let mut runs = Vec::new();
-    let mut i = 0;
-    while i < ids.len() {
-        if ids[i] == ctx {
-            let s = i;
-            while i < ids.len() && ids[i] == ctx {
-                i += 1;
-            }
-            runs.push((s, i));
-        } else {
-            i += 1;
-        }
-    }
-    runs
 }

@@ -599,7 +599,7 @@ mod tests {
                 pairs.sort();
                 let mut want = flat.zeros_like();
                 for (e, s) in pairs {
-                    want = want + moe.experts[e as usize].forward(&flat) * rw.get(0).get(s);
+                    want += moe.experts[e as usize].forward(&flat) * rw.get(0).get(s);
                 }
                 let d = (one.view([1, hidden]).to_kind(Kind::Float) - want.to_kind(Kind::Float))
                     .abs()
