@@ -223,7 +223,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Value> {
     // the workload's peak, before the roofline's own 512 MB probe
     let peak_rss = peak_rss_gib();
     let (read_gb_s, bf16_gflop_s) = roofline(cfg.opts.first);
-    let weights_gb = llm_weight_bytes(&engine) as f64 / 1e9;
+    let weights_gb = engine.model.llm.bytes_read_per_token() as f64 / 1e9;
     let decode_bound = read_gb_s / weights_gb.max(1e-9);
     // every decode step reads the weights once, whatever the number of rows
     let fraction = |steps_s: f64| steps_s / decode_bound;
@@ -276,19 +276,6 @@ fn kernel(opts: &LoadOptions) -> &'static str {
     } else {
         "torch"
     }
-}
-
-/// Bytes of LLM weights read per decoded token (layers + head; embeddings are gathered; a
-/// mixture-of-experts layer reads its router and the experts a token is routed to).
-fn llm_weight_bytes(engine: &Engine) -> u64 {
-    let llm = &engine.model.llm;
-    let head = &llm.lm_head.weight;
-    let head = (head.numel() * head.kind().elt_size_in_bytes()) as u64;
-    llm.layers
-        .iter()
-        .map(|l| l.bytes_read_per_token())
-        .sum::<u64>()
-        + head
 }
 
 pub fn table(v: &Value) -> String {

@@ -542,7 +542,6 @@ impl Engine {
             &Cached {
                 ids: &self.cached_ids,
                 images: &self.cached_images,
-                max_held: self.cache.max_held(),
             },
             &p.ids,
             &runs,
@@ -680,8 +679,6 @@ struct Cached<'a, K> {
     ids: &'a [i64],
     /// The fingerprint of the picture behind each of their `<IMG_CONTEXT>` runs.
     images: &'a [K],
-    /// The most positions the cache held since it was last cut back.
-    max_held: i64,
 }
 
 /// How many leading positions of a cached conversation a new prompt `ids` can keep: the
@@ -689,8 +686,9 @@ struct Cached<'a, K> {
 /// logits), cut back to the start of the first picture whose run is not the cached picture's
 /// (equal ids do not mean equal pictures) and never through a picture's run. With a dynamic rope
 /// (`dynamic_max_positions`: its `max_position_embeddings`) nothing is kept once the prompt or
-/// the cache went past that length: the reference rotates a longer prompt's keys with a base
-/// grown for its length, and keys decoded past it with one grown per step.
+/// the cached sequence (which only grows between cuts, so its length is the most it held) went
+/// past that length: the reference rotates a longer prompt's keys with a base grown for its
+/// length, and keys decoded past it with one grown per step.
 fn reusable_prefix<K: PartialEq>(
     cached: &Cached<'_, K>,
     ids: &[i64],
@@ -699,7 +697,7 @@ fn reusable_prefix<K: PartialEq>(
     dynamic_max_positions: Option<i64>,
 ) -> usize {
     if let Some(max) = dynamic_max_positions {
-        if ids.len() as i64 > max || cached.max_held > max {
+        if ids.len() as i64 > max || cached.ids.len() as i64 > max {
             return 0;
         }
     }
@@ -752,7 +750,6 @@ mod reuse_tests {
     fn reuse(
         cached: &[i64],
         images: &[&str],
-        held: i64,
         ids: &[i64],
         fps: &[&str],
         dynamic: Option<i64>,
@@ -762,7 +759,6 @@ mod reuse_tests {
             &Cached {
                 ids: cached,
                 images,
-                max_held: held.max(cached.len() as i64),
             },
             ids,
             &runs,
@@ -773,22 +769,22 @@ mod reuse_tests {
 
     #[test]
     fn the_common_prefix_short_of_the_last_position() {
-        assert_eq!(reuse(&[1, 2, 3, 4], &[], 0, &[1, 2, 3, 5, 6], &[], None), 3);
+        assert_eq!(reuse(&[1, 2, 3, 4], &[], &[1, 2, 3, 5, 6], &[], None), 3);
         // the whole prompt cached: its last position still runs
-        assert_eq!(reuse(&[1, 2, 3, 4], &[], 0, &[1, 2, 3], &[], None), 2);
-        assert_eq!(reuse(&[], &[], 0, &[1, 2], &[], None), 0);
+        assert_eq!(reuse(&[1, 2, 3, 4], &[], &[1, 2, 3], &[], None), 2);
+        assert_eq!(reuse(&[], &[], &[1, 2], &[], None), 0);
     }
 
     #[test]
     fn pictures_are_kept_only_when_they_are_the_same_and_whole() {
         let cached = [1, C, C, 2, 3];
         // same picture: kept, up to the divergence
-        assert_eq!(reuse(&cached, &["a"], 0, &[1, C, C, 2, 4], &["a"], None), 4);
+        assert_eq!(reuse(&cached, &["a"], &[1, C, C, 2, 4], &["a"], None), 4);
         // another picture with the same ids: cut back to its start
-        assert_eq!(reuse(&cached, &["a"], 0, &[1, C, C, 2, 4], &["b"], None), 1);
+        assert_eq!(reuse(&cached, &["a"], &[1, C, C, 2, 4], &["b"], None), 1);
         // the common prefix ends inside a run: cut back to its start
         assert_eq!(
-            reuse(&[1, C, C, 2], &["a"], 0, &[1, C, C, C, 2], &["a"], None),
+            reuse(&[1, C, C, 2], &["a"], &[1, C, C, C, 2], &["a"], None),
             1
         );
     }
@@ -797,12 +793,12 @@ mod reuse_tests {
     fn a_dynamic_rope_past_its_length_keeps_nothing() {
         let cached = [1, 2, 3, 4, 5];
         let ids = [1, 2, 3, 4, 5, 6];
-        assert_eq!(reuse(&cached, &[], 0, &ids, &[], Some(6)), 5);
+        assert_eq!(reuse(&cached, &[], &ids, &[], Some(6)), 5);
         // the new prompt goes past max positions
-        assert_eq!(reuse(&cached, &[], 0, &ids, &[], Some(5)), 0);
+        assert_eq!(reuse(&cached, &[], &ids, &[], Some(5)), 0);
         // the cache went past it while decoding, even if the new prompt fits
-        assert_eq!(reuse(&cached, &[], 8, &ids, &[], Some(6)), 0);
+        assert_eq!(reuse(&[1, 2, 3, 4, 5, 6, 7, 8], &[], &ids, &[], Some(6)), 0);
         // no dynamic rope: lengths do not matter
-        assert_eq!(reuse(&cached, &[], 80, &ids, &[], None), 5);
+        assert_eq!(reuse(&[1, 2, 3, 4, 5, 6, 7, 8], &[], &ids, &[], None), 5);
     }
 }

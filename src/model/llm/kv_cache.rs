@@ -69,10 +69,6 @@ pub struct KvCache {
     pub layers: Vec<LayerCache>,
     /// The dynamic rope's state for this sequence (see [`super::rope::RopeState`]).
     pub rope: super::rope::RopeState,
-    /// The most positions held since the cache was last cut back: a dynamic rope rotates keys
-    /// differently past `max_position_embeddings`, so a prefix cached after that point cannot
-    /// stand for a fresh prefill.
-    max_held: i64,
 }
 
 impl KvCache {
@@ -81,16 +77,6 @@ impl KvCache {
             layers: (0..n_layers).map(|_| LayerCache::default()).collect(),
             ..Self::default()
         }
-    }
-
-    /// The most positions held since the last [`KvCache::truncate`].
-    pub fn max_held(&self) -> i64 {
-        self.max_held.max(self.len())
-    }
-
-    /// Notes the positions held now (called after each forward pass).
-    pub fn note_held(&mut self) {
-        self.max_held = self.max_held();
     }
 
     /// Cached positions (the same in every layer).
@@ -110,7 +96,6 @@ impl KvCache {
             l.truncate(len);
         }
         self.rope = None;
-        self.max_held = self.len();
     }
 
     /// Positions every layer's buffers may grow to by doubling (the context window).

@@ -330,6 +330,16 @@ pub struct Llm {
 }
 
 impl Llm {
+    /// Bytes of weights one decoding step of one token reads: every layer's (the routed experts
+    /// only, in a mixture of experts) and the output head's; embeddings are gathered, not read.
+    pub fn bytes_read_per_token(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(DecoderLayer::bytes_read_per_token)
+            .sum::<u64>()
+            + bytes_of(linear_tensors(&self.lm_head))
+    }
+
     /// Token ids [b, n] -> embeddings [b, n, hidden] on the embedding's device.
     pub fn embed(&self, ids: &Tensor) -> Tensor {
         Tensor::embedding(
@@ -402,7 +412,6 @@ impl Llm {
             let h = layer.post_attn_norm.forward(&xs);
             xs = &xs + layer.mlp.forward(&h);
         }
-        cache.note_held();
         self.norm.forward(&xs.to_device(self.norm.weight.device()))
     }
 
