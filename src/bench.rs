@@ -241,6 +241,8 @@ pub fn run(cfg: &BenchConfig) -> Result<Value> {
         "threads": tch::get_num_threads(),
         "kernel": kernel(&cfg.opts),
         "kernel_note": gemv::level_note(),
+        // our own layer loop, or libtorch's (`INTERNVL_NATIVE=0`, f32, GPUs)
+        "decode_step": if engine.model.llm.native_decodes(1) { "native" } else { "libtorch" },
         "load_s": load_s,
         "ttft_s": headline["ttft_s"],
         "prefill_tok_s": headline["prefill_tok_s"],
@@ -280,7 +282,7 @@ fn kernel(opts: &LoadOptions) -> &'static str {
 
 pub fn table(v: &Value) -> String {
     let mut s = format!(
-        "model {}  dtype {}  8-bit {}  threads {}  kernel {}{}\nload {:.2} s   peak RSS {:.2} GiB\n\n",
+        "model {}  dtype {}  8-bit {}  threads {}  kernel {}{}  decode step {}\nload {:.2} s   peak RSS {:.2} GiB\n\n",
         v["model"].as_str().unwrap_or(""),
         v["dtype"].as_str().unwrap_or(""),
         v["load_8bit"].as_str().unwrap_or(""),
@@ -290,6 +292,7 @@ pub fn table(v: &Value) -> String {
             .as_str()
             .map(|n| format!(" ({n})"))
             .unwrap_or_default(),
+        v["decode_step"].as_str().unwrap_or(""),
         v["load_s"].as_f64().unwrap_or(0.0),
         v["peak_rss_gib"].as_f64().unwrap_or(0.0)
     );

@@ -7,9 +7,14 @@ use serde_json::Value;
 use std::process::Command;
 
 fn bench(kernel: &str) -> Value {
+    bench_with(kernel, "1")
+}
+
+fn bench_with(kernel: &str, native: &str) -> Value {
     let model = fixture("models/tiny-qwen2");
     let out = Command::new(env!("CARGO_BIN_EXE_internvl-chat"))
         .env("INTERNVL_KERNEL", kernel)
+        .env("INTERNVL_NATIVE", native)
         .args(["bench", "--model"])
         .arg(&model)
         .args(["--device", "cpu", "--threads", "2"])
@@ -48,6 +53,13 @@ fn bench_reports_sampled_decode_fractions_and_the_forced_kernel() {
     let v = bench(forced);
     assert_eq!(v["kernel"], forced);
     assert!(v["kernel_note"].is_null(), "{v}");
+    // the native decoding step runs on our kernels (bf16 on the CPU)
+    let step = if forced == "torch" {
+        "libtorch"
+    } else {
+        "native"
+    };
+    assert_eq!(v["decode_step"], step, "{v}");
     let (greedy, sampled) = (f(&v, "decode_tok_s"), f(&v, "decode_sampled_tok_s"));
     assert!(greedy > 0.0 && sampled > 0.0, "{v}");
     assert!((f(&v, "decode_sampled_ratio") - sampled / greedy).abs() < 1e-9);
@@ -72,4 +84,13 @@ fn bench_falls_back_from_an_unknown_kernel() {
     assert_eq!(v["kernel"], Level::detected().name());
     let note = v["kernel_note"].as_str().unwrap();
     assert!(note.contains("\"sse9\" is not one of"), "{note}");
+}
+
+/// `INTERNVL_NATIVE=0` turns the native decoding step off (libtorch's layer loop, the same
+/// products), so one machine measures what it gains.
+#[test]
+fn bench_reports_the_libtorch_decoding_step_when_native_is_off() {
+    let v = bench_with("avx2", "0");
+    assert_eq!(v["decode_step"], "libtorch", "{v}");
+    assert!(f(&v, "decode_tok_s") > 0.0);
 }

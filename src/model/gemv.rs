@@ -49,6 +49,35 @@ pub fn available() -> bool {
     level() > Level::Torch
 }
 
+/// Whether [`gemv`]'s kernels run for the calling thread (available, and not turned off by
+/// [`set_enabled`]).
+pub fn enabled_here() -> bool {
+    ENABLED.with(Cell::get) && available()
+}
+
+/// Runs `f(0..n)` on the products' threads (this one included), each index once.
+pub fn for_each_task(n: usize, f: impl Fn(usize) + Sync) {
+    let threads = pool_threads().min(n);
+    let next = AtomicUsize::new(0);
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        f(i);
+    };
+    if threads <= 1 {
+        work();
+        return;
+    }
+    pool().in_place_scope(|s| {
+        for _ in 1..threads {
+            s.spawn(|_| work());
+        }
+        work();
+    });
+}
+
 /// The environment variable that forces a kernel level: `avx512bf16`, `avx512`, `avx2` or
 /// `torch`.
 pub const KERNEL_ENV: &str = "INTERNVL_KERNEL";

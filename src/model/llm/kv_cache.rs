@@ -49,6 +49,43 @@ impl LayerCache {
         self.len
     }
 
+    /// Room for one more position of `b` rows, `kv_heads` heads of `head_dim` values in `kind`
+    /// (bf16), taken: where the caller writes this step's key and value (the native decoding
+    /// step). Buffers grow as [`LayerCache::append`]'s do, the only libtorch calls here.
+    pub fn append_slot(
+        &mut self,
+        b: i64,
+        kv_heads: i64,
+        head_dim: i64,
+        kind: tch::Kind,
+    ) -> super::native::Slot {
+        let fits = self.k.as_ref().is_some_and(|t| {
+            t.size() == [b, kv_heads, t.size()[2], head_dim]
+                && t.kind() == kind
+                && self.len < t.size()[2]
+        });
+        if !fits {
+            // grow (or allocate) through the tensor path, then take the position back
+            let like = Tensor::zeros([b, kv_heads, 1, head_dim], (kind, tch::Device::Cpu));
+            let _ = self.append(&like, &like);
+            self.len -= 1;
+        }
+        let (k, v) = (
+            self.k.as_ref().expect("allocated above"),
+            self.v.as_ref().expect("allocated above"),
+        );
+        debug_assert!(k.is_contiguous() && v.is_contiguous());
+        let pos = self.len;
+        self.len += 1;
+        super::native::Slot {
+            k: k.data_ptr() as *mut u16,
+            v: v.data_ptr() as *mut u16,
+            cap: k.size()[2] as usize,
+            pos: pos as usize,
+            len: self.len as usize,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -4,6 +4,7 @@
 //! onto it.
 pub mod internlm2;
 pub mod kv_cache;
+pub mod native;
 pub mod qwen2;
 pub mod qwen3;
 pub mod qwen3_moe;
@@ -384,6 +385,9 @@ impl Llm {
             _ => kv_len,
         };
         let base = self.rope.base_for(&mut cache.rope, seq_len);
+        if q_len == 1 && self.native_decodes(embeds.size()[0] as usize) {
+            return self.native_step(embeds, positions, cache, mask, base);
+        }
         let mut rope_dev: Option<(Device, Tensor, Tensor, Option<Tensor>)> = None;
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
             if rope_dev.as_ref().map(|r| r.0) != Some(layer.dev) {
