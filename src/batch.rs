@@ -1,13 +1,16 @@
 //! JSONL batches: one request per line in, one result per line out, in the same order.
 //! A bad line gives `{"id": ..., "error": "..."}` and the batch goes on.
-use crate::engine::chat::{ChatInput, ChatOutput, Engine, Fit, Prepared};
-use crate::engine::generate::Flow;
-use crate::engine::protocol::{Attachment, Turn};
+use crate::engine::chat::ChatOutput;
+use crate::engine::generate::GenOutput;
+use crate::engine::protocol::{Attachment, Cancel, EngineEvent, Fault, GenerateRequest, Turn};
+use crate::engine::scheduler::{Job, Scheduler};
 use crate::files::MAX_JSONL_LINE_BYTES;
 use crate::prompt::thinking::{self, R1_SYSTEM_PROMPT};
 use crate::sampling::{Overrides, SamplingParams};
+use crossbeam_channel::{Receiver, TryRecvError};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -246,80 +249,74 @@ fn error_json(id: &Value, msg: &str) -> Value {
     json!({ "id": id, "error": msg })
 }
 
-/// Queued requests: id, prompt, settings, and whether it thinks.
-type Pending = Vec<(Value, Prepared, SamplingParams, bool)>;
-type Emit<'a> = dyn FnMut(Value, &mut dyn Write, bool) -> anyhow::Result<()> + 'a;
-
-/// Runs the queued requests (together when more than one) and emits their results in order.
-fn flush(
-    engine: &mut Engine,
-    pending: &mut Pending,
-    output: &mut dyn Write,
-    emit: &mut Emit,
-) -> anyhow::Result<()> {
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let t0 = Instant::now();
-    let batch = std::mem::take(pending);
-    let results: Vec<Result<ChatOutput, String>> = if batch.len() == 1 {
-        let (_, p, sp, _) = &batch[0];
-        vec![engine
-            .run(p, sp, &mut |_| Flow::Continue)
-            .map_err(|e| e.to_string())]
-    } else {
-        let prepared: Vec<&Prepared> = batch.iter().map(|b| &b.1).collect();
-        let params: Vec<SamplingParams> = batch.iter().map(|b| b.2.clone()).collect();
-        match engine.run_batch(&prepared, &params, &mut |_, _| Flow::Continue) {
-            Ok(v) => v.into_iter().map(Ok).collect(),
-            Err(e) => batch.iter().map(|_| Err(e.to_string())).collect(),
-        }
-    };
-    let elapsed = t0.elapsed().as_secs_f64();
-    for ((id, p, _, think), r) in batch.iter().zip(results) {
-        match r {
-            Ok(out) => emit(
-                result_json(id, &out, p.dropped_turns, elapsed, *think),
-                output,
-                true,
-            )?,
-            Err(e) => emit(error_json(id, &e), output, false)?,
-        }
-    }
-    Ok(())
+/// A request of the batch in the scheduler: its place in the input, its line's id, whether it
+/// thinks, its events, and when it started.
+struct Live {
+    seq: usize,
+    id: Value,
+    think: bool,
+    events: Receiver<EngineEvent>,
+    t0: Instant,
+    dropped_turns: usize,
 }
 
-/// Runs every request of `input`, writing one line per request to `output` as soon as it is
-/// known. Requests are decoded `batch_size` at a time (left-padded together). `system` and
-/// `think` are the command line's (`--think`: requests think unless they say otherwise).
+/// The request of a line, or the error line for it.
+fn generate_request(
+    line: &str,
+    n: usize,
+    seq: usize,
+    base: &SamplingParams,
+    system: Option<&str>,
+    think: bool,
+    truncate_history: bool,
+) -> Result<(Value, bool, GenerateRequest), Value> {
+    let req =
+        parse_line(line).map_err(|(id, e)| error_json(&id, &format!("line {}: {e}", n + 1)))?;
+    let params = req.params(base).map_err(|e| error_json(&req.id, &e))?;
+    let (thinks, system) = req
+        .system(system, think)
+        .map_err(|e| error_json(&req.id, &e))?;
+    let g = GenerateRequest {
+        id: seq as u64,
+        system: system.map(str::to_string),
+        history: req.history(),
+        question: req.question.clone(),
+        attachments: req.attachments(),
+        combine_images: req.combine_images,
+        params,
+        stop: Vec::new(),
+        truncate_history: req.truncate_history.unwrap_or(truncate_history),
+    };
+    Ok((req.id, thinks, g))
+}
+
+/// Runs every request of `input` through the scheduler, up to `max_batch` decoding together
+/// (a request joins as soon as another ends), and writes one line per request to `output`, in
+/// input order, as soon as it and those before it are known. Each answer is the one the request
+/// gets alone (`model.chat`). `system` and `think` are the command line's (`--think`: requests
+/// think unless they say otherwise).
 #[allow(clippy::too_many_arguments)]
 pub fn run_batch(
-    engine: &mut Engine,
+    sched: &mut Scheduler,
     input: &mut (dyn BufRead + Send),
     output: &mut dyn Write,
     base: &SamplingParams,
     system: Option<&str>,
     think: bool,
-    batch_size: usize,
+    max_batch: usize,
     truncate_history: bool,
 ) -> anyhow::Result<(usize, usize)> {
-    let batch_size = batch_size.max(1);
+    let max_batch = max_batch.max(1);
+    sched.record_tokens = true;
     let (mut ok, mut failed) = (0usize, 0usize);
-    let mut pending: Pending = Vec::new();
-    let mut emit = |v: Value, output: &mut dyn Write, good: bool| -> anyhow::Result<()> {
-        writeln!(output, "{v}")?;
-        output.flush()?;
-        if good {
-            ok += 1;
-        } else {
-            failed += 1;
-        }
-        Ok(())
-    };
+    // results by input place, written once every earlier one is
+    let mut results: BTreeMap<usize, (Value, bool)> = BTreeMap::new();
+    let mut written = 0usize;
+    let mut live: Vec<Live> = Vec::new();
     // A reader thread runs ahead of the model by up to two batches, decoding and tiling their
     // attachments on other threads (into the shared cache) while the model works.
-    let tiles = engine.tiles;
-    let (tx, rx) = crossbeam_channel::bounded::<(usize, std::io::Result<Line>)>(2 * batch_size);
+    let tiles = sched.engine.tiles;
+    let (tx, rx) = crossbeam_channel::bounded::<(usize, std::io::Result<Line>)>(2 * max_batch);
     std::thread::scope(|scope| -> anyhow::Result<()> {
         scope.spawn(move || {
             for n in 0.. {
@@ -341,81 +338,152 @@ pub fn run_batch(
                 }
             }
         });
-        for (n, line) in rx {
-            let line = match line.map_err(|e| anyhow::anyhow!("reading line {}: {e}", n + 1))? {
-                Line::Text(text) => text,
-                Line::TooLong(bytes) => {
-                    flush(engine, &mut pending, output, &mut emit)?;
-                    let e = format!(
-                        "line {}: {bytes} bytes, longer than the limit of \
-                         {MAX_JSONL_LINE_BYTES} bytes for a request line",
-                        n + 1
-                    );
-                    emit(error_json(&Value::Null, &e), output, false)?;
+        let mut seq = 0usize;
+        let mut open = true;
+        loop {
+            // take lines while there is room: waiting for one only when nothing runs
+            while open && sched.running() < max_batch {
+                let next = if sched.running() == 0 {
+                    rx.recv().ok()
+                } else {
+                    match rx.try_recv() {
+                        Ok(l) => Some(l),
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => None,
+                    }
+                };
+                let Some((n, line)) = next else {
+                    open = false;
+                    break;
+                };
+                let at = seq;
+                seq += 1;
+                let line = match line.map_err(|e| anyhow::anyhow!("reading line {}: {e}", n + 1))? {
+                    Line::Text(text) => text,
+                    Line::TooLong(bytes) => {
+                        let e = format!(
+                            "line {}: {bytes} bytes, longer than the limit of \
+                                 {MAX_JSONL_LINE_BYTES} bytes for a request line",
+                            n + 1
+                        );
+                        results.insert(at, (error_json(&Value::Null, &e), false));
+                        continue;
+                    }
+                };
+                if line.trim().is_empty() {
+                    results.insert(at, (Value::Null, false));
                     continue;
                 }
-            };
-            if line.trim().is_empty() {
-                continue;
-            }
-            let req = match parse_line(&line) {
-                Ok(r) => r,
-                Err((id, e)) => {
-                    flush(engine, &mut pending, output, &mut emit)?;
-                    emit(
-                        error_json(&id, &format!("line {}: {e}", n + 1)),
-                        output,
-                        false,
-                    )?;
-                    continue;
-                }
-            };
-            let params = match req.params(base) {
-                Ok(p) => p,
-                Err(e) => {
-                    flush(engine, &mut pending, output, &mut emit)?;
-                    emit(error_json(&req.id, &e), output, false)?;
-                    continue;
-                }
-            };
-            let (thinks, system) = match req.system(system, think) {
-                Ok(s) => s,
-                Err(e) => {
-                    flush(engine, &mut pending, output, &mut emit)?;
-                    emit(error_json(&req.id, &e), output, false)?;
-                    continue;
-                }
-            };
-            let history = req.history();
-            let attachments = req.attachments();
-            let input = ChatInput {
-                system,
-                history: &history,
-                question: &req.question,
-                attachments: &attachments,
-                combine_images: req.combine_images,
-            };
-            let fit = Fit {
-                max_new_tokens: params.max_new_tokens,
-                truncate_history: req.truncate_history.unwrap_or(truncate_history),
-            };
-            let prepared = engine.prepare_to_fit(&input, fit);
-            match prepared {
-                Ok(p) => {
-                    pending.push((req.id.clone(), p, params, thinks));
-                    if pending.len() >= batch_size {
-                        flush(engine, &mut pending, output, &mut emit)?;
+                let (id, thinks, req) =
+                    match generate_request(&line, n, at, base, system, think, truncate_history) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            results.insert(at, (e, false));
+                            continue;
+                        }
+                    };
+                let (reply, events) = crossbeam_channel::unbounded();
+                let job = Job {
+                    req,
+                    reply,
+                    cancel: Cancel::new(),
+                };
+                let t0 = Instant::now();
+                match sched.start(&job) {
+                    Ok(()) => live.push(Live {
+                        seq: at,
+                        id,
+                        think: thinks,
+                        events,
+                        t0,
+                        dropped_turns: 0,
+                    }),
+                    Err(e) => {
+                        results.insert(at, (error_json(&id, &e.to_string()), false));
                     }
                 }
-                Err(e) => {
-                    flush(engine, &mut pending, output, &mut emit)?;
-                    emit(error_json(&req.id, &e.to_string()), output, false)?;
+            }
+            if sched.running() > 0 {
+                if let Err(e) = sched.step() {
+                    sched.fail_all(&e.to_string(), Fault::Engine);
                 }
             }
+            // the requests that ended
+            let mut i = 0;
+            while i < live.len() {
+                let mut ended = None;
+                let events: Vec<EngineEvent> = live[i].events.try_iter().collect();
+                for ev in events {
+                    match ev {
+                        EngineEvent::Started { dropped_turns, .. } => {
+                            live[i].dropped_turns = dropped_turns
+                        }
+                        EngineEvent::Done { answer, stats, .. } => {
+                            ended = Some(Ok((answer, stats)))
+                        }
+                        EngineEvent::Error { message, .. } => ended = Some(Err(message)),
+                        _ => {}
+                    }
+                }
+                let Some(end) = ended else {
+                    i += 1;
+                    continue;
+                };
+                let l = live.swap_remove(i);
+                let v = match end {
+                    Ok((answer, stats)) => {
+                        let key = l.seq as u64;
+                        let tokens = sched
+                            .finished_tokens
+                            .iter()
+                            .position(|(id, _)| *id == key)
+                            .map(|k| sched.finished_tokens.swap_remove(k).1)
+                            .unwrap_or_default();
+                        let elapsed = l.t0.elapsed();
+                        let out = ChatOutput {
+                            answer,
+                            tokens,
+                            finish: stats.finish,
+                            prompt_tokens: stats.prompt_tokens,
+                            gen: GenOutput {
+                                rows: Vec::new(),
+                                first_logits: None,
+                                prefill_tokens: 0,
+                                prefill: stats.ttft,
+                                decode: elapsed.saturating_sub(stats.ttft),
+                            },
+                        };
+                        let v = result_json(
+                            &l.id,
+                            &out,
+                            l.dropped_turns,
+                            elapsed.as_secs_f64(),
+                            l.think,
+                        );
+                        (v, true)
+                    }
+                    Err(message) => (error_json(&l.id, &message), false),
+                };
+                results.insert(l.seq, v);
+            }
+            while let Some((v, good)) = results.remove(&written) {
+                written += 1;
+                if v.is_null() {
+                    continue; // a blank line
+                }
+                writeln!(output, "{v}")?;
+                output.flush()?;
+                if good {
+                    ok += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+            if !open && sched.running() == 0 {
+                return Ok(());
+            }
         }
-        Ok(())
     })?;
-    flush(engine, &mut pending, output, &mut emit)?;
     Ok((ok, failed))
 }
 

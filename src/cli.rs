@@ -107,6 +107,10 @@ pub struct ServeArgs {
     /// The model's name in /v1/models and requests (default: the model folder's name).
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
+    /// Most requests decoded together (continuous batching); more wait in arrival order.
+    #[arg(long, value_name = "N", default_value_t = crate::engine::worker::DEFAULT_MAX_BATCH,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    pub max_batch: usize,
 }
 
 #[derive(Debug, Args)]
@@ -149,9 +153,12 @@ pub struct BatchArgs {
     /// Where results go (`-` for stdout, the default).
     #[arg(long, short, default_value = "-")]
     pub output: String,
-    /// Requests decoded together (left-padded, as batch_chat).
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub batch_size: usize,
+    /// Most requests decoded together (continuous batching: a request joins as soon as
+    /// another ends); each answer is the one the request gets alone.
+    #[arg(long, alias = "batch-size", value_name = "N",
+          default_value_t = crate::engine::worker::DEFAULT_MAX_BATCH,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    pub max_batch: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -275,6 +275,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(t) = cli.gen.max_tiles {
                 engine.tiles.max_tiles = t as u32;
             }
+            let mut sched = crate::engine::scheduler::Scheduler::new(engine);
             let mut input: Box<dyn std::io::BufRead + Send> = if b.input == "-" {
                 Box::new(std::io::BufReader::new(std::io::stdin()))
             } else {
@@ -290,13 +291,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 Box::new(std::io::BufWriter::new(f))
             };
             let (_, failed) = batch::run_batch(
-                &mut engine,
+                &mut sched,
                 &mut input,
                 &mut output,
                 &params,
                 cli.gen.system.as_deref(),
                 cli.gen.think,
-                b.batch_size,
+                b.max_batch,
                 cli.gen.truncate_history,
             )?;
             output.flush()?;
@@ -400,6 +401,7 @@ fn serve(cli: &Cli, s: &ServeArgs) -> Result<ExitCode> {
         dir,
         opts,
         dtype_name: dtype_name(cli.model.dtype).into(),
+        max_batch: s.max_batch,
     });
     let info = wait_ready(&handle)?;
     let model = s.served_model_name.clone().unwrap_or(info.name);
@@ -501,6 +503,8 @@ fn tui(cli: &Cli) -> Result<ExitCode> {
                 opts,
                 device_name,
                 dtype_name: dtype_name(cli.model.dtype).into(),
+                // the chat sends one request at a time
+                max_batch: 1,
             });
             (handle, join, tiles)
         }
@@ -538,10 +542,9 @@ fn tui(cli: &Cli) -> Result<ExitCode> {
     };
     options.attachments = attachments;
     options.resume = cli.session.clone();
-    let cancel = handle.cancel.clone();
     let tx = handle.tx.clone();
+    // the chat cancels its running request when it ends
     let result = app::run(handle, options);
-    cancel.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = tx.send(EngineCmd::Shutdown);
     drop(tx);
     // The chat is saved and the terminal restored by now. A worker inside a step it cannot
@@ -663,18 +666,16 @@ fn remote_one_shot(cli: &Cli, url: &str, prompt: &str) -> Result<ExitCode> {
 
 fn remote_answer(handle: &EngineHandle, req: GenerateRequest) -> Result<ExitCode> {
     wait_ready(handle)?;
-    if handle.tx.send(EngineCmd::Generate(req)).is_err() {
+    let Some(submitted) = handle.submit(req) else {
         bail!("the remote worker stopped");
-    }
+    };
     let mut out = std::io::stdout().lock();
     loop {
-        match handle.rx.recv() {
+        match submitted.events.recv() {
             Ok(EngineEvent::Token { text, .. }) => {
                 if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
                     // closes the stream: the server stops generating
-                    handle
-                        .cancel
-                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    submitted.cancel.cancel();
                     if e.kind() == std::io::ErrorKind::BrokenPipe {
                         return Ok(ExitCode::SUCCESS);
                     }

@@ -12,6 +12,7 @@ import http.server
 import json
 import sys
 import threading
+import time
 
 import httpx
 import openai
@@ -126,6 +127,47 @@ def load(base, key, spec):
     return {"results": results, "errors": errors}
 
 
+def load_cancels(base, key, spec):
+    """spec: {"clients": N, "requests": [[...] per client]}: every client sends its own list
+    of requests in order, all clients at once; a request with "cancel_after": K is streamed,
+    read for K pieces, and its connection closed. The results per client, and the seconds
+    the whole load took."""
+    results = [None] * spec["clients"]
+    errors = []
+
+    def one(c, request):
+        request = dict(request)
+        k = request.pop("cancel_after", None)
+        if k is None:
+            return ask(c, request)
+        own = client(base, key)  # its own connection, closed midway
+        s = own.chat.completions.create(stream=True, **arguments(request))
+        seen = 0
+        for chunk in s:
+            if chunk.choices and chunk.choices[0].delta.content:
+                seen += 1
+            if seen >= k:
+                break
+        s.close()
+        own.close()
+        return {"cancelled_after": seen}
+
+    def run(i):
+        try:
+            c = client(base, key)
+            results[i] = [one(c, r) for r in spec["requests"][i]]
+        except Exception as e:  # reported, so a lost request fails the test loudly
+            errors.append(f"client {i}: {type(e).__name__}: {e}")
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(spec["clients"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"results": results, "errors": errors, "seconds": time.monotonic() - t0}
+
+
 def disconnect(base, key, spec):
     """A non-streaming request given up on while it runs alone (client timeout); then a
     streaming request read for a few pieces then closed, while a second, non-streaming request
@@ -185,7 +227,7 @@ def served_images(base, key, spec):
             httpd.shutdown()
 
 
-SCENARIOS = {"complete": complete, "served_images": served_images, "models": models, "load": load, "disconnect": disconnect, "raw": raw}
+SCENARIOS = {"complete": complete, "served_images": served_images, "models": models, "load": load, "load_cancels": load_cancels, "disconnect": disconnect, "raw": raw}
 
 if __name__ == "__main__":
     scenario, base, key, MODEL = sys.argv[1:5]

@@ -667,6 +667,122 @@ fn eight_clients_twenty_requests_each() {
     assert_eq!(ids.len(), 160, "every request answered once");
 }
 
+/// The load of `sixteen_clients_with_cancels_answer_as_one_at_a_time` on `server`: results per
+/// client, and seconds.
+fn load_with_cancels(server: &Server, requests: &[Vec<Value>]) -> (Vec<Vec<Value>>, f64) {
+    let got = client(
+        "load_cancels",
+        server,
+        "none",
+        &json!({"clients": requests.len(), "requests": requests}),
+    );
+    assert_eq!(got["errors"], json!([]), "{}", server.log());
+    let results = got["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().clone())
+        .collect();
+    (results, got["seconds"].as_f64().unwrap())
+}
+
+/// 16 clients x 10 requests of mixed lengths (prompts and answers), streamed or not, some of
+/// them cancelled midway by closing their connection, against the scheduler (`--max-batch 8`)
+/// and one request at a time (`--max-batch 1`): every answer is whole and the one the request
+/// gets alone (the batch mode's), nothing is lost or answered twice, and every cancelled
+/// request ends on the server.
+#[test]
+fn sixteen_clients_with_cancels_answer_as_one_at_a_time() {
+    let lengths = [2usize, 16, 6, 20, 4, 10];
+    let base: Vec<Case> = lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let q = format!("{} Describe number {i}.", "Please be thorough. ".repeat(i * 3));
+            let greedy = i % 3 != 2;
+            let mut openai = json!({"messages": [user(&q)], "max_tokens": n, "min_tokens": n / 2, "seed": 40 + i});
+            let mut batch = json!({"question": q, "max_new_tokens": n, "min_new_tokens": n / 2, "seed": 40 + i});
+            if greedy {
+                openai["temperature"] = json!(0);
+                batch["do_sample"] = json!(false);
+            }
+            Case { openai, batch }
+        })
+        .collect();
+    let expected = batch(&base.iter().map(|c| c.batch.clone()).collect::<Vec<_>>());
+    let endless = json!({"messages": [user("Go on and on.")], "max_tokens": 30000, "min_tokens": 30000, "cancel_after": 3});
+    // (client, request) -> the case asked, or None for a cancelled one
+    let plan: Vec<Vec<Option<usize>>> = (0..16)
+        .map(|c| {
+            (0..10)
+                .map(|j| ((c + j) % 7 != 3).then_some((c * 10 + j) % lengths.len()))
+                .collect()
+        })
+        .collect();
+    let requests: Vec<Vec<Value>> = plan
+        .iter()
+        .map(|p| {
+            p.iter()
+                .enumerate()
+                .map(|(j, k)| match k {
+                    Some(k) => {
+                        let mut r = base[*k].openai.clone();
+                        r["stream"] = json!(j % 2 == 1);
+                        r
+                    }
+                    None => endless.clone(),
+                })
+                .collect()
+        })
+        .collect();
+    let cancels = plan.iter().flatten().filter(|k| k.is_none()).count();
+    assert!(cancels >= 16, "{cancels}");
+    let mut seconds = Vec::new();
+    for max_batch in ["1", "8"] {
+        let server = Server::start(&["--max-batch", max_batch]);
+        let (results, s) = load_with_cancels(&server, &requests);
+        seconds.push(s);
+        let mut ids = std::collections::HashSet::new();
+        for (c, (per_client, p)) in results.iter().zip(&plan).enumerate() {
+            assert_eq!(per_client.len(), 10, "client {c}");
+            for (j, (r, k)) in per_client.iter().zip(p).enumerate() {
+                let label = format!("--max-batch {max_batch}: client {c} request {j}");
+                match k {
+                    Some(k) => {
+                        assert_same_answer(&label, r, &expected[*k]);
+                        assert!(ids.insert(r["id"].as_str().unwrap().to_string()), "{r}");
+                    }
+                    None => assert_eq!(r["cancelled_after"], 3, "{label}: {r}"),
+                }
+            }
+        }
+        assert_eq!(ids.len(), 160 - cancels, "every request answered once");
+        // every cancelled request ended on the server, none of them ran to its length
+        let t = Instant::now();
+        loop {
+            let log = server.log();
+            let ended = log
+                .lines()
+                .filter(|l| l.contains(": cancelled: the client went away ("))
+                .count();
+            if ended == cancels {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{ended} of {cancels} cancels seen:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    eprintln!(
+        "16 clients x 10 requests: {:.2} s one at a time, {:.2} s with --max-batch 8 ({:.2}x)",
+        seconds[0],
+        seconds[1],
+        seconds[0] / seconds[1]
+    );
+}
+
 fn run_bin(args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)

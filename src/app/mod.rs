@@ -31,7 +31,7 @@ pub use config::Overrides;
 pub use state::App;
 pub use update::{Command, Msg};
 
-use crate::engine::protocol::{Attachment, EngineCmd};
+use crate::engine::protocol::{Attachment, Cancel, EngineCmd, EngineEvent};
 use crate::engine::EngineHandle;
 use anyhow::Context;
 use crossbeam_channel::{select, Receiver, Sender};
@@ -153,9 +153,7 @@ pub fn run(handle: EngineHandle, opts: AppOptions) -> anyhow::Result<()> {
     if let Some(layer) = layer.as_mut() {
         let _ = layer.clear(tui.terminal.backend_mut());
     }
-    if app.busy() {
-        handle.cancel.store(true, Ordering::SeqCst);
-    }
+    // a request still running was cancelled when the event loop ended
     let _ = handle.tx.send(EngineCmd::Shutdown);
     drop(tui);
     result
@@ -210,8 +208,14 @@ fn event_loop(
         }
         if queue.is_empty() {
             let timeout = next_tick.saturating_duration_since(Instant::now());
+            let replies = runner.replies.clone();
             select! {
                 recv(rx) -> m => queue.extend(m.ok()),
+                recv(replies) -> ev => match ev {
+                    Ok(ev) => queue.push_back(Msg::Engine(ev)),
+                    // the request is over and its events all read
+                    Err(_) => runner.replies = crossbeam_channel::never(),
+                },
                 recv(engine_rx) -> ev => match ev {
                     Ok(ev) => queue.push_back(Msg::Engine(ev)),
                     Err(_) => {
@@ -225,6 +229,7 @@ fn event_loop(
         // take everything already waiting, so fast tokens cost one frame, not one each
         queue.extend(rx.try_iter());
         queue.extend(engine_rx.try_iter().map(Msg::Engine));
+        queue.extend(runner.replies.try_iter().map(Msg::Engine));
         let now = Instant::now();
         if now >= next_tick {
             queue.push_back(Msg::Tick {
@@ -261,6 +266,7 @@ fn event_loop(
             }
         }
     }
+    runner.cancel_current();
     stop.store(true, Ordering::SeqCst);
     // not joined: when the terminal is gone (SIGHUP, closed window) crossterm's read can block
     // or spin for ever; the thread ends with the process
@@ -309,11 +315,28 @@ struct Runner<'h> {
     handle: &'h EngineHandle,
     probe: Probe,
     tx: Sender<Msg>,
+    /// The events of the latest request (never, before the first and once it is over).
+    replies: Receiver<EngineEvent>,
+    /// The latest request's cancel switch.
+    cancel: Option<Cancel>,
 }
 
 impl<'h> Runner<'h> {
     fn new(handle: &'h EngineHandle, probe: Probe, tx: Sender<Msg>) -> anyhow::Result<Self> {
-        Ok(Self { handle, probe, tx })
+        Ok(Self {
+            handle,
+            probe,
+            tx,
+            replies: crossbeam_channel::never(),
+            cancel: None,
+        })
+    }
+
+    /// Stops the latest request, if it still runs.
+    fn cancel_current(&self) {
+        if let Some(c) = &self.cancel {
+            c.cancel();
+        }
     }
 
     /// Reads `attachment` on a thread of its own, so that a read that hangs (a file on a hung
@@ -334,15 +357,17 @@ impl<'h> Runner<'h> {
     /// Returns true to quit.
     fn execute(&mut self, cmd: Command, queue: &mut VecDeque<Msg>) -> bool {
         match cmd {
-            Command::Generate(req) => {
-                if self.handle.tx.send(EngineCmd::Generate(req)).is_err() {
-                    queue.push_back(Msg::EngineGone);
+            Command::Generate(req) => match self.handle.submit(req) {
+                Some(s) => {
+                    self.replies = s.events;
+                    self.cancel = Some(s.cancel);
                 }
-            }
+                None => queue.push_back(Msg::EngineGone),
+            },
             Command::Reset => {
                 let _ = self.handle.tx.send(EngineCmd::Reset);
             }
-            Command::Cancel => self.handle.cancel.store(true, Ordering::SeqCst),
+            Command::Cancel => self.cancel_current(),
             Command::Probe { id, attachment } => {
                 if let Err(e) = self.start_probe(id, attachment) {
                     let result = Err(format!("cannot start a thread to read it: {e}"));
@@ -487,7 +512,6 @@ mod tests {
             handle: EngineHandle {
                 tx: cmd_tx,
                 rx: ev_rx,
-                cancel: Arc::new(AtomicBool::new(false)),
             },
             cmds,
             msgs,
@@ -547,7 +571,7 @@ mod tests {
         ready(&mut app);
         let cmds = submit(&mut app, "hello");
         drive(&mut app, &mut runner, cmds);
-        assert!(matches!(r.cmds.try_recv(), Ok(EngineCmd::Generate(_))));
+        assert!(matches!(r.cmds.try_recv(), Ok(EngineCmd::Generate { .. })));
         let id = app.gen.as_ref().unwrap().id;
         let cmds = answer(&mut app, id, &["Hi ", "there."], Finish::Stop);
         drive(&mut app, &mut runner, cmds);
@@ -731,7 +755,17 @@ mod tests {
             ]
         );
         assert!(runner.execute(Command::Quit, &mut queue));
+        // a cancel reaches the latest request's own switch
+        let dir = tempfile::tempdir().unwrap();
+        let mut app = app_with_sessions(dir.path(), dir.path().join("sessions"));
+        ready(&mut app);
+        let req = request(&submit(&mut app, "hello")).clone();
+        runner.execute(Command::Generate(req), &mut queue);
+        let Ok(EngineCmd::Generate { cancel, .. }) = r.cmds.try_recv() else {
+            panic!("the request was sent");
+        };
+        assert!(!cancel.is_cancelled());
         runner.execute(Command::Cancel, &mut queue);
-        assert!(r.handle.cancel.load(Ordering::SeqCst));
+        assert!(cancel.is_cancelled());
     }
 }

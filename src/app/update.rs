@@ -59,7 +59,7 @@ pub enum Command {
     Generate(GenerateRequest),
     /// `EngineCmd::Reset`.
     Reset,
-    /// Set the engine handle's cancel flag.
+    /// Stop the running request (its own cancel switch).
     Cancel,
     /// Run the probe on `attachment`; answer with `Msg::Probed { id, .. }`.
     Probe {
@@ -676,11 +676,6 @@ impl App {
                     x.dropped_turns = dropped_turns;
                     x.status = Status::Streaming;
                 }
-                // the worker clears the flag when a request starts: a stop asked for
-                // while this one waited must be asked again
-                if self.gen.as_ref().is_some_and(|g| g.cancelling) {
-                    return vec![Command::Cancel];
-                }
             }
             EngineEvent::Token { id, text } if current(id) => {
                 let now = self.now;
@@ -1059,8 +1054,10 @@ mod tests {
         assert_eq!(req.history[0].answer, "Once upon");
     }
 
+    /// The request's own cancel switch keeps a stop asked for while it waited: nothing is
+    /// asked again when it starts.
     #[test]
-    fn a_stop_before_the_request_starts_is_repeated_when_it_starts() {
+    fn a_stop_before_the_request_starts_is_not_repeated_when_it_starts() {
         let dir = tempfile::tempdir().unwrap();
         let mut app = app_in(dir.path());
         let id = request(&submit(&mut app, "queued while loading")).id;
@@ -1072,7 +1069,7 @@ mod tests {
             prompt_tokens: 9,
             dropped_turns: 0,
         };
-        assert_eq!(engine(&mut app, started), vec![Command::Cancel]);
+        assert_eq!(engine(&mut app, started), vec![]);
     }
 
     #[test]

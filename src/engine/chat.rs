@@ -599,6 +599,71 @@ impl Engine {
         })
     }
 
+    /// A KV cache of its own for a request of the scheduler, sized for the context window.
+    pub(crate) fn new_cache(&self) -> KvCache {
+        let mut cache = self.model.llm.new_cache();
+        cache.set_limit(self.context);
+        cache
+    }
+
+    /// The KV cache a scheduled request `p` starts from: the conversation's, cut to what `p`
+    /// can keep of it, when that is at least half of it (the conversation is then lent to this
+    /// request until [`Engine::keep_conversation`]), else a fresh one. With the fingerprints of `p`'s
+    /// pictures and the features of the tiles not cached.
+    pub(crate) fn cache_for(
+        &mut self,
+        p: &Prepared,
+    ) -> (KvCache, Vec<Vec<features::Key>>, Option<Tensor>) {
+        let runs = image_runs(&p.ids, self.img_context_id);
+        let fingerprints = Self::image_fingerprints(p);
+        let rope = &self.model.llm.rope;
+        let reuse = reusable_prefix(
+            &Cached {
+                ids: &self.cached_ids,
+                images: &self.cached_images,
+            },
+            &p.ids,
+            &runs,
+            &fingerprints,
+            rope.dynamic_flavor().map(|_| rope.max_positions()),
+        );
+        // only to the conversation's continuation (keeping at least half of it): a request that
+        // shares no more than the system message with it computes that again in its own cache,
+        // and leaves the conversation to its next turn
+        let cache = if reuse > 0 && 2 * reuse >= self.cached_ids.len() {
+            let fresh = self.new_cache();
+            let mut cache = std::mem::replace(&mut self.cache, fresh);
+            self.cached_ids.clear();
+            self.cached_images.clear();
+            cache.truncate(reuse as i64);
+            cache
+        } else {
+            self.new_cache()
+        };
+        let cached_tiles: usize = runs
+            .iter()
+            .filter(|r| r.1 <= reuse)
+            .map(|r| (r.1 - r.0) / self.tiles.tokens_per_tile)
+            .sum();
+        let keys: Vec<features::Key> = fingerprints.iter().flatten().copied().collect();
+        let image_embeds = self.image_features(&[p], cached_tiles, Some(&keys));
+        (cache, fingerprints, image_embeds)
+    }
+
+    /// Makes a finished request's cache the conversation's: `ids` are the positions it holds,
+    /// `images` the fingerprints of their pictures.
+    pub(crate) fn keep_conversation(
+        &mut self,
+        cache: KvCache,
+        ids: Vec<i64>,
+        images: Vec<Vec<features::Key>>,
+    ) {
+        debug_assert_eq!(ids.len() as i64, cache.len());
+        self.cache = cache;
+        self.cached_ids = ids;
+        self.cached_images = images;
+    }
+
     /// A streamer for this model's answers (see [`AnswerStream`]).
     pub fn answer_stream(&self) -> AnswerStream {
         AnswerStream::new(self.tokenizer.clone(), self.stop_ids.clone())

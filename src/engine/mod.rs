@@ -6,15 +6,38 @@ pub mod protocol;
 pub mod stream;
 pub mod worker;
 
-use crossbeam_channel::{Receiver, Sender};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+pub mod scheduler;
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use protocol::{Cancel, EngineCmd, EngineEvent, GenerateRequest};
 
 /// A front end's connection to the worker thread that owns the model.
 pub struct EngineHandle {
-    pub tx: Sender<protocol::EngineCmd>,
-    pub rx: Receiver<protocol::EngineEvent>,
-    /// Set to true to stop the current generation (the worker clears it when a request starts);
-    /// the partial answer comes back in a `Done` with `Finish::Cancelled`.
-    pub cancel: Arc<AtomicBool>,
+    pub tx: Sender<EngineCmd>,
+    /// The engine's own events: `Loading`, `Ready`, `LoadFailed`. A request's events go to the
+    /// channel given with it (see [`EngineHandle::submit`]).
+    pub rx: Receiver<EngineEvent>,
+}
+
+/// A request handed to the engine: its events, and its cancel switch.
+pub struct Submitted {
+    pub events: Receiver<EngineEvent>,
+    pub cancel: Cancel,
+}
+
+impl EngineHandle {
+    /// Sends `req` with an event channel and a cancel switch of its own; `None` when the
+    /// worker has stopped.
+    pub fn submit(&self, req: GenerateRequest) -> Option<Submitted> {
+        let (reply, events) = unbounded();
+        let cancel = Cancel::new();
+        self.tx
+            .send(EngineCmd::Generate {
+                req,
+                reply,
+                cancel: cancel.clone(),
+            })
+            .ok()?;
+        Some(Submitted { events, cancel })
+    }
 }

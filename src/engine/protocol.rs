@@ -1,8 +1,11 @@
 //! Messages between the UI (or any front end) and the engine worker thread.
 //! Nothing here depends on libtorch, so front ends can use it freely.
 use crate::sampling::SamplingParams;
+use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub type RequestId = u64;
@@ -98,8 +101,36 @@ pub struct GenerateRequest {
     pub truncate_history: bool,
 }
 
+/// A request's own stop switch: the front end keeps a clone and sets it; the engine ends that
+/// request (and no other) at its next step, with its partial answer in a `Done` whose finish is
+/// `Finish::Cancelled`. Dropping the request's event receiver stops it too.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+// a command is made and moved once per request: boxing the request would buy nothing
+#[allow(clippy::large_enum_variant)]
 pub enum EngineCmd {
-    Generate(GenerateRequest),
+    /// A request with its own event channel (`Started`, `Token`s, then `Done` or `Error`) and
+    /// its own cancel switch.
+    Generate {
+        req: GenerateRequest,
+        reply: Sender<EngineEvent>,
+        cancel: Cancel,
+    },
     /// Forget the conversation's KV cache (image features stay cached by content).
     Reset,
     Shutdown,

@@ -11,8 +11,8 @@ pub mod sse;
 
 use crate::engine::protocol::with_placeholders;
 use crate::engine::protocol::{
-    Attachment, DoneStats, EngineCmd, EngineEvent, Fault, Finish, GenerateRequest, ModelInfo,
-    RequestId,
+    Attachment, Cancel, DoneStats, EngineCmd, EngineEvent, Fault, Finish, GenerateRequest,
+    ModelInfo, RequestId,
 };
 use crate::engine::EngineHandle;
 use crate::prompt::thinking::{R1_SYSTEM_PROMPT, THINK_CLOSE, THINK_OPEN};
@@ -20,11 +20,9 @@ use base64::Engine as _;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use serde_json::{json, Value};
 use std::io::{BufReader, Read};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How often a waiting request looks at the cancel flag.
+/// How often a waiting request looks at its cancel switch.
 const POLL: Duration = Duration::from_millis(50);
 /// Largest error body read from the server.
 const MAX_ERROR_BODY: u64 = 1 << 20;
@@ -84,17 +82,14 @@ impl RemoteConfig {
 pub fn spawn(cfg: RemoteConfig) -> (EngineHandle, std::thread::JoinHandle<()>) {
     let (cmd_tx, cmd_rx) = unbounded();
     let (ev_tx, ev_rx) = unbounded();
-    let cancel = Arc::new(AtomicBool::new(false));
-    let c2 = cancel.clone();
     let join = std::thread::Builder::new()
         .name("remote".into())
-        .spawn(move || run(cfg, cmd_rx, ev_tx, c2))
+        .spawn(move || run(cfg, cmd_rx, ev_tx))
         .expect("spawn the remote worker thread");
     (
         EngineHandle {
             tx: cmd_tx,
             rx: ev_rx,
-            cancel,
         },
         join,
     )
@@ -108,12 +103,7 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
-fn run(
-    cfg: RemoteConfig,
-    rx: Receiver<EngineCmd>,
-    tx: Sender<EngineEvent>,
-    cancel: Arc<AtomicBool>,
-) {
+fn run(cfg: RemoteConfig, rx: Receiver<EngineCmd>, tx: Sender<EngineEvent>) {
     let _ = tx.send(EngineEvent::Loading {
         progress: 0.0,
         what: format!("connecting to {}", cfg.base),
@@ -138,10 +128,10 @@ fn run(
             EngineCmd::Shutdown => break,
             // the server keeps no conversation: nothing to forget
             EngineCmd::Reset => {}
-            EngineCmd::Generate(req) => {
-                cancel.store(false, Ordering::SeqCst);
-                if let Err((message, fault)) = generate(&agent, &cfg, &model, &req, &tx, &cancel) {
-                    let _ = tx.send(EngineEvent::Error {
+            EngineCmd::Generate { req, reply, cancel } => {
+                if let Err((message, fault)) = generate(&agent, &cfg, &model, &req, &reply, &cancel)
+                {
+                    let _ = reply.send(EngineEvent::Error {
                         id: req.id,
                         message,
                         fault,
@@ -461,6 +451,8 @@ struct Answer {
     t0: Instant,
     first_token: Option<Instant>,
     thinking: Rewrap,
+    /// The request's events are no longer read (a send failed): it stops.
+    gone: bool,
 }
 
 impl Answer {
@@ -476,6 +468,7 @@ impl Answer {
             t0: Instant::now(),
             first_token: None,
             thinking: Rewrap::default(),
+            gone: false,
         }
     }
 
@@ -486,7 +479,7 @@ impl Answer {
         }
         self.first_token.get_or_insert_with(Instant::now);
         self.text.push_str(&text);
-        let _ = tx.send(EngineEvent::Token { id: self.id, text });
+        self.gone |= tx.send(EngineEvent::Token { id: self.id, text }).is_err();
     }
 
     /// The end of the answer (closing a think block the server left open).
@@ -523,14 +516,14 @@ fn generate(
     model: &str,
     req: &GenerateRequest,
     tx: &Sender<EngineEvent>,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
 ) -> Result<(), Failure> {
     let body = request_body(model, req).map_err(|e| (e, Fault::Request))?;
     let question = with_placeholders(&req.question, &slots(&req.attachments), req.combine_images);
     let mut answer = Answer::new(req.id);
     let replies = post(agent.clone(), cfg, body.to_string());
     loop {
-        if cancel.load(Ordering::SeqCst) {
+        if cancel.is_cancelled() || answer.gone {
             // dropping `replies` ends the HTTP thread and its connection
             let _ = tx.send(answer.done(Finish::Cancelled, tx));
             return Ok(());

@@ -2,26 +2,27 @@
 //! streaming with server-sent events) in front of one engine worker.
 //!
 //! A thread per connection reads requests, checks them and turns OpenAI messages into the
-//! engine's `GenerateRequest`; the dispatcher ([`queue`]) runs them one at a time in arrival
-//! order. While a handler waits for its request's events it watches its socket: when the client
-//! has gone (closed, or a write fails) the request is cancelled, queued or running.
+//! engine's `GenerateRequest`, which it hands to the engine with a channel for its events and a
+//! cancel switch of its own; the engine's scheduler decodes up to `--max-batch` requests
+//! together, the rest waiting in arrival order. While a handler waits for its request's events
+//! it watches its socket: when the client has gone (closed, or a write fails) it cancels the
+//! request, waiting or running, and drops its events (which stops it too).
 pub mod http;
 pub mod images;
 pub mod openai;
-mod queue;
 
 use crate::engine::protocol::with_placeholders;
+use crate::engine::protocol::Cancel;
 use crate::engine::protocol::{
     Attachment, EngineEvent, Fault, Finish, GenerateRequest, RequestId, Turn,
 };
 use crate::engine::EngineHandle;
 use crate::prompt::thinking::{ThinkStream, R1_SYSTEM_PROMPT};
 use crate::sampling::SamplingParams;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use http::{Conn, ReadError, Request};
 use images::TempPicture;
 use openai::{ApiError, Envelope, Usage, UserMessage};
-use queue::{Job, Msg};
 use serde_json::{json, Value};
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
@@ -60,7 +61,7 @@ pub struct ServeConfig {
 struct Shared {
     cfg: ServeConfig,
     pictures: images::Pictures,
-    queue: Sender<Msg>,
+    engine: EngineHandle,
     next_id: AtomicU64,
     /// Start time: `created` of the model, and part of completion ids.
     started: u64,
@@ -147,11 +148,10 @@ pub fn run(listener: TcpListener, handle: EngineHandle, cfg: ServeConfig) -> any
         .map_err(|e| anyhow::anyhow!("cannot make a folder for pictures: {e}"))?;
     tracing::debug!("pictures of requests go to {}", pictures.dir().display());
     stop_on_signals(pictures.dir().to_path_buf())?;
-    let (queue, _dispatcher) = queue::spawn(handle);
     let shared = Arc::new(Shared {
         cfg,
         pictures,
-        queue,
+        engine: handle,
         next_id: AtomicU64::new(1),
         started: unix_now(),
         slots: Mutex::new(Slots::default()),
@@ -434,14 +434,16 @@ fn gone() -> io::Error {
 /// request is cancelled and `Err` returned. The socket is looked at every [`POLL`] whether or not
 /// events keep coming (a fast model's tokens arrive more often than that, and a non-streamed
 /// answer writes nothing until it is done).
-fn next_event(shared: &Shared, conn: &Conn, events: &Events) -> io::Result<EngineEvent> {
-    let Events { id, rx, last_look } = events;
+fn next_event(conn: &Conn, events: &Events) -> io::Result<EngineEvent> {
+    let Events {
+        id, rx, last_look, ..
+    } = events;
     let id = *id;
     loop {
         if last_look.get().elapsed() >= POLL {
             last_look.set(Instant::now());
             if conn.client_gone() {
-                let _ = shared.queue.send(Msg::Cancel(id));
+                abandon(events);
                 return Err(gone());
             }
         }
@@ -491,32 +493,29 @@ fn chat(shared: &Shared, conn: &mut Conn, req: &Request, keep: bool) -> io::Resu
             .iter()
             .fold(message.to_string(), |m, (path, at)| m.replace(path, at))
     };
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let job = Job {
-        req: request,
-        name: env.id.clone(),
-        events: tx,
-        _files: files,
-    };
-    if shared.queue.send(Msg::Submit(Box::new(job))).is_err() {
+    // the pictures' files stay until the request is over
+    let _files = files;
+    let Some(submitted) = shared.engine.submit(request) else {
         let e = ApiError::new(503, "engine_unavailable", "the engine has stopped");
         return send_error(conn, &e, keep);
-    }
+    };
     // errors found when the engine reads the request (an undecodable picture, a prompt too
     // long) come before it starts, as a plain error response
     let events = Events {
         id,
-        rx: &rx,
+        name: &env.id,
+        rx: &submitted.events,
+        cancel: &submitted.cancel,
         last_look: Cell::new(Instant::now()),
     };
-    match next_event(shared, conn, &events)? {
+    match next_event(conn, &events)? {
         EngineEvent::Error { message, fault, .. } => {
             let message = locate(&message);
             tracing::info!("{}: refused: {message}", env.id);
             send_error(conn, &engine_error(&message, fault), keep)
         }
-        _ if stream => stream_answer(shared, conn, &events, &env, include_usage),
-        first => whole_answer(shared, conn, &events, &env, first, thinks, keep),
+        _ if stream => stream_answer(conn, &events, &env, include_usage),
+        first => whole_answer(conn, &events, &env, first, thinks, keep),
     }
 }
 
@@ -531,15 +530,58 @@ fn log_done(env: &Envelope, finish: Finish, usage: Usage, streamed: bool) {
     );
 }
 
-/// The request's id, its events, and when its client's socket was last looked at.
+/// The request's id and name, its events and cancel switch, and when its client's socket was
+/// last looked at.
 struct Events<'a> {
     id: RequestId,
+    name: &'a str,
     rx: &'a Receiver<EngineEvent>,
+    cancel: &'a Cancel,
     last_look: Cell<Instant>,
 }
 
+/// How long a handler whose client has gone waits for the engine to confirm the cancel, for
+/// the log.
+const CANCEL_WAIT: Duration = Duration::from_secs(2);
+
+/// The client has gone: cancels the request and logs how it ended, waiting a moment for the
+/// engine to say (a request still waiting for room in the batch is dropped when its turn
+/// comes).
+fn abandon(events: &Events) {
+    events.cancel.cancel();
+    let name = events.name;
+    let deadline = Instant::now() + CANCEL_WAIT;
+    loop {
+        match events.rx.recv_deadline(deadline) {
+            Ok(EngineEvent::Done { stats, .. }) => {
+                match stats.finish {
+                    Finish::Cancelled => tracing::info!(
+                        "{name}: cancelled: the client went away ({} tokens generated)",
+                        stats.completion_tokens
+                    ),
+                    f => tracing::info!(
+                        "{name}: ended ({}) as the client went away",
+                        finish_reason(f)
+                    ),
+                }
+                return;
+            }
+            Ok(EngineEvent::Error { message, .. }) => {
+                tracing::info!("{name}: the client went away; the request failed: {message}");
+                return;
+            }
+            Ok(_) => {}
+            // its events were all read (the client left after the answer)
+            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {
+                tracing::info!("{name}: cancelled while waiting: the client went away");
+                return;
+            }
+        }
+    }
+}
+
 fn whole_answer(
-    shared: &Shared,
     conn: &mut Conn,
     events: &Events,
     env: &Envelope,
@@ -563,49 +605,47 @@ fn whole_answer(
                 tracing::warn!("{}: failed: {message}", env.id);
                 return send_error(conn, &engine_error(&message, fault), keep);
             }
-            _ => ev = next_event(shared, conn, events)?,
+            _ => ev = next_event(conn, events)?,
         }
     }
 }
 
 /// Writes one server-sent event; a failed write cancels the request.
-fn sse(shared: &Shared, conn: &mut Conn, id: RequestId, data: &str) -> io::Result<()> {
+fn sse(conn: &mut Conn, events: &Events, data: &str) -> io::Result<()> {
     let r = conn.chunk(format!("data: {data}\n\n").as_bytes());
     if r.is_err() {
-        let _ = shared.queue.send(Msg::Cancel(id));
+        abandon(events);
     }
     r
 }
 
 fn stream_answer(
-    shared: &Shared,
     conn: &mut Conn,
     events: &Events,
     env: &Envelope,
     include_usage: bool,
 ) -> io::Result<()> {
-    let id = events.id;
     if conn.start_chunked(200, "text/event-stream").is_err() {
-        let _ = shared.queue.send(Msg::Cancel(id));
+        abandon(events);
         return Err(gone());
     }
     let role = env.chunk(json!({"role": "assistant", "content": ""}), None);
-    sse(shared, conn, id, &role.to_string())?;
+    sse(conn, events, &role.to_string())?;
     // a think block goes out as `reasoning_content`, the rest as `content`
     let mut split = ThinkStream::new();
     let send = |conn: &mut Conn, d: crate::prompt::thinking::Delta| -> io::Result<()> {
         if !d.reasoning.is_empty() {
             let chunk = env.chunk(json!({ "reasoning_content": d.reasoning }), None);
-            sse(shared, conn, id, &chunk.to_string())?;
+            sse(conn, events, &chunk.to_string())?;
         }
         if !d.content.is_empty() {
             let chunk = env.chunk(json!({ "content": d.content }), None);
-            sse(shared, conn, id, &chunk.to_string())?;
+            sse(conn, events, &chunk.to_string())?;
         }
         Ok(())
     };
     loop {
-        match next_event(shared, conn, events)? {
+        match next_event(conn, events)? {
             EngineEvent::Token { text, .. } => send(conn, split.push(&text))?,
             EngineEvent::Done { stats, .. } => {
                 send(conn, split.finish())?;
@@ -615,18 +655,17 @@ fn stream_answer(
                 };
                 log_done(env, stats.finish, usage, true);
                 let last = env.chunk(json!({}), Some(finish_reason(stats.finish)));
-                sse(shared, conn, id, &last.to_string())?;
+                sse(conn, events, &last.to_string())?;
                 if include_usage {
-                    sse(shared, conn, id, &env.usage_chunk(usage).to_string())?;
+                    sse(conn, events, &env.usage_chunk(usage).to_string())?;
                 }
                 break;
             }
             EngineEvent::Error { message, fault, .. } => {
                 tracing::warn!("{}: failed while streaming: {message}", env.id);
                 sse(
-                    shared,
                     conn,
-                    id,
+                    events,
                     &engine_error(&message, fault).json().to_string(),
                 )?;
                 break;
@@ -634,6 +673,6 @@ fn stream_answer(
             _ => {}
         }
     }
-    sse(shared, conn, id, "[DONE]")?;
+    sse(conn, events, "[DONE]")?;
     conn.end_chunked()
 }

@@ -428,6 +428,72 @@ impl Llm {
     }
 }
 
+impl Llm {
+    /// One decoding step of `tokens.len()` sequences of different lengths, each with its own
+    /// KV cache (`caches[i]` for `tokens[i]`, at position `caches[i].len()`): the linear layers
+    /// run over all rows' tokens at once, attention per row over its own cache, the rope per
+    /// row with its own (dynamic) base. Each cache grows by one position; returns the logits
+    /// (f32) [n, vocab]. A row gets what [`Llm::forward`] gives it alone, up to the rounding of
+    /// products over n rows instead of one.
+    pub fn decode_rows(&self, caches: &mut [&mut KvCache], tokens: &[i64]) -> Tensor {
+        let n = tokens.len() as i64;
+        assert_eq!(caches.len(), tokens.len(), "one cache per row");
+        let positions: Vec<i64> = caches.iter().map(|c| c.len()).collect();
+        // the reference's sequence length for the dynamic base: the key length, which for one
+        // new token is also `max(position_ids) + 1`
+        let bases: Vec<f64> = caches
+            .iter_mut()
+            .zip(&positions)
+            .map(|(c, &p)| self.rope.base_for(&mut c.rope, p + 1))
+            .collect();
+        let mut xs = self.embed(&Tensor::from_slice(tokens).view([n, 1]));
+        let mut rope_dev: Option<(Device, Tensor, Tensor)> = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if rope_dev.as_ref().map(|r| r.0) != Some(layer.dev) {
+                let (cos, sin) = if bases.iter().all(|&b| b == bases[0]) {
+                    let pos = Tensor::from_slice(&positions).view([n, 1]);
+                    self.rope.cos_sin(&pos, bases[0], self.kind, layer.dev)
+                } else {
+                    let (cos, sin): (Vec<Tensor>, Vec<Tensor>) = positions
+                        .iter()
+                        .zip(&bases)
+                        .map(|(&p, &b)| {
+                            let pos = Tensor::from_slice(&[p]).view([1, 1]);
+                            self.rope.cos_sin(&pos, b, self.kind, layer.dev)
+                        })
+                        .unzip();
+                    (Tensor::cat(&cos, 0), Tensor::cat(&sin, 0))
+                };
+                rope_dev = Some((layer.dev, cos, sin));
+            }
+            let (_, cos, sin) = rope_dev.as_ref().expect("set above");
+            xs = xs.to_device(layer.dev);
+            let h = layer.input_norm.forward(&xs);
+            let a = &layer.attn;
+            let (q, k, v) = a.project(&h);
+            let q = rope::apply(&q, cos, sin);
+            let k = rope::apply(&k, cos, sin);
+            let outs: Vec<Tensor> = caches
+                .iter_mut()
+                .enumerate()
+                .map(|(r, c)| {
+                    let r = r as i64;
+                    let (kr, vr) = c.layers[i].append(&k.narrow(0, r, 1), &v.narrow(0, r, 1));
+                    a.attend(&q.narrow(0, r, 1), &kr, &vr, None)
+                })
+                .collect();
+            let o = Tensor::cat(&outs, 0)
+                .transpose(1, 2)
+                .reshape([n, 1, a.num_heads * a.head_dim]);
+            xs += a.o.forward(&o);
+            let h = layer.post_attn_norm.forward(&xs);
+            xs = &xs + layer.mlp.forward(&h);
+        }
+        let hidden = self.norm.forward(&xs.to_device(self.norm.weight.device()));
+        self.last_logits(&hidden)
+    }
+}
+
 /// [q, past + q] booleans: query i (absolute position past + i) sees keys 0..=past + i.
 fn causal_mask(q_len: i64, past: i64, dev: Device) -> Tensor {
     let rows = Tensor::arange(q_len, (Kind::Int64, dev)).unsqueeze(1) + past;
