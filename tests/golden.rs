@@ -867,3 +867,71 @@ fn native_decoding_step_matches_libtorch_layers() {
         eprintln!("{r}");
     }
 }
+
+/// The scheduler's rows (each with its own cache, at different lengths) through the native
+/// step: every row's logits are what the native step gives that row decoding alone (bf16 and
+/// `--load-8bit`, every tiny model), bit for bit.
+#[test]
+fn native_ragged_rows_decode_as_each_row_alone() {
+    use internvl_chat::model::llm::Mask;
+    use internvl_chat::model::InternVL;
+    use internvl_chat::testutil::TINY_MODELS;
+    let _g = tch::no_grad_guard();
+    let mut worst = 1f64;
+    let mut exact = (0usize, 0usize);
+    for model in TINY_MODELS {
+        for int8 in [Int8::Off, Int8::Llm] {
+            let opts = LoadOptions {
+                int8,
+                ..LoadOptions::single(Device::Cpu, Kind::BFloat16)
+            };
+            let m = InternVL::load(&fixture(&format!("models/{model}")), &opts).unwrap();
+            let llm = &m.llm;
+            assert!(llm.native_decodes(3) || !internvl_chat::model::gemv::available());
+            let prompts: Vec<Vec<i64>> = [5usize, 17, 40]
+                .iter()
+                .map(|&n| (0..n as i64).map(|i| 100 + (i * 37) % 900).collect())
+                .collect();
+            let prefill = |ids: &[i64]| {
+                let mut c = llm.new_cache();
+                let t = Tensor::from_slice(ids).view([1, -1]);
+                let pos =
+                    Tensor::arange(ids.len() as i64, (Kind::Int64, Device::Cpu)).view([1, -1]);
+                let h = llm.forward(&llm.embed(&t), &pos, &mut c, &Mask::Causal);
+                (c, llm.last_logits(&h).argmax(-1, false).int64_value(&[0]))
+            };
+            let (mut together, mut next): (Vec<_>, Vec<i64>) =
+                prompts.iter().map(|p| prefill(p)).unzip();
+            let mut alone: Vec<_> = prompts.iter().map(|p| prefill(p).0).collect();
+            for step in 0..6 {
+                let mut refs: Vec<&mut _> = together.iter_mut().collect();
+                let rows = llm.decode_rows(&mut refs, &next);
+                for (r, c) in alone.iter_mut().enumerate() {
+                    let p = Tensor::from_slice(&[c.len()]).view([1, 1]);
+                    let e = llm.embed(&Tensor::from_slice(&[next[r]]).view([1, 1]));
+                    let one = llm
+                        .last_logits(&llm.forward(&e, &p, c, &Mask::Causal))
+                        .get(0);
+                    let got = rows.get(r as i64);
+                    let cos = Tensor::cosine_similarity(&got, &one, 0, 1e-8).double_value(&[]);
+                    worst = worst.min(cos);
+                    exact.0 += got.equal(&one) as usize;
+                    exact.1 += 1;
+                    // each output is one weight row's dot product with one input row,
+                    // whatever the other rows: bit for bit
+                    assert!(
+                        got.equal(&one),
+                        "{model} {int8:?} row {r} step {step}: cosine {cos}"
+                    );
+                }
+                next = (0..3)
+                    .map(|r| rows.get(r).argmax(0, false).int64_value(&[]))
+                    .collect();
+            }
+        }
+    }
+    eprintln!(
+        "ragged native rows: {} of {} row-steps bit for bit as alone, cosine >= {worst:.7}",
+        exact.0, exact.1
+    );
+}

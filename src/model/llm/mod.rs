@@ -438,6 +438,9 @@ impl Llm {
     pub fn decode_rows(&self, caches: &mut [&mut KvCache], tokens: &[i64]) -> Tensor {
         let n = tokens.len() as i64;
         assert_eq!(caches.len(), tokens.len(), "one cache per row");
+        if self.native_decodes(tokens.len()) {
+            return self.last_logits(&self.native_rows(caches, tokens));
+        }
         let positions: Vec<i64> = caches.iter().map(|c| c.len()).collect();
         // the reference's sequence length for the dynamic base: the key length, which for one
         // new token is also `max(position_ids) + 1`

@@ -167,8 +167,9 @@ impl Llm {
     }
 
     /// One decoding step of `embeds` [b, 1, hidden] at `positions` [b, 1] with rope base
-    /// `base`, appending to `cache`; the final-normed hidden states [b, 1, hidden] (bf16), as
-    /// [`Llm::forward`] returns them. Call where [`Llm::native_decodes`] holds.
+    /// `base`, appending to `cache` (all rows in one cache, left-padded batches masked by
+    /// `mask`); the final-normed hidden states [b, 1, hidden] (bf16), as [`Llm::forward`]
+    /// returns them. Call where [`Llm::native_decodes`] holds.
     pub(super) fn native_step(
         &self,
         embeds: &Tensor,
@@ -178,15 +179,10 @@ impl Llm {
         base: f64,
     ) -> Tensor {
         let b = embeds.size()[0] as usize;
-        let hidden = self.hidden as usize;
-        let embeds = embeds.to_kind(Kind::BFloat16).contiguous();
-        let mut x = values(&embeds);
         let (cos, sin) = self
             .rope
             .cos_sin(positions, base, Kind::BFloat16, Device::Cpu);
-        let (cos, sin) = (values(&cos.contiguous()), values(&sin.contiguous()));
-        let past = cache.len() as usize;
-        let kv = past + 1;
+        let kv = cache.len() as usize + 1;
         // keys row r may attend to: all of them (one sequence) or the batch mask's
         let allowed: Option<Vec<bool>> = match mask {
             Mask::Causal => None,
@@ -200,24 +196,71 @@ impl Llm {
             ),
         };
         // every layer's room for this step first: growing a buffer is the only libtorch work
-        let slots: Vec<Slot> = self
+        let slots: Vec<Vec<Slot>> = self
             .layers
             .iter()
             .zip(cache.layers.iter_mut())
             .map(|(l, lc)| {
-                lc.append_slot(
-                    b as i64,
-                    l.attn.num_kv_heads,
-                    l.attn.head_dim,
-                    Kind::BFloat16,
-                )
+                let (kvh, d) = (l.attn.num_kv_heads, l.attn.head_dim);
+                let slot = lc.append_slot(b as i64, kvh, d, Kind::BFloat16);
+                (0..b).map(|r| slot.row(r, (kvh * d) as usize)).collect()
             })
             .collect();
-        for (layer, slot) in self.layers.iter().zip(slots) {
+        self.native_layers(embeds, &cos, &sin, slots, allowed.as_deref())
+    }
+
+    /// One decoding step of `tokens`, each row with its own cache (the scheduler's rows, at
+    /// different lengths), rope bases from each cache's state; final-normed hidden states
+    /// [n, 1, hidden] (bf16). Call where [`Llm::native_decodes`] holds.
+    pub(super) fn native_rows(&self, caches: &mut [&mut KvCache], tokens: &[i64]) -> Tensor {
+        let n = tokens.len();
+        let mut cos = Vec::with_capacity(n);
+        let mut sin = Vec::with_capacity(n);
+        for c in caches.iter_mut() {
+            let p = c.len();
+            // the reference's length for the dynamic base: the key length, which for one new
+            // token is also `max(position_ids) + 1`
+            let base = self.rope.base_for(&mut c.rope, p + 1);
+            let pos = Tensor::from_slice(&[p]).view([1, 1]);
+            let (c, s) = self.rope.cos_sin(&pos, base, Kind::BFloat16, Device::Cpu);
+            cos.push(c);
+            sin.push(s);
+        }
+        let (cos, sin) = (Tensor::cat(&cos, 0), Tensor::cat(&sin, 0));
+        let slots: Vec<Vec<Slot>> = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let (kvh, d) = (l.attn.num_kv_heads, l.attn.head_dim);
+                caches
+                    .iter_mut()
+                    .map(|c| c.layers[i].append_slot(1, kvh, d, Kind::BFloat16))
+                    .collect()
+            })
+            .collect();
+        let embeds = self.embed(&Tensor::from_slice(tokens).view([n as i64, 1]));
+        self.native_layers(&embeds, &cos, &sin, slots, None)
+    }
+
+    /// The layers and the final norm for `embeds` [b, 1, hidden], each row's cos and sin
+    /// ([b, .., dim]) and its cache slot in every layer (`slots[layer][row]`).
+    fn native_layers(
+        &self,
+        embeds: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        slots: Vec<Vec<Slot>>,
+        allowed: Option<&[bool]>,
+    ) -> Tensor {
+        let b = embeds.size()[0] as usize;
+        let hidden = self.hidden as usize;
+        let mut x = values(&embeds.to_kind(Kind::BFloat16).contiguous());
+        let (cos, sin) = (values(&cos.contiguous()), values(&sin.contiguous()));
+        for (layer, slots) in self.layers.iter().zip(slots) {
             let a = &layer.attn;
             let h = rms_norm(&x, &layer.input_norm, b);
-            let o = attention(a, &h, b, &cos, &sin, slot, allowed.as_deref());
-            debug_assert_eq!(slot.len, kv);
+            let o = attention(a, &h, b, &cos, &sin, &slots, allowed);
             let o = Lin::of(&a.o).run(&o, b);
             add_into(&mut x, &o);
             let h = rms_norm(&x, &layer.post_attn_norm, b);
@@ -267,7 +310,8 @@ fn norm_row(x: &[f32], w: &[u16], eps: f64, out: &mut [u16]) {
 }
 
 /// Where this step's keys and values go in one layer's cache: its buffers [b, kv_heads, cap, d]
-/// and the position written (the cache then holds `len` positions).
+/// (or one row's part of them, see [`Slot::row`]) and the position written (the cache then
+/// holds `len` positions).
 #[derive(Clone, Copy)]
 pub struct Slot {
     pub k: *mut u16,
@@ -278,6 +322,19 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// Row `r`'s part of a [b, kv_heads, cap, d] slot, `per_position` = kv_heads * d.
+    fn row(&self, r: usize, per_position: usize) -> Slot {
+        let at = r * per_position * self.cap;
+        // SAFETY: r < b: the offset stays inside the buffers
+        unsafe {
+            Slot {
+                k: self.k.add(at),
+                v: self.v.add(at),
+                ..*self
+            }
+        }
+    }
+
     /// The keys and values of positions 0..len from element `base` of the buffers (one row's
     /// key-value head), `d` values each.
     fn cached(&self, base: usize, d: usize) -> (&[u16], &[u16]) {
@@ -307,7 +364,7 @@ fn attention(
     b: usize,
     cos: &[f32],
     sin: &[f32],
-    slot: Slot,
+    slots: &[Slot],
     allowed: Option<&[bool]>,
 ) -> Vec<u16> {
     let (heads, kvh, d) = (
@@ -368,9 +425,10 @@ fn attention(
         let mut kr = vec![0f32; d];
         for g in 0..kvh {
             prepare(k_at(g), norms.map(|n| n.1), &mut kr);
-            let at = ((r * kvh + g) * slot.cap + slot.pos) * d;
-            // SAFETY: the slot's buffers hold [b, kvh, cap, d] bf16 values and pos < cap; this
-            // step alone writes position `pos`.
+            let slot = &slots[r];
+            let at = (g * slot.cap + slot.pos) * d;
+            // SAFETY: row r's slot holds [kvh, cap, d] bf16 values from its pointers and pos < cap;
+            // this step alone writes position `pos`.
             unsafe {
                 for (j, &kv) in kr.iter().enumerate() {
                     *slot.k.add(at + j) = bits(kv);
@@ -386,7 +444,8 @@ fn attention(
     // one task per row and key-value head: its query heads read its keys and values once
     gemv::for_each_task(b * kvh, |task| {
         let (r, g) = (task / kvh, task % kvh);
-        let (ks, vs) = slot.cached((r * kvh + g) * slot.cap * d, d);
+        let slot = &slots[r];
+        let (ks, vs) = slot.cached(g * slot.cap * d, d);
         let keep = allowed.map(|m| &m[r * slot.len..(r + 1) * slot.len]);
         let first = r * heads + g * groups;
         let qs = &q[first * d..(first + groups) * d];
