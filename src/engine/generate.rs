@@ -91,7 +91,7 @@ pub fn generate(
     } else {
         Mask::Causal
     };
-    let hidden = model.llm.forward(&embeds, &positions, cache, &mask);
+    let hidden = model.llm.prefill(&embeds, &positions, cache, &mask);
     let mut logits = model.llm.last_logits(&hidden);
     let first_logits = input
         .keep_first_logits

@@ -127,7 +127,7 @@ impl Scheduler {
         let hidden = engine
             .model
             .llm
-            .forward(&embeds, &positions, &mut cache, &Mask::Causal);
+            .prefill(&embeds, &positions, &mut cache, &Mask::Causal);
         let logits = engine.model.llm.last_logits(&hidden);
         self.prefilled += (len - past) as usize;
         let row = Row {

@@ -375,6 +375,30 @@ impl Llm {
         cache: &mut KvCache,
         mask: &Mask,
     ) -> Tensor {
+        self.run_layers(embeds, positions, cache, mask, true)
+    }
+
+    /// [`Llm::forward`] for a prompt: always libtorch's layers, even for a single new position
+    /// (the last prompt token after a reused KV prefix), so a prompt's first logits do not depend
+    /// on how much of it was cached; the native step is for generated tokens.
+    pub fn prefill(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        cache: &mut KvCache,
+        mask: &Mask,
+    ) -> Tensor {
+        self.run_layers(embeds, positions, cache, mask, false)
+    }
+
+    fn run_layers(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        cache: &mut KvCache,
+        mask: &Mask,
+        native: bool,
+    ) -> Tensor {
         let q_len = embeds.size()[1];
         let past = cache.len();
         let kv_len = past + q_len;
@@ -385,7 +409,7 @@ impl Llm {
             _ => kv_len,
         };
         let base = self.rope.base_for(&mut cache.rope, seq_len);
-        if q_len == 1 && self.native_decodes(embeds.size()[0] as usize) {
+        if native && q_len == 1 && self.native_decodes(embeds.size()[0] as usize) {
             return self.native_step(embeds, positions, cache, mask, base);
         }
         let mut rope_dev: Option<(Device, Tensor, Tensor, Option<Tensor>)> = None;
