@@ -5,7 +5,7 @@
 //! ```sh
 //! cargo build --profile profiling --example profile_decode
 //! perf record -e cpu-clock -g target/profiling/examples/profile_decode /tmp/bench-1b 256 \
-//!     [THREADS] [int8|bf16] [BATCH] [greedy|sampled]
+//!     [THREADS] [int8|q4|bf16] [BATCH] [greedy|sampled]
 //! ```
 //!
 //! `sampled`: the chat's default sampling instead of greedy (the same forced length), to measure
@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use internvl_chat::bench::{forced, forced_sampled};
 use internvl_chat::engine::chat::{ChatInput, Engine};
 use internvl_chat::engine::generate::Flow;
-use internvl_chat::model::{Int8, LoadOptions};
+use internvl_chat::model::{LoadOptions, Quant, Quantize};
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind};
@@ -22,26 +22,28 @@ use tch::{Device, Kind};
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let model = PathBuf::from(args.next().context(
-        "usage: profile_decode MODEL_DIR [TOKENS] [THREADS] [int8|bf16] [BATCH] \
+        "usage: profile_decode MODEL_DIR [TOKENS] [THREADS] [int8|q4|bf16] [BATCH] \
                  [greedy|sampled]",
     )?);
     let n: usize = args.next().map_or(Ok(256), |s| s.parse())?;
     if let Some(t) = args.next() {
         tch::set_num_threads(t.parse()?);
     }
-    let int8 = if args.next().as_deref() == Some("int8") {
-        Int8::Llm
-    } else {
-        Int8::Off
+    let quant = match args.next().as_deref() {
+        Some("int8") => Quantize::llm(Quant::Int8),
+        Some("q4") => Quantize::llm(Quant::Q4),
+        _ => Quantize::OFF,
     };
     let batch: usize = args.next().map_or(Ok(1), |s| s.parse())?;
     let sampled = args.next().as_deref() == Some("sampled");
     let _g = tch::no_grad_guard();
     let opts = LoadOptions {
-        int8,
+        quant,
         ..LoadOptions::single(Device::Cpu, Kind::BFloat16)
     };
+    let t = Instant::now();
     let mut engine = Engine::load(&model, &opts)?;
+    let load_s = t.elapsed().as_secs_f64();
     let p = engine.prepare(&ChatInput {
         system: None,
         history: &[],
@@ -71,10 +73,12 @@ fn main() -> Result<()> {
     };
     let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
     println!(
-        "{batch} x {tokens} tokens, {}, kernel {}, decode {:.2} steps/s",
+        "{batch} x {tokens} tokens, {}, {}, load {load_s:.2} s, kernel {}, decode {:.2} steps/s, peak RSS {:.2} GiB",
         if sampled { "sampled" } else { "greedy" },
+        opts.quant.name(),
         internvl_chat::model::gemv::level().name(),
-        (tokens - 1) as f64 / secs
+        (tokens - 1) as f64 / secs,
+        internvl_chat::bench::peak_rss_gib()
     );
     Ok(())
 }

@@ -237,7 +237,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Value> {
     Ok(json!({
         "model": cfg.model.display().to_string(),
         "dtype": format!("{:?}", cfg.opts.kind),
-        "load_8bit": format!("{:?}", cfg.opts.int8),
+        "quantized": cfg.opts.quant.name(),
         "threads": tch::get_num_threads(),
         "kernel": kernel(&cfg.opts),
         "kernel_note": gemv::level_note(),
@@ -282,10 +282,10 @@ fn kernel(opts: &LoadOptions) -> &'static str {
 
 pub fn table(v: &Value) -> String {
     let mut s = format!(
-        "model {}  dtype {}  8-bit {}  threads {}  kernel {}{}  decode step {}\nload {:.2} s   peak RSS {:.2} GiB\n\n",
+        "model {}  dtype {}  quantized {}  threads {}  kernel {}{}  decode step {}\nload {:.2} s   peak RSS {:.2} GiB\n\n",
         v["model"].as_str().unwrap_or(""),
         v["dtype"].as_str().unwrap_or(""),
-        v["load_8bit"].as_str().unwrap_or(""),
+        v["quantized"].as_str().unwrap_or(""),
         v["threads"],
         v["kernel"].as_str().unwrap_or(""),
         v["kernel_note"]

@@ -273,6 +273,10 @@ pub struct ParamCounts {
     pub layer_matrix: (u64, u64),
     /// Of `vision`: the same for all its layers.
     pub vision_matrix: (u64, u64),
+    /// `layer_matrix`'s and `vision_matrix`'s groups of 32 inputs (a partial one at the end of
+    /// a row counts): what `--load-4bit` stores one scale for.
+    pub layer_q4_groups: u64,
+    pub vision_q4_groups: u64,
 }
 
 impl ParamCounts {
@@ -353,6 +357,18 @@ impl ParamCounts {
                 (h * out + nh * hd * h, out + h)
             }
         };
+        // 4-bit groups: a matrix of `rows` outputs over `inputs` has rows * ceil(inputs / 32)
+        let c = |inputs: u64| inputs.div_ceil(crate::model::gemv::Q4_GROUP as u64);
+        let mlp_groups = mean(
+            experts * (2 * mi * c(h) + h * c(mi)),
+            2 * inter * c(h) + h * c(inter),
+        );
+        let attn_groups = match cfg.llm_arch() {
+            LlmArch::Qwen2 | LlmArch::Llama | LlmArch::Qwen3 | LlmArch::Qwen3Moe => {
+                (nh * hd + 2 * nkv * hd) * c(h) + h * c(nh * hd)
+            }
+            LlmArch::InternLM2 => nkv * (nh / nkv + 2) * hd * c(h) + h * c(nh * hd),
+        };
         let vocab = l.vocab_size as u64;
         Self {
             vision,
@@ -368,6 +384,8 @@ impl ParamCounts {
                 (4 * d * d + 2 * d * i) * v.num_hidden_layers as u64,
                 (5 * d + i) * v.num_hidden_layers as u64,
             ),
+            layer_q4_groups: attn_groups + mlp_groups,
+            vision_q4_groups: ((4 * d + i) * c(d) + d * c(i)) * v.num_hidden_layers as u64,
         }
     }
 

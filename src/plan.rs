@@ -1,7 +1,7 @@
 //! `internvl-chat plan`: what a model costs on each device, computed from its config alone.
 use crate::device_map::{DeviceMap, ParamCounts, Target};
 use crate::model::config::InternVLConfig;
-use crate::model::Int8;
+use crate::model::{Quant, Quantize};
 use serde_json::json;
 use std::collections::BTreeMap;
 
@@ -33,13 +33,23 @@ pub fn kv_bytes_per_layer(cfg: &InternVLConfig, context: usize, dtype_bytes: u64
     2 * context as u64 * l.num_kv_heads() as u64 * l.head_dim() as u64 * dtype_bytes
 }
 
-/// Bytes of `params` parameters of which `matrix` = (elements, rows) are int8 with a scale
-/// per row when `int8`, the rest in the dtype.
-fn weight_bytes(params: u64, matrix: (u64, u64), int8: bool, dtype_bytes: u64) -> u64 {
-    if int8 {
-        (params - matrix.0 + matrix.1) * dtype_bytes + matrix.0
-    } else {
-        params * dtype_bytes
+/// Bytes of `params` parameters of which `matrix` = (elements, rows) are kept as `format`
+/// says, the rest in the dtype: int8 with a scale per row in the dtype, or 4-bit in `groups`
+/// groups of 32 (16 bytes and a bf16 scale each).
+fn weight_bytes(
+    params: u64,
+    matrix: (u64, u64),
+    groups: u64,
+    format: Quant,
+    dtype_bytes: u64,
+) -> u64 {
+    match format {
+        Quant::None => params * dtype_bytes,
+        Quant::Int8 => (params - matrix.0 + matrix.1) * dtype_bytes + matrix.0,
+        Quant::Q4 => {
+            (params - matrix.0) * dtype_bytes
+                + groups * (crate::model::gemv::Q4_GROUP_BYTES as u64 + 2)
+        }
     }
 }
 
@@ -49,7 +59,7 @@ impl Plan {
         map: &DeviceMap,
         dtype_bytes: u64,
         context: usize,
-        int8: Int8,
+        quant: Quantize,
     ) -> Self {
         let params = ParamCounts::of(cfg);
         let mut devices: BTreeMap<Target, DeviceCost> = BTreeMap::new();
@@ -59,14 +69,16 @@ impl Plan {
         first.weight_bytes = weight_bytes(
             params.vision,
             params.vision_matrix,
-            int8 == Int8::LlmAndVision,
+            params.vision_q4_groups,
+            quant.vision_format(),
             dtype_bytes,
         ) + (shared - params.vision) * dtype_bytes;
         let kv = kv_bytes_per_layer(cfg, context, dtype_bytes);
         let layer_bytes = weight_bytes(
             params.layer,
             params.layer_matrix,
-            int8 != Int8::Off,
+            params.layer_q4_groups,
+            quant.format,
             dtype_bytes,
         );
         for t in &map.layers {
@@ -301,7 +313,7 @@ mod tests {
     fn seventy_eight_b_on_eight_gpus() {
         let cfg = InternVLConfig::load(&fixture("configs/InternVL2_5-78B.config.json")).unwrap();
         let map = parse("auto", cfg.llm_config.num_hidden_layers, 8).unwrap();
-        let plan = Plan::new(&cfg, &map, 2, 8192, Int8::Off);
+        let plan = Plan::new(&cfg, &map, 2, 8192, Quantize::OFF);
         let total: u64 = plan.devices.values().map(|d| d.weight_bytes).sum();
         assert_eq!(total, plan.params.total() * 2);
         assert!(
@@ -322,12 +334,21 @@ mod tests {
         assert_eq!(j["devices"]["cuda:7"]["layers"], 7);
     }
 
-    /// With --load-8bit the plan's weight bytes equal what the checkpoint's tensors cost once
-    /// the 2-d weights of the decoder layers (and of the vision layers) are int8 with a bf16
-    /// scale per row: counted from the safetensors headers, independently of ParamCounts.
+    /// With --load-8bit / --load-4bit the plan's weight bytes equal what the checkpoint's
+    /// tensors cost once the 2-d weights of the decoder layers (and of the vision layers) are
+    /// int8 with a bf16 scale per row, or 4-bit with 16 bytes and a bf16 scale per group of 32
+    /// inputs (a partial last group counting whole): counted from the safetensors headers,
+    /// independently of ParamCounts. tiny-qwen3 (hidden 16) and tiny-qwen2-dyn (hidden 8) have
+    /// rows shorter than a group.
     #[test]
-    fn int8_weight_bytes_match_the_checkpoint() {
-        for model in ["tiny-qwen2", "tiny-internlm2", "tiny-vit6b-qwen2"] {
+    fn quantized_weight_bytes_match_the_checkpoint() {
+        for model in [
+            "tiny-qwen2",
+            "tiny-internlm2",
+            "tiny-vit6b-qwen2",
+            "tiny-qwen3",
+            "tiny-qwen2-dyn",
+        ] {
             let dir = fixture(&format!("models/{model}"));
             let cfg = InternVLConfig::load(&dir).unwrap();
             let mut shapes: Vec<(String, Vec<usize>)> = Vec::new();
@@ -342,33 +363,33 @@ mod tests {
                 }
             }
             let map = parse("cpu", cfg.llm_config.num_hidden_layers, 0).unwrap();
-            for int8 in [Int8::Off, Int8::Llm, Int8::LlmAndVision] {
+            let mut all = vec![Quantize::OFF];
+            for f in [Quant::Int8, Quant::Q4] {
+                all.extend([Quantize::llm(f), Quantize::all(f)]);
+            }
+            for quant in all {
                 let quantized = |name: &str, dims: usize| {
                     dims == 2
                         && name.ends_with(".weight")
-                        && match int8 {
-                            Int8::Off => false,
-                            Int8::Llm => name.starts_with("language_model.model.layers."),
-                            Int8::LlmAndVision => {
-                                name.starts_with("language_model.model.layers.")
-                                    || name.starts_with("vision_model.encoder.layers.")
-                            }
-                        }
+                        && quant.format != Quant::None
+                        && (name.starts_with("language_model.model.layers.")
+                            || quant.vision && name.starts_with("vision_model.encoder.layers."))
                 };
                 let want: u64 = shapes
                     .iter()
                     .map(|(name, shape)| {
                         let n: usize = shape.iter().product();
-                        if quantized(name, shape.len()) {
-                            (n + 2 * shape[0]) as u64
-                        } else {
-                            2 * n as u64
-                        }
+                        let bytes = match quant.format {
+                            _ if !quantized(name, shape.len()) => 2 * n,
+                            Quant::Q4 => shape[0] * shape[1].div_ceil(32) * 18,
+                            _ => n + 2 * shape[0],
+                        };
+                        bytes as u64
                     })
                     .sum();
-                let plan = Plan::new(&cfg, &map, 2, 16, int8);
+                let plan = Plan::new(&cfg, &map, 2, 16, quant);
                 let got: u64 = plan.devices.values().map(|d| d.weight_bytes).sum();
-                assert_eq!(got, want, "{model} {int8:?}");
+                assert_eq!(got, want, "{model} {quant:?}");
             }
         }
     }
@@ -388,7 +409,7 @@ mod tests {
         assert_eq!(gpu_memory_from("-1", 0), None);
         let cfg = InternVLConfig::load(&fixture("configs/InternVL2_5-8B.config.json")).unwrap();
         let map = parse("0:16,1:16", cfg.llm_config.num_hidden_layers, 2).unwrap();
-        let plan = Plan::new(&cfg, &map, 2, 8192, Int8::Off);
+        let plan = Plan::new(&cfg, &map, 2, 8192, Quantize::OFF);
         let with = |spec: &'static str| {
             move |t: Target| match t {
                 Target::Gpu(i) => gpu_memory_from(spec, i),
@@ -414,7 +435,7 @@ mod tests {
     fn table_lists_modules_and_devices() {
         let cfg = InternVLConfig::load(&fixture("configs/InternVL2_5-1B.config.json")).unwrap();
         let map = parse("cpu", 24, 0).unwrap();
-        let t = Plan::new(&cfg, &map, 2, 4096, Int8::Off).table();
+        let t = Plan::new(&cfg, &map, 2, 4096, Quantize::OFF).table();
         assert!(t.contains("decoder layers (24 x "), "{t}");
         assert!(
             t.lines().any(|l| l.starts_with("cpu") && l.contains("24")),

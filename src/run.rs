@@ -8,7 +8,7 @@ use crate::engine::protocol::{Attachment, EngineCmd, EngineEvent, GenerateReques
 use crate::engine::EngineHandle;
 use crate::hub;
 use crate::model::config::InternVLConfig;
-use crate::model::{Int8, LoadOptions};
+use crate::model::{LoadOptions, Quant, Quantize};
 use crate::plan::Plan;
 use crate::preprocess::TileConfig;
 use crate::sampling::{Overrides, SamplingParams};
@@ -105,10 +105,10 @@ fn torch_device(t: Target) -> Device {
 /// Where everything goes, from --device and --device-map.
 pub fn load_options(args: &ModelArgs, dir: &std::path::Path) -> Result<LoadOptions> {
     let kind = kind_of(args.dtype);
-    let int8 = int8_of(args.load_8bit);
+    let quant = quant_of(args.load_8bit, args.load_4bit)?;
     let Some(spec) = &args.device_map else {
         return Ok(LoadOptions {
-            int8,
+            quant,
             context: args.context,
             ..LoadOptions::single(parse_device(&args.device)?, kind)
         });
@@ -120,18 +120,31 @@ pub fn load_options(args: &ModelArgs, dir: &std::path::Path) -> Result<LoadOptio
         kind,
         first: torch_device(map.first),
         layers: map.layers.into_iter().map(torch_device).collect(),
-        int8,
+        quant,
         context: args.context,
     })
 }
 
-pub fn int8_of(scope: Option<crate::cli::Int8Scope>) -> Int8 {
-    use crate::cli::Int8Scope;
-    match scope {
-        None => Int8::Off,
-        Some(Int8Scope::Llm) => Int8::Llm,
-        Some(Int8Scope::All) => Int8::LlmAndVision,
-    }
+/// The weights `--load-8bit` and `--load-4bit` ask for (at most one of them).
+pub fn quant_of(
+    load_8bit: Option<crate::cli::QuantScope>,
+    load_4bit: Option<crate::cli::QuantScope>,
+) -> Result<Quantize> {
+    use crate::cli::QuantScope;
+    let (format, scope) = match (load_8bit, load_4bit) {
+        (None, None) => return Ok(Quantize::OFF),
+        (Some(s), None) => (Quant::Int8, s),
+        (None, Some(s)) => (Quant::Q4, s),
+        (Some(_), Some(_)) => {
+            bail!(
+                "--load-8bit and --load-4bit cannot be used together: choose one weight precision"
+            )
+        }
+    };
+    Ok(match scope {
+        QuantScope::Llm => Quantize::llm(format),
+        QuantScope::All => Quantize::all(format),
+    })
 }
 
 /// Refuses, before anything is allocated, a model whose weights and KV cache do not fit the
@@ -159,7 +172,7 @@ fn check_fits(dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
         &map,
         opts.kind.elt_size_in_bytes() as u64,
         context,
-        opts.int8,
+        opts.quant,
     );
     let ram = crate::plan::available_ram();
     plan.check(&|t| match t {
@@ -191,7 +204,13 @@ fn plan(args: &ModelArgs, p: &PlanArgs) -> Result<ExitCode> {
     let context = args
         .context
         .unwrap_or_else(|| cfg.llm_config.context_window().min(8192));
-    let plan = Plan::new(&cfg, &map, bytes, context, int8_of(args.load_8bit));
+    let plan = Plan::new(
+        &cfg,
+        &map,
+        bytes,
+        context,
+        quant_of(args.load_8bit, args.load_4bit)?,
+    );
     let gpu_mem = p.gpu_memory.map(|g| (g * (1u64 << 30) as f64) as u64);
     if gpus > 0 && gpu_mem.is_none() && p.gpus.is_some() && tch::Cuda::device_count() == 0 {
         bail!("--gpus {gpus} without GPUs present needs --gpu-memory GIB");
@@ -483,13 +502,18 @@ fn tui(cli: &Cli) -> Result<ExitCode> {
                 tch::set_num_threads(n as i32);
             }
             let mut opts = load_options(&cli.model, &dir)?;
-            if opts.context.is_none() {
-                // config.toml's context, when --context is not given (a broken file is
-                // reported by the chat itself once it starts)
-                opts.context = app::config::default_path()
-                    .ok()
-                    .and_then(|p| app::config::load(&p).ok())
-                    .and_then(|s| s.context);
+            // config.toml's context and weight precision where the flags do not give them (a
+            // broken file is reported by the chat itself once it starts)
+            let file = app::config::default_path()
+                .ok()
+                .and_then(|p| app::config::load(&p).ok());
+            if let Some(file) = file {
+                if opts.context.is_none() {
+                    opts.context = file.context;
+                }
+                if cli.model.load_8bit.is_none() && cli.model.load_4bit.is_none() {
+                    opts.quant = quant_of(file.load_8bit, file.load_4bit)?;
+                }
             }
             check_fits(&dir, &opts)?;
             let device_name = format!("{:?}", opts.first).to_lowercase();

@@ -507,6 +507,146 @@ fn load_8bit_plans_and_answers() {
     assert!(!stdout(&o).trim().is_empty());
 }
 
+/// `--load-4bit`: the plan costs 16 bytes and a bf16 scale per 32 weights of the decoder
+/// layers' matrices (exactly, from the 78B config's shapes: it then fits one 56 GiB card's
+/// share), `--load-8bit` with `--load-4bit` is refused in one line, and a one-shot answer with
+/// 4-bit decoder weights (and with 4-bit vision weights, on a picture) equals the 4-bit
+/// engine's in-process answer.
+#[test]
+fn load_4bit_plans_and_answers() {
+    use internvl_chat::engine::chat::{ChatInput, Engine};
+    use internvl_chat::engine::generate::Flow;
+    use internvl_chat::engine::protocol::Attachment;
+    use internvl_chat::model::{LoadOptions, Quant, Quantize};
+    use internvl_chat::sampling::SamplingParams;
+    use tch::{Device, Kind};
+
+    let cfg = fixtures().join("configs/InternVL2_5-78B.config.json");
+    let c = cfg.to_str().unwrap();
+    let plan = |extra: &[&str]| -> Value {
+        let mut a = vec![
+            "plan",
+            "--model",
+            c,
+            "--gpus",
+            "2",
+            "--gpu-memory",
+            "56",
+            "--json",
+        ];
+        a.extend(extra);
+        let o = run(&a, None);
+        serde_json::from_str(&stdout(&o)).unwrap()
+    };
+    let bf16 = plan(&[]);
+    let q4 = plan(&["--load-4bit"]);
+    let all = plan(&["--load-4bit", "all"]);
+    assert_eq!(bf16["fits"], false);
+    assert_eq!(q4["fits"], true);
+    let bytes = |j: &Value, dev: &str| j["devices"][dev]["weight_bytes"].as_u64().unwrap();
+    // Qwen2.5-72B's decoder layer: q, o 8192x8192; k, v 1024x8192; gate, up 29568x8192; down
+    // 8192x29568 (every input size a multiple of 32); biases of q, k, v and two norms in bf16
+    let matrix: u64 = 2 * 8192 * 8192 + 2 * 1024 * 8192 + 3 * 29568 * 8192;
+    let rest: u64 = 8192 + 2 * 1024 + 2 * 8192;
+    let layers = q4["devices"]["cuda:1"]["layers"].as_u64().unwrap();
+    assert!(layers > 0);
+    assert_eq!(bytes(&q4, "cuda:1"), layers * (matrix / 32 * 18 + rest * 2));
+    assert_eq!(bytes(&bf16, "cuda:1"), layers * (matrix + rest) * 2);
+    assert_eq!(bytes(&all, "cuda:1"), bytes(&q4, "cuda:1"));
+    assert!(bytes(&all, "cuda:0") < bytes(&q4, "cuda:0"));
+    // the table says the same
+    let o = run(
+        &[
+            "plan",
+            "--model",
+            c,
+            "--gpus",
+            "2",
+            "--gpu-memory",
+            "56",
+            "--load-4bit",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let gib = format!(
+        "{:.2} GiB",
+        bytes(&q4, "cuda:1") as f64 / (1u64 << 30) as f64
+    );
+    assert!(stdout(&o).contains(&gib), "{gib} in {}", stdout(&o));
+
+    let m = model("tiny-qwen2");
+    for extra in [
+        ["--load-8bit", "--load-4bit"],
+        ["--load-4bit", "--load-8bit"],
+    ] {
+        let mut a = vec!["plan", "--model", c];
+        a.extend(extra);
+        assert_one_line_error(&run(&a, None), &["--load-8bit and --load-4bit"]);
+        let mut a = vec!["--model", &m, "--device", "cpu", "--prompt", "Hi"];
+        a.extend(extra);
+        assert_one_line_error(&run(&a, None), &["--load-8bit and --load-4bit"]);
+    }
+
+    let image = fixture("media/images/image1.jpg");
+    let cases: [(Quantize, &str, Vec<Attachment>, String); 2] = [
+        (
+            Quantize::llm(Quant::Q4),
+            "Hello, who are you?",
+            vec![],
+            "--load-4bit".into(),
+        ),
+        (
+            Quantize::all(Quant::Q4),
+            "<image>\nPlease describe the image shortly.",
+            vec![Attachment::Image {
+                path: image.clone(),
+                max_tiles: Some(2),
+            }],
+            "--load-4bit=all".into(),
+        ),
+    ];
+    for (quant, question, atts, flag) in cases {
+        let opts = LoadOptions {
+            quant,
+            ..LoadOptions::single(Device::Cpu, Kind::BFloat16)
+        };
+        let mut e = Engine::load(&fixture("models/tiny-qwen2"), &opts).unwrap();
+        let p = e
+            .prepare(&ChatInput {
+                system: None,
+                history: &[],
+                question,
+                attachments: &atts,
+                combine_images: false,
+            })
+            .unwrap();
+        let want = e
+            .run(&p, &SamplingParams::greedy(24), &mut |_| Flow::Continue)
+            .unwrap()
+            .answer;
+        assert!(!want.trim().is_empty());
+        let img = format!("{}:2", image.display());
+        let mut a = vec![
+            "--model",
+            &m,
+            flag.as_str(),
+            "--greedy",
+            "--max-new-tokens",
+            "24",
+            "--device",
+            "cpu",
+        ];
+        if !atts.is_empty() {
+            a.extend(["--image", img.as_str()]);
+        }
+        a.extend(["--prompt", question]);
+        let o = run(&a, None);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(stdout(&o).trim_end(), want.trim_end(), "{flag}");
+    }
+}
+
 /// InternVL3.5 (Qwen3 and Qwen3-MoE decoders) and InternVL3 (Qwen2 with a dynamic rope) through
 /// the real binary: the reference's answers, thinking mode, `--context`, `--load-8bit`.
 #[test]

@@ -14,6 +14,7 @@
 //! think = false             # thinking mode (InternVL3.5): /think on|off in the chat
 //! truncate_history = false  # when the context is full, leave out the oldest turns
 //! context = 16384           # context window in tokens (default: the model's; --context wins)
+//! load_4bit = "llm"         # or load_8bit; "llm" | "all" (--load-8bit / --load-4bit win)
 //!
 //! [sampling]
 //! temperature = 0.7         # 0 = greedy
@@ -54,6 +55,9 @@ pub struct Settings {
     pub truncate_history: bool,
     /// The context window in tokens (`None`: the model's); read before the model loads.
     pub context: Option<usize>,
+    /// `--load-8bit` / `--load-4bit` (at most one); read before the model loads.
+    pub load_8bit: Option<crate::cli::QuantScope>,
+    pub load_4bit: Option<crate::cli::QuantScope>,
     pub theme: Theme,
     pub mouse: bool,
     /// How pictures are drawn (`Auto`: detected at start-up).
@@ -73,6 +77,8 @@ impl Default for Settings {
             think: false,
             truncate_history: false,
             context: None,
+            load_8bit: None,
+            load_4bit: None,
             theme: Theme::default(),
             mouse: true,
             graphics: GraphicsMode::Auto,
@@ -124,6 +130,8 @@ struct File {
     think: Option<bool>,
     truncate_history: Option<bool>,
     context: Option<Spanned<usize>>,
+    load_8bit: Option<Spanned<String>>,
+    load_4bit: Option<Spanned<String>>,
     mouse: Option<bool>,
     graphics: Option<Spanned<String>>,
     sampling: Option<Spanned<Sampling>>,
@@ -200,6 +208,28 @@ pub fn parse(src: &str, path: &Path) -> Result<Settings, ConfigError> {
     };
     s.max_tiles = at_least_one(file.max_tiles, "max_tiles")?;
     s.context = at_least_one(file.context, "context")?;
+    let scope = |v: Option<Spanned<String>>, name: &str| match v {
+        None => Ok(None),
+        Some(v) => {
+            use clap::ValueEnum;
+            crate::cli::QuantScope::from_str(v.get_ref(), false)
+                .map(Some)
+                .map_err(|_| {
+                    invalid(
+                        Some(v.span()),
+                        format!("unknown {name} \"{}\" (one of llm, all)", v.get_ref()),
+                    )
+                })
+        }
+    };
+    if let (Some(_), Some(b)) = (&file.load_8bit, &file.load_4bit) {
+        return Err(invalid(
+            Some(b.span()),
+            "load_8bit and load_4bit cannot both be set: choose one weight precision".into(),
+        ));
+    }
+    s.load_8bit = scope(file.load_8bit, "load_8bit")?;
+    s.load_4bit = scope(file.load_4bit, "load_4bit")?;
     if let Some(n) = at_least_one(file.video_segments, "video_segments")? {
         s.video_segments = n;
     }
@@ -308,6 +338,25 @@ mod tests {
         parse(src, Path::new("/cfg/config.toml")).map_err(|e| e.to_string())
     }
 
+    /// `load_8bit` / `load_4bit` take `llm` or `all`; both at once, or another value, is one
+    /// error naming the line.
+    #[test]
+    fn quantized_weights_from_the_file() {
+        use crate::cli::QuantScope;
+        let s = parse_str("load_4bit = \"llm\"\n").unwrap();
+        assert_eq!((s.load_8bit, s.load_4bit), (None, Some(QuantScope::Llm)));
+        let s = parse_str("load_8bit = \"all\"\n").unwrap();
+        assert_eq!((s.load_8bit, s.load_4bit), (Some(QuantScope::All), None));
+        assert_eq!(
+            parse_str("theme = \"dark\"\nload_8bit = \"llm\"\nload_4bit = \"llm\"\n").unwrap_err(),
+            "config /cfg/config.toml line 3: load_8bit and load_4bit cannot both be set: choose one weight precision"
+        );
+        assert_eq!(
+            parse_str("load_4bit = \"vision\"\n").unwrap_err(),
+            "config /cfg/config.toml line 1: unknown load_4bit \"vision\" (one of llm, all)"
+        );
+    }
+
     #[test]
     fn full_file_sets_everything() {
         let s = parse_str(
@@ -319,6 +368,8 @@ mod tests {
         assert_eq!(s.theme.name, "light");
         assert_eq!(s.max_tiles, Some(6));
         assert_eq!(s.context, Some(4096));
+        assert_eq!(s.load_8bit, None);
+        assert_eq!(s.load_4bit, None);
         assert!(s.combine_images && !s.mouse && s.truncate_history);
         assert_eq!(s.graphics, GraphicsMode::Sixel);
         assert_eq!(s.video_segments, 4);

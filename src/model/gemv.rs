@@ -31,7 +31,25 @@ pub enum WeightRef<'a> {
     Bf16(&'a [u16]),
     /// int8 values and one scale (bf16) per output row.
     Int8(&'a [i8], &'a [u16]),
+    /// 4-bit values packed as [`Q4_GROUP_BYTES`] bytes per group of [`Q4_GROUP`] inputs (see
+    /// [`Q4_GROUP`] for the layout) and one scale (bf16) per group: `[n, groups * 16]` bytes and
+    /// `[n, groups]` scales, `groups = k.div_ceil(Q4_GROUP)`.
+    Q4(&'a [u8], &'a [u16]),
 }
+
+/// Inputs per 4-bit group (`--load-4bit`): one scale per 32 consecutive weights of a row.
+///
+/// Why 32, the smallest size the issue allows: the error of a group is set by its largest
+/// weight, so smaller groups follow the weights' magnitudes more closely (as llama.cpp's Q4_0);
+/// a bf16 scale per 32 weights costs half a bit per weight (4.5 bits in all), and the kernels
+/// are bound by reading the weights, not by the scales. A group is 16 bytes: byte `j` holds
+/// input `j` in its low nibble and input `j + 16` in its high one, each stored as `q + 8` for
+/// `q` in -8..=7; the weight is `q * scale`. A row whose length is not a multiple of 32 ends in
+/// a partial group padded with `q = 0`.
+pub const Q4_GROUP: usize = 32;
+
+/// Bytes of one 4-bit group.
+pub const Q4_GROUP_BYTES: usize = Q4_GROUP / 2;
 
 thread_local! {
     static ENABLED: Cell<bool> = const { Cell::new(true) };
@@ -189,23 +207,30 @@ pub fn calls() -> usize {
     CALLS.load(Ordering::Relaxed)
 }
 
-/// Whether [`linear`] handles `x` [.., k] with a weight of `weight_kind` (bf16 activations on the
-/// CPU, at most [`MAX_ROWS`] rows).
+/// Whether [`linear`] handles `x` [.., k] with `weight` (bf16, int8 or packed 4-bit; bf16
+/// activations on the CPU, at most [`MAX_ROWS`] rows).
 pub fn applies(xs: &Tensor, weight: &Tensor) -> bool {
+    let k = *xs.size().last().unwrap_or(&0);
+    takes(xs, weight) && (xs.numel() as i64 / k) as usize <= MAX_ROWS
+}
+
+/// [`applies`] but for the number of rows: [`linear`] takes `xs` [.., k] [`MAX_ROWS`] rows at
+/// a time.
+pub fn takes(xs: &Tensor, weight: &Tensor) -> bool {
     let k = *xs.size().last().unwrap_or(&0);
     ENABLED.with(Cell::get)
         && available()
         && xs.device() == Device::Cpu
         && weight.device() == Device::Cpu
         && xs.kind() == Kind::BFloat16
-        && matches!(weight.kind(), Kind::BFloat16 | Kind::Int8)
+        && matches!(weight.kind(), Kind::BFloat16 | Kind::Int8 | Kind::Uint8)
         && k > 0
-        && (xs.numel() as i64 / k) as usize <= MAX_ROWS
         && weight.is_contiguous()
 }
 
 /// `xs` [.., k] times `weight` [n, k] transposed, scaled per row by `scale` [n] (int8 weights),
-/// plus `bias` [n]: [.., n] in bf16. Call only where [`applies`] holds.
+/// plus `bias` [n]: [.., n] in bf16. A uint8 `weight` [n, groups * 16] is packed 4-bit with
+/// `scale` [n, groups] ([`WeightRef::Q4`]). Call only where [`applies`] holds.
 pub fn linear(
     xs: &Tensor,
     weight: &Tensor,
@@ -224,7 +249,8 @@ fn linear_at(
     bias: Option<&Tensor>,
 ) -> Tensor {
     CALLS.fetch_add(1, Ordering::Relaxed);
-    let (n, k) = weight.size2().expect("a linear weight is 2-d");
+    let (n, _) = weight.size2().expect("a linear weight is 2-d");
+    let k = *xs.size().last().expect("checked by applies");
     let rows = (xs.numel() as i64 / k) as usize;
     let x = xs.reshape([rows as i64, k]).contiguous();
     let bias = bias.map(|b| to_f32_vec(&b.to_kind(Kind::BFloat16).contiguous()));
@@ -232,9 +258,10 @@ fn linear_at(
     let mut shape = xs.size();
     *shape.last_mut().expect("checked above") = n;
     let out = Tensor::empty(shape.as_slice(), (Kind::BFloat16, Device::Cpu));
-    let w = match &scale {
-        None => WeightRef::Bf16(slice_of::<u16>(weight)),
-        Some(s) => WeightRef::Int8(slice_of::<i8>(weight), slice_of::<u16>(s)),
+    let w = match (&scale, weight.kind()) {
+        (None, _) => WeightRef::Bf16(slice_of::<u16>(weight)),
+        (Some(s), Kind::Uint8) => WeightRef::Q4(slice_of::<u8>(weight), slice_of::<u16>(s)),
+        (Some(s), _) => WeightRef::Int8(slice_of::<i8>(weight), slice_of::<u16>(s)),
     };
     // SAFETY: `out` is a fresh contiguous bf16 CPU tensor of rows * n elements, written only
     // here, through this one slice.
@@ -252,7 +279,7 @@ fn linear_at(
 }
 
 /// The elements of a contiguous CPU tensor.
-fn slice_of<T>(t: &Tensor) -> &[T] {
+pub(crate) fn slice_of<T>(t: &Tensor) -> &[T] {
     assert!(t.is_contiguous() && t.device() == Device::Cpu);
     let n = t.numel();
     if n == 0 {
@@ -295,6 +322,10 @@ pub fn gemv_at(
     match w {
         WeightRef::Bf16(w) => assert_eq!(w.len(), n * k),
         WeightRef::Int8(w, s) => assert!(w.len() == n * k && s.len() == n),
+        WeightRef::Q4(w, s) => {
+            let groups = k.div_ceil(Q4_GROUP);
+            assert!(w.len() == n * groups * Q4_GROUP_BYTES && s.len() == n * groups);
+        }
     }
     if let Some(b) = bias {
         assert_eq!(b.len(), n);
@@ -404,6 +435,18 @@ impl Job<'_> {
                     );
                     s[i].to_f32()
                 }
+                WeightRef::Q4(w, s) => {
+                    let groups = self.k.div_ceil(Q4_GROUP);
+                    dot_q4(
+                        self.level,
+                        self.x_f32,
+                        self.rows,
+                        &w[i * groups * Q4_GROUP_BYTES..(i + 1) * groups * Q4_GROUP_BYTES],
+                        &s[i * groups..(i + 1) * groups],
+                        dots,
+                    );
+                    1.0
+                }
             };
             let b = self.bias.map_or(0.0, |b| b[i]);
             for (r, d) in dots.iter().enumerate() {
@@ -494,6 +537,252 @@ fn dot<W: simd::Load>(level: Level, x: &[f32], rows: usize, w: &[W], dots: &mut 
     }
 }
 
+/// The 32 weights of 4-bit group `g` (16 packed bytes and its scale) as f32: `(q - 8) * scale`,
+/// exact in f32 (a 4-bit integer times a bf16 scale).
+fn q4_group(bytes: &[u8], scale: u16) -> [f32; Q4_GROUP] {
+    let s = scale.to_f32();
+    let mut out = [0f32; Q4_GROUP];
+    for (j, &b) in bytes.iter().enumerate().take(Q4_GROUP_BYTES) {
+        out[j] = ((b & 0x0f) as i32 - 8) as f32 * s;
+        out[j + Q4_GROUP_BYTES] = ((b >> 4) as i32 - 8) as f32 * s;
+    }
+    out
+}
+
+/// `dots[r] = x[r] · w` for each of `rows` input rows (`k = x.len() / rows` each) and one packed
+/// 4-bit weight row (`w`: its groups' bytes, `scales`: one bf16 scale per group), with the
+/// kernels of `level`. Every product `x * (q * scale)` is exact in f32; only the order of the
+/// f32 additions differs between levels.
+fn dot_q4(level: Level, x: &[f32], rows: usize, w: &[u8], scales: &[u16], dots: &mut [f32]) {
+    let k = x.len() / rows;
+    debug_assert!(w.len() == k.div_ceil(Q4_GROUP) * Q4_GROUP_BYTES && dots.len() >= rows);
+    #[cfg(target_arch = "x86_64")]
+    match level {
+        Level::Avx512 | Level::Avx512Bf16 => {
+            // SAFETY: the CPU has AVX-512F (the level is at most the detected one); the
+            // lengths were checked by `gemv_at`.
+            unsafe { simd::dot_q4(x, rows, k, w, scales, dots) };
+            return;
+        }
+        Level::Avx2 => {
+            // SAFETY: the CPU has AVX2 and FMA (as above); the lengths as above.
+            unsafe { simd::dot_q4_avx2(x, rows, k, w, scales, dots) };
+            return;
+        }
+        Level::Torch => {}
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = level;
+    // the portable loop: each group dequantized, eight partial sums as the vector kernels keep
+    let mut lanes = [[0f32; 8]; MAX_ROWS];
+    for (g, (bytes, &s)) in w.chunks_exact(Q4_GROUP_BYTES).zip(scales).enumerate() {
+        let wg = q4_group(bytes, s);
+        let start = g * Q4_GROUP;
+        let len = Q4_GROUP.min(k - start);
+        for (r, lane) in lanes.iter_mut().enumerate().take(rows) {
+            let xg = &x[r * k + start..r * k + start + len];
+            for (t, (a, b)) in xg.iter().zip(&wg).enumerate() {
+                lane[t % 8] += a * b;
+            }
+        }
+    }
+    for (d, lane) in dots.iter_mut().zip(&lanes).take(rows) {
+        *d = lane.iter().sum();
+    }
+}
+
+/// The divisors [`quantize_q4`] tries: a group's first scale is its largest-magnitude weight
+/// over minus one of these (8 puts that weight on -8 exactly, as llama.cpp's Q4_0 does; a
+/// smaller one leaves room for a large weight of the other sign, which 8 clamps to 7).
+const Q4_SEARCH: [f32; 4] = [8.0, 7.5, 7.0, 8.5];
+
+/// One group of 32 weights (a partial group padded with zeros) to 4-bit: for each divisor of
+/// [`Q4_SEARCH`], the values round(w / s) clamped to -8..=7 for s = peak / -divisor (in bf16),
+/// then the least-squares scale of those values, sum(w q) / sum(q^2), rounded to bf16 (the scale
+/// the kernels use); the candidate with the smallest squared error wins. An all-zero group gets
+/// scale 1. Returns the 16 packed bytes and the scale's bf16 bits.
+#[inline(always)]
+fn quantize_group(v: &[f32; Q4_GROUP]) -> ([u8; Q4_GROUP_BYTES], u16) {
+    // adding and subtracting 1.5 * 2^23 rounds an f32 of magnitude below 2^22 to the nearest
+    // integer, ties to even (as `round_ties_even`, which is a libm call without SSE4.1): the
+    // loops below stay plain vector arithmetic
+    const MAGIC: f32 = 12_582_912.0;
+    let peak = v
+        .iter()
+        .fold(0f32, |p, &x| if x.abs() > p.abs() { x } else { p });
+    let one = bf16::from_f32(1.0);
+    let mut best: Option<(f32, bf16, [f32; Q4_GROUP])> = None;
+    for c in Q4_SEARCH {
+        let s = bf16::from_f32(peak / -c);
+        let s = if s.to_f32() == 0.0 { one } else { s };
+        let inv = 1.0 / s.to_f32();
+        let mut q = [0f32; Q4_GROUP];
+        for (q, &x) in q.iter_mut().zip(v) {
+            // clamped first: the rounding trick needs a small magnitude (and NaN becomes -8)
+            *q = ((x * inv).clamp(-8.0, 7.0) + MAGIC) - MAGIC;
+        }
+        // eight lanes of partial sums, one vector register each
+        let mut num = [0f32; 8];
+        let mut den = [0f32; 8];
+        for (qs, vs) in q.chunks_exact(8).zip(v.chunks_exact(8)) {
+            for l in 0..8 {
+                num[l] += qs[l] * vs[l];
+                den[l] += qs[l] * qs[l];
+            }
+        }
+        let (num, den): (f32, f32) = (num.iter().sum(), den.iter().sum());
+        let fit = bf16::from_f32(num / den.max(1.0));
+        let scale = if fit.to_f32() == 0.0 { s } else { fit };
+        let sf = scale.to_f32();
+        let mut err = [0f32; 8];
+        for (qs, vs) in q.chunks_exact(8).zip(v.chunks_exact(8)) {
+            for l in 0..8 {
+                let d = vs[l] - qs[l] * sf;
+                err[l] += d * d;
+            }
+        }
+        let err: f32 = err.iter().sum();
+        if best.as_ref().is_none_or(|b| err < b.0) {
+            best = Some((err, scale, q));
+        }
+    }
+    let (_, scale, q) = best.expect("at least one candidate");
+    let mut bytes = [0u8; Q4_GROUP_BYTES];
+    for (j, b) in bytes.iter_mut().enumerate() {
+        let lo = (q[j] + 8.0) as u8;
+        let hi = (q[j + Q4_GROUP_BYTES] + 8.0) as u8;
+        *b = lo | (hi << 4);
+    }
+    (bytes, scale.to_bits())
+}
+
+/// [`quantize_group`] over every group of `w`'s rows of `k`.
+#[inline(always)]
+fn quantize_rows(w: &[f32], k: usize, q: &mut [u8], scales: &mut [u16]) {
+    let groups = k.div_ceil(Q4_GROUP);
+    for (i, row) in w.chunks_exact(k).enumerate() {
+        for g in 0..groups {
+            let start = g * Q4_GROUP;
+            let len = Q4_GROUP.min(k - start);
+            let mut v = [0f32; Q4_GROUP];
+            v[..len].copy_from_slice(&row[start..start + len]);
+            let (bytes, s) = quantize_group(&v);
+            let at = (i * groups + g) * Q4_GROUP_BYTES;
+            q[at..at + Q4_GROUP_BYTES].copy_from_slice(&bytes);
+            scales[i * groups + g] = s;
+        }
+    }
+}
+
+/// [`quantize_rows`] compiled for AVX2 + FMA (8 lanes instead of SSE2's 4): the same
+/// arithmetic, so the same results.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_rows_avx2(w: &[f32], k: usize, q: &mut [u8], scales: &mut [u16]) {
+    quantize_rows(w, k, q, scales)
+}
+
+/// Rows of `w` [n, k] (f32) to 4-bit (see [`Q4_GROUP`] and [`quantize_group`]): the packed
+/// bytes into `q` [n, groups * 16] and the scales' bf16 bits into `scales` [n, groups], on the
+/// pool's threads.
+pub fn quantize_q4(w: &[f32], k: usize, q: &mut [u8], scales: &mut [u16]) {
+    let groups = k.div_ceil(Q4_GROUP);
+    let n = w.len() / k.max(1);
+    assert!(
+        k > 0
+            && w.len() == n * k
+            && q.len() == n * groups * Q4_GROUP_BYTES
+            && scales.len() == n * groups
+    );
+    let rows_of = |lo: usize, q: &mut [u8], scales: &mut [u16]| {
+        let rows = &w[lo * k..(lo + scales.len() / groups) * k];
+        #[cfg(target_arch = "x86_64")]
+        if simd::avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            unsafe { quantize_rows_avx2(rows, k, q, scales) };
+            return;
+        }
+        quantize_rows(rows, k, q, scales);
+    };
+    let threads = pool_threads();
+    let per = n.div_ceil(threads * 4).max(16);
+    if threads == 1 || n <= per {
+        rows_of(0, q, scales);
+        return;
+    }
+    let next = std::sync::Mutex::new(
+        q.chunks_mut(per * groups * Q4_GROUP_BYTES)
+            .zip(scales.chunks_mut(per * groups))
+            .enumerate(),
+    );
+    let work = || loop {
+        let Some((c, (q, s))) = next.lock().expect("not poisoned").next() else {
+            break;
+        };
+        rows_of(c * per, q, s);
+    };
+    pool().in_place_scope(|s| {
+        for _ in 1..threads {
+            s.spawn(|_| work());
+        }
+        work();
+    });
+}
+
+/// Packed 4-bit weights `w` [n, groups * 16] with `scales` [n, groups] (see [`Q4_GROUP`]) as a
+/// dense row-major [n, k] of bf16 bits (each `q * scale` rounded once to bf16, as libtorch's
+/// f32 -> bf16 cast rounds), on the pool's threads: the weight prefill's GEMM reads.
+pub fn dequantize_q4(w: &[u8], scales: &[u16], k: usize, out: &mut [u16]) {
+    let groups = k.div_ceil(Q4_GROUP);
+    let n = out.len() / k.max(1);
+    assert!(
+        k > 0
+            && out.len() == n * k
+            && w.len() == n * groups * Q4_GROUP_BYTES
+            && scales.len() == n * groups
+    );
+    let rows_of = |lo: usize, out: &mut [u16]| {
+        for (i, o) in out.chunks_exact_mut(k).enumerate() {
+            let row = lo + i;
+            let wr = &w[row * groups * Q4_GROUP_BYTES..(row + 1) * groups * Q4_GROUP_BYTES];
+            for (g, (bytes, &s)) in wr
+                .chunks_exact(Q4_GROUP_BYTES)
+                .zip(&scales[row * groups..(row + 1) * groups])
+                .enumerate()
+            {
+                let wg = q4_group(bytes, s);
+                let start = g * Q4_GROUP;
+                let len = Q4_GROUP.min(k - start);
+                for (o, v) in o[start..start + len].iter_mut().zip(&wg) {
+                    *o = bf16::from_f32(*v).to_bits();
+                }
+            }
+        }
+    };
+    let threads = pool_threads();
+    let per = n.div_ceil(threads * 4).max(64);
+    if threads == 1 || n <= per {
+        rows_of(0, out);
+        return;
+    }
+    let next = std::sync::Mutex::new(out.chunks_mut(per * k).enumerate());
+    let work = || loop {
+        let Some((c, chunk)) = next.lock().expect("not poisoned").next() else {
+            break;
+        };
+        rows_of(c * per, chunk);
+    };
+    pool().in_place_scope(|s| {
+        for _ in 1..threads {
+            s.spawn(|_| work());
+        }
+        work();
+    });
+}
+
 #[cfg(target_arch = "x86_64")]
 // indexed loops over the constant-size accumulator arrays: they unroll into registers
 #[allow(clippy::needless_range_loop)]
@@ -563,6 +852,162 @@ mod simd {
             6 => dot_pairs_m::<6, 1>(x, w, dots),
             7 => dot_pairs_m::<7, 1>(x, w, dots),
             _ => dot_pairs_m::<8, 1>(x, w, dots),
+        }
+    }
+
+    /// `dots[r] = x[r] · w` for `M` input rows of `k` and one packed 4-bit weight row (see
+    /// [`super::Q4_GROUP`]): per group, the 16 values `(q - 8) * scale` are made once (a table
+    /// scaled by the group's scale, indexed by the nibbles) and multiplied into every row, two
+    /// accumulators per row (the group's first and second 16 inputs). The last, partial group
+    /// is added in scalar.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dot_q4_m<const M: usize>(
+        x: &[f32],
+        k: usize,
+        w: &[u8],
+        scales: &[u16],
+        dots: &mut [f32],
+    ) {
+        let full = k / super::Q4_GROUP;
+        let mut a0 = [_mm512_setzero_ps(); M];
+        let mut a1 = [_mm512_setzero_ps(); M];
+        let table = _mm512_setr_ps(
+            -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
+        );
+        let low = _mm_set1_epi8(0x0f);
+        let xp = x.as_ptr();
+        for g in 0..full {
+            let b = _mm_loadu_si128(w.as_ptr().add(g * 16).cast());
+            let lo = _mm512_cvtepu8_epi32(_mm_and_si128(b, low));
+            let hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16::<4>(b), low));
+            let t = _mm512_mul_ps(table, _mm512_set1_ps(scales[g].to_f32()));
+            let w0 = _mm512_permutexvar_ps(lo, t);
+            let w1 = _mm512_permutexvar_ps(hi, t);
+            let j = g * super::Q4_GROUP;
+            for r in 0..M {
+                a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(r * k + j)), a0[r]);
+                a1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(r * k + j + 16)), a1[r]);
+            }
+        }
+        let tail = (full < scales.len())
+            .then(|| super::q4_group(&w[full * 16..full * 16 + 16], scales[full]));
+        for r in 0..M {
+            let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+            if let Some(wg) = &tail {
+                for (t, v) in (full * super::Q4_GROUP..k).zip(wg) {
+                    s += x[r * k + t] * v;
+                }
+            }
+            dots[r] = s;
+        }
+    }
+
+    /// [`dot_q4_m`] for `rows` (1..=8) input rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `x` holds `rows * k` values, `w` and `scales` the groups of `k`
+    /// and `dots` `rows`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_q4(
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        w: &[u8],
+        scales: &[u16],
+        dots: &mut [f32],
+    ) {
+        debug_assert!(x.len() >= rows * k && w.len() >= scales.len() * 16);
+        match rows {
+            1 => dot_q4_m::<1>(x, k, w, scales, dots),
+            2 => dot_q4_m::<2>(x, k, w, scales, dots),
+            3 => dot_q4_m::<3>(x, k, w, scales, dots),
+            4 => dot_q4_m::<4>(x, k, w, scales, dots),
+            5 => dot_q4_m::<5>(x, k, w, scales, dots),
+            6 => dot_q4_m::<6>(x, k, w, scales, dots),
+            7 => dot_q4_m::<7>(x, k, w, scales, dots),
+            _ => dot_q4_m::<8>(x, k, w, scales, dots),
+        }
+    }
+
+    /// [`dot_q4_m`]'s contract on AVX2, 8 lanes at a time: the nibbles become signed bytes
+    /// through a 16-entry shuffle table, then f32 times the group's scale, once for every row.
+    /// `U` accumulators per row (runs of 8 inputs in turn), within the 16 registers.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_q4_avx2_m<const M: usize, const U: usize>(
+        x: &[f32],
+        k: usize,
+        w: &[u8],
+        scales: &[u16],
+        dots: &mut [f32],
+    ) {
+        let full = k / super::Q4_GROUP;
+        let mut acc = [[_mm256_setzero_ps(); U]; M];
+        let table = _mm_setr_epi8(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+        let low = _mm_set1_epi8(0x0f);
+        let xp = x.as_ptr();
+        for g in 0..full {
+            let b = _mm_loadu_si128(w.as_ptr().add(g * 16).cast());
+            let lo = _mm_shuffle_epi8(table, _mm_and_si128(b, low));
+            let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16::<4>(b), low));
+            let s = _mm256_set1_ps(scales[g].to_f32());
+            let f = |v: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s);
+            let ws = [
+                f(lo),
+                f(_mm_srli_si128::<8>(lo)),
+                f(hi),
+                f(_mm_srli_si128::<8>(hi)),
+            ];
+            let j = g * super::Q4_GROUP;
+            for (u, wv) in ws.iter().enumerate() {
+                for r in 0..M {
+                    let xv = _mm256_loadu_ps(xp.add(r * k + j + 8 * u));
+                    acc[r][u % U] = _mm256_fmadd_ps(*wv, xv, acc[r][u % U]);
+                }
+            }
+        }
+        let tail = (full < scales.len())
+            .then(|| super::q4_group(&w[full * 16..full * 16 + 16], scales[full]));
+        for r in 0..M {
+            let mut sum = acc[r][0];
+            for u in 1..U {
+                sum = _mm256_add_ps(sum, acc[r][u]);
+            }
+            let h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_add_ss(h, _mm_shuffle_ps::<1>(h, h));
+            let mut s = _mm_cvtss_f32(h);
+            if let Some(wg) = &tail {
+                for (t, v) in (full * super::Q4_GROUP..k).zip(wg) {
+                    s += x[r * k + t] * v;
+                }
+            }
+            dots[r] = s;
+        }
+    }
+
+    /// [`dot_q4_avx2_m`] for `rows` (1..=8) input rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; the lengths as [`dot_q4`]'s.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q4_avx2(
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        w: &[u8],
+        scales: &[u16],
+        dots: &mut [f32],
+    ) {
+        debug_assert!(x.len() >= rows * k && w.len() >= scales.len() * 16);
+        match rows {
+            1 => dot_q4_avx2_m::<1, 4>(x, k, w, scales, dots),
+            2 => dot_q4_avx2_m::<2, 4>(x, k, w, scales, dots),
+            3 => dot_q4_avx2_m::<3, 2>(x, k, w, scales, dots),
+            4 => dot_q4_avx2_m::<4, 2>(x, k, w, scales, dots),
+            5 => dot_q4_avx2_m::<5, 1>(x, k, w, scales, dots),
+            6 => dot_q4_avx2_m::<6, 1>(x, k, w, scales, dots),
+            7 => dot_q4_avx2_m::<7, 1>(x, k, w, scales, dots),
+            _ => dot_q4_avx2_m::<8, 1>(x, k, w, scales, dots),
         }
     }
 
@@ -934,6 +1379,121 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Packed 4-bit weights (see [`Q4_GROUP`]) from `q` [n, k] (values -8..=7, f32), padded to
+    /// whole groups.
+    fn pack_q4(q: &Tensor) -> Tensor {
+        let (n, k) = q.size2().unwrap();
+        let groups = (k + 31) / 32;
+        let u = (q + 8.0)
+            .constant_pad_nd([0, groups * 32 - k])
+            .view([n, groups, 32]);
+        (u.narrow(-1, 16, 16) * 16.0 + u.narrow(-1, 0, 16))
+            .to_kind(Kind::Uint8)
+            .view([n, groups * 16])
+    }
+
+    fn bf16_tensor(bits: &[u16], shape: &[i64]) -> Tensor {
+        Tensor::from_slice(&bits.iter().map(|&b| b as i16).collect::<Vec<_>>())
+            .view_dtype(Kind::BFloat16)
+            .view(shape)
+    }
+
+    /// 4-bit weights whose products sum exactly in f32 (integer inputs, scales powers of two):
+    /// every level must equal libtorch's bf16 product with the dequantized weight bit for bit,
+    /// bias included, for every row count, on lengths with whole groups, a partial last group,
+    /// and rows shorter than a group.
+    #[test]
+    fn q4_exact_sums_equal_the_dequantized_product_at_every_level() {
+        tch::manual_seed(7);
+        let n = 70;
+        for k in [8i64, 16, 32, 40, 200, 203, 256] {
+            let q = Tensor::randint_low(-8, 8, [n, k], (Kind::Float, Device::Cpu));
+            let groups = (k + 31) / 32;
+            let exps = Tensor::randint_low(-3, 3, [n, groups], (Kind::Float, Device::Cpu));
+            let scale = Tensor::from(2.0f64).pow(&exps).to_kind(Kind::BFloat16);
+            let packed = pack_q4(&q);
+            let dense = crate::model::nn::dequantize_q4(&packed, &scale, k);
+            assert!(dense.narrow(1, 0, k).equal(
+                &(&q * scale
+                    .to_kind(Kind::Float)
+                    .repeat_interleave_self_int(32, 1, None)
+                    .narrow(1, 0, k))
+            ));
+            let w = dense.to_kind(Kind::BFloat16);
+            let b = (Tensor::randint_low(-50, 50, [n], (Kind::Float, Device::Cpu)) / 4.0)
+                .to_kind(Kind::BFloat16);
+            for rows in 1..=MAX_ROWS as i64 {
+                let x = Tensor::randint_low(-3, 4, [1, rows, k], (Kind::Float, Device::Cpu))
+                    .to_kind(Kind::BFloat16);
+                assert_eq!(applies(&x, &packed), available());
+                let want = x.linear(&w, Some(&b));
+                for level in Level::supported() {
+                    let got = linear_at(level, &x, &packed, Some(&scale), Some(&b));
+                    assert_eq!(got.size(), want.size());
+                    assert!(got.equal(&want), "{level:?} k {k} rows {rows}");
+                }
+            }
+        }
+    }
+
+    /// Real-valued inputs against a plain reference (the dequantized weight times the input in
+    /// f64, plus the bias, rounded once to bf16): within one bf16 ulp at every level (the f32
+    /// sums are added in another order), for every row count.
+    #[test]
+    fn q4_random_inputs_within_one_ulp_of_the_reference() {
+        tch::manual_seed(8);
+        for (n, k) in [(257i64, 896i64), (100, 203), (33, 24)] {
+            let wf = Tensor::randn([n, k], (Kind::Float, Device::Cpu)) * 0.05;
+            let (packed, scale) = crate::model::nn::quantize_q4(&wf);
+            let dense = crate::model::nn::dequantize_q4(&packed, &scale, k).to_kind(Kind::Double);
+            let b = Tensor::randn([n], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+            for rows in 1..=MAX_ROWS as i64 {
+                let x =
+                    Tensor::randn([rows, k], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+                let want = x
+                    .to_kind(Kind::Double)
+                    .linear(&dense, Some(&b.to_kind(Kind::Double)))
+                    .to_kind(Kind::BFloat16);
+                for level in Level::supported() {
+                    let mut out = vec![0u16; (rows * n) as usize];
+                    let wr = WeightRef::Q4(slice_of::<u8>(&packed), slice_of::<u16>(&scale));
+                    let bias: Vec<f32> = to_f32_vec(&b);
+                    gemv_at(
+                        level,
+                        slice_of::<u16>(&x),
+                        rows as usize,
+                        &wr,
+                        Some(&bias),
+                        &mut out,
+                    );
+                    let got = bf16_tensor(&out, &[rows, n]);
+                    let ulps = bf16_ulps(&got, &want);
+                    assert!(ulps <= 1, "{level:?} n {n} k {k} rows {rows}: {ulps}");
+                }
+            }
+        }
+    }
+
+    /// The native dequantization (prefill's) equals libtorch's ops rounded to bf16, bit for bit,
+    /// also over several threads' chunks.
+    #[test]
+    fn q4_dequantize_equals_libtorch_ops() {
+        tch::manual_seed(9);
+        for (n, k) in [(1000i64, 64i64), (70, 203), (5, 8)] {
+            let wf = Tensor::randn([n, k], (Kind::Float, Device::Cpu));
+            let (packed, scale) = crate::model::nn::quantize_q4(&wf);
+            let want = crate::model::nn::dequantize_q4(&packed, &scale, k).to_kind(Kind::BFloat16);
+            let mut out = vec![0u16; (n * k) as usize];
+            dequantize_q4(
+                slice_of::<u8>(&packed),
+                slice_of::<u16>(&scale),
+                k as usize,
+                &mut out,
+            );
+            assert!(bf16_tensor(&out, &[n, k]).equal(&want), "n {n} k {k}");
         }
     }
 

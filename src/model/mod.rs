@@ -12,6 +12,7 @@ use config::{InternVLConfig, LlmArch};
 use llm::{LayerPlaces, Llm};
 use memmap2::Mmap;
 use nn::Place;
+pub use nn::Quant;
 use projector::Mlp1;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -56,22 +57,65 @@ pub struct LoadOptions {
     pub first: Device,
     /// Device of each decoder layer (empty: all on `first`).
     pub layers: Vec<Device>,
-    /// Which linear layers keep int8 weights (`--load-8bit`).
-    pub int8: Int8,
+    /// Which linear layers keep quantized weights, and how (`--load-8bit`, `--load-4bit`).
+    pub quant: Quantize,
     /// The context window in tokens (`--context`); `None`: the config's
     /// ([`config::LlmConfig::context_window`]).
     pub context: Option<usize>,
 }
 
-/// `--load-8bit`: the linear layers of the decoder layers, or those and the vision model's.
-/// Embeddings, norms, mlp1 and the output head stay in the model's dtype, as bitsandbytes'
-/// `load_in_8bit` leaves the head.
+/// `--load-8bit` / `--load-4bit`: the linear layers of the decoder layers, or those and the
+/// vision model's, in int8 or 4-bit. Embeddings, norms, mlp1 and the output head stay in the
+/// model's dtype, as bitsandbytes' `load_in_8bit` / `load_in_4bit` leave the head.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Int8 {
-    #[default]
-    Off,
-    Llm,
-    LlmAndVision,
+pub struct Quantize {
+    /// The decoder layers' format ([`Quant::None`]: not quantized).
+    pub format: Quant,
+    /// The vision model's linear layers too.
+    pub vision: bool,
+}
+
+impl Quantize {
+    pub const OFF: Quantize = Quantize {
+        format: Quant::None,
+        vision: false,
+    };
+
+    /// The decoder layers in `format`.
+    pub fn llm(format: Quant) -> Self {
+        Self {
+            format,
+            vision: false,
+        }
+    }
+
+    /// The decoder layers and the vision model in `format`.
+    pub fn all(format: Quant) -> Self {
+        Self {
+            format,
+            vision: true,
+        }
+    }
+
+    /// The vision model's format.
+    pub fn vision_format(&self) -> Quant {
+        if self.vision {
+            self.format
+        } else {
+            Quant::None
+        }
+    }
+
+    /// As the flags say it: `none`, `8bit`, `8bit all`, `4bit`, `4bit all`.
+    pub fn name(&self) -> &'static str {
+        match (self.format, self.vision) {
+            (Quant::None, _) => "none",
+            (Quant::Int8, false) => "8bit",
+            (Quant::Int8, true) => "8bit all",
+            (Quant::Q4, false) => "4bit",
+            (Quant::Q4, true) => "4bit all",
+        }
+    }
 }
 
 impl LoadOptions {
@@ -80,7 +124,7 @@ impl LoadOptions {
             kind,
             first: dev,
             layers: Vec::new(),
-            int8: Int8::Off,
+            quant: Quantize::OFF,
             context: None,
         }
     }
@@ -126,7 +170,7 @@ impl InternVL {
     fn build(cfg: InternVLConfig, w: &mut Weights, opts: &LoadOptions) -> Self {
         let first = Place::new(opts.first, opts.kind);
         let vision_place = Place {
-            int8: opts.int8 == Int8::LlmAndVision,
+            quant: opts.quant.vision_format(),
             ..first
         };
         let vision = VisionModel::load(w, vision_place, &cfg.vision_config, cfg.select_layer);
@@ -137,7 +181,7 @@ impl InternVL {
         let places = LayerPlaces {
             first,
             layers: &opts.layers,
-            int8: opts.int8 != Int8::Off,
+            quant: opts.quant.format,
         };
         let llm = match cfg.llm_arch() {
             LlmArch::Qwen2 => llm::qwen2::load(w, &places, &cfg.llm_config, true, false),

@@ -1,14 +1,27 @@
 //! The few PyTorch modules the models are built from, holding plain tensors.
+use super::gemv::{slice_of, Q4_GROUP, Q4_GROUP_BYTES};
 use super::weights::Weights;
 use tch::{Device, Kind, Tensor};
+
+/// How the linear layers loaded at a [`Place`] keep their weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Quant {
+    /// In the model's dtype.
+    #[default]
+    None,
+    /// int8 with one scale per output channel (`--load-8bit`).
+    Int8,
+    /// 4-bit with one scale per group of [`super::gemv::Q4_GROUP`] inputs (`--load-4bit`).
+    Q4,
+}
 
 /// Where and in which dtype a module's weights go.
 #[derive(Debug, Clone, Copy)]
 pub struct Place {
     pub dev: Device,
     pub kind: Kind,
-    /// Linear layers loaded here keep int8 weights with per-output-channel scales.
-    pub int8: bool,
+    /// How linear layers loaded here keep their weights.
+    pub quant: Quant,
 }
 
 impl Place {
@@ -16,7 +29,7 @@ impl Place {
         Self {
             dev,
             kind,
-            int8: false,
+            quant: Quant::None,
         }
     }
 
@@ -31,21 +44,90 @@ impl Place {
 /// activations' dtype): small batches of rows (decoding) run ATen's int8 weight-only kernel on
 /// CPU; larger ones (prefill) and CUDA dequantize the weight on the fly and use the dense GEMM,
 /// which is faster there.
+///
+/// With `scale` set and a uint8 `weight` [out, groups * 16] the weight is 4-bit (`--load-4bit`):
+/// symmetric, one bf16 scale per group of 32 inputs (`scale` [out, groups]; layout at
+/// [`super::gemv::Q4_GROUP`]). Decoding on the CPU in bf16 runs gemv's 4-bit kernels; anything
+/// else (prefill, f16/f32, CUDA) dequantizes the weight and uses the dense GEMM.
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub scale: Option<Tensor>,
+    /// Input features (a 4-bit weight's packed rows do not tell them: their last group is
+    /// padded).
+    in_features: i64,
 }
 
 /// Rows up to which the int8 kernel beats dequantize + dense GEMM on CPU (measured on bf16).
 const INT8_KERNEL_MAX_ROWS: i64 = 8;
 
+/// Rows up to which gemv's 4-bit kernel, 8 rows at a time, beats dequantizing the weight to
+/// bf16 and libtorch's GEMM (`examples/q4_prefill.rs`, 2 threads, the 1B decoder's 4864x896 and
+/// 896x4864: at 9 and 16 rows the kernel took 0.2x to 0.9x the time, at 64 rows 0.7x to 1.8x,
+/// at 311 rows 2x to 8x).
+const Q4_KERNEL_MAX_ROWS: i64 = 32;
+
 impl Linear {
+    /// The weight is packed 4-bit.
+    pub fn is_q4(&self) -> bool {
+        self.scale.is_some() && self.weight.kind() == Kind::Uint8
+    }
+
+    /// The weight as gemv reads it, where it is on the CPU in the layouts gemv takes (bf16,
+    /// int8 with bf16 scales, 4-bit): for callers of [`super::gemv::gemv`] with bf16
+    /// activations (the decoding step). `None` elsewhere (use [`Linear::forward`]).
+    pub fn weight_ref(&self) -> Option<super::gemv::WeightRef<'_>> {
+        use super::gemv::WeightRef;
+        let cpu = |t: &Tensor| t.device() == Device::Cpu && t.is_contiguous();
+        match (&self.scale, self.weight.kind()) {
+            _ if !cpu(&self.weight) => None,
+            (None, Kind::BFloat16) => Some(WeightRef::Bf16(slice_of(&self.weight))),
+            (Some(s), k) if cpu(s) && s.kind() == Kind::BFloat16 => match k {
+                Kind::Int8 => Some(WeightRef::Int8(slice_of(&self.weight), slice_of(s))),
+                Kind::Uint8 => Some(WeightRef::Q4(slice_of(&self.weight), slice_of(s))),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> i64 {
+        self.in_features
+    }
+
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        let in_features = weight.size()[1];
         Self {
             weight,
             bias,
             scale: None,
+            in_features,
+        }
+    }
+
+    /// An int8 weight [out, in] with its per-row scales [out] (see [`quantize_rows`]).
+    pub fn int8(weight: Tensor, scale: Tensor, bias: Option<Tensor>) -> Self {
+        let in_features = weight.size()[1];
+        Self {
+            weight,
+            bias,
+            scale: Some(scale),
+            in_features,
+        }
+    }
+
+    /// A packed 4-bit weight [out, groups * 16] of `in_features` inputs with its scales
+    /// [out, groups] (see [`quantize_q4`]).
+    pub fn q4(weight: Tensor, scale: Tensor, bias: Option<Tensor>, in_features: i64) -> Self {
+        let groups = (in_features as usize).div_ceil(Q4_GROUP) as i64;
+        assert_eq!(weight.size()[1], groups * Q4_GROUP_BYTES as i64);
+        assert_eq!(scale.size()[1], groups);
+        Self {
+            weight,
+            bias,
+            scale: Some(scale),
+            in_features,
         }
     }
 
@@ -78,7 +160,7 @@ impl Linear {
             .iter()
             .map(|(pre, _)| format!("{pre}.weight"))
             .collect();
-        if !p.int8 {
+        if p.quant == Quant::None {
             let weight = cat(names
                 .iter()
                 .zip(parts)
@@ -92,23 +174,36 @@ impl Linear {
         }
         // each part quantized straight into its rows of the stacked weight
         let total: i64 = parts.iter().map(|(_, dout)| dout).sum();
-        let q = Tensor::empty([total, din], (Kind::Int8, Device::Cpu));
-        let scale = Tensor::empty([total], (p.kind, Device::Cpu));
+        let groups = (din as usize).div_ceil(Q4_GROUP) as i64;
+        let (q, scale) = match p.quant {
+            Quant::Q4 => (
+                Tensor::empty(
+                    [total, groups * Q4_GROUP_BYTES as i64],
+                    (Kind::Uint8, Device::Cpu),
+                ),
+                // bf16 whatever the dtype: a 4-bit value times a bf16 scale is exact in f32
+                Tensor::empty([total, groups], (Kind::BFloat16, Device::Cpu)),
+            ),
+            _ => (
+                Tensor::empty([total, din], (Kind::Int8, Device::Cpu)),
+                Tensor::empty([total], (p.kind, Device::Cpu)),
+            ),
+        };
         let mut start = 0;
         for (name, (_, dout)) in names.iter().zip(parts) {
             let stored = w.get_stored(name, &[*dout, din]);
-            quantize_rows_into(
-                &stored,
-                &q.narrow(0, start, *dout),
-                &scale.narrow(0, start, *dout),
-            );
+            let (q, scale) = (q.narrow(0, start, *dout), scale.narrow(0, start, *dout));
+            match p.quant {
+                Quant::Q4 => quantize_q4_into(&stored, &q, &scale),
+                _ => quantize_rows_into(&stored, &q, &scale),
+            }
             w.release(name);
             start += dout;
         }
-        Self {
-            weight: q.to_device(p.dev),
-            bias,
-            scale: Some(scale.to_device(p.dev)),
+        let (q, scale) = (q.to_device(p.dev), scale.to_device(p.dev));
+        match p.quant {
+            Quant::Q4 => Self::q4(q, scale, bias, din),
+            _ => Self::int8(q, scale, bias),
         }
     }
 
@@ -119,6 +214,30 @@ impl Linear {
         let Some(scale) = &self.scale else {
             return xs.linear(&self.weight, self.bias.as_ref());
         };
+        if self.is_q4() {
+            let k = self.in_features;
+            let rows = xs.numel() as i64 / k.max(1);
+            let kernel = super::gemv::MAX_ROWS as i64;
+            if rows <= Q4_KERNEL_MAX_ROWS && super::gemv::takes(xs, &self.weight) {
+                // a few prefill rows: the kernel, 8 rows at a time, beats dequantizing
+                let flat = xs.reshape([rows, k]);
+                let parts: Vec<Tensor> = (0..rows)
+                    .step_by(kernel as usize)
+                    .map(|r| {
+                        super::gemv::linear(
+                            &flat.narrow(0, r, kernel.min(rows - r)),
+                            &self.weight,
+                            self.scale.as_ref(),
+                            self.bias.as_ref(),
+                        )
+                    })
+                    .collect();
+                let mut shape = xs.size();
+                *shape.last_mut().expect("linear input has a last dim") = self.weight.size()[0];
+                return Tensor::cat(&parts, 0).view(shape.as_slice());
+            }
+            return xs.linear(&self.dense_weight_as(xs.kind()), self.bias.as_ref());
+        }
         let din = self.weight.size()[1];
         let rows = xs.numel() as i64 / din;
         // libtorch's int8 kernel silently computes garbage unless the inner size is a multiple of 64
@@ -139,12 +258,100 @@ impl Linear {
         }
     }
 
-    /// The weight as the dense GEMM sees it (dequantized when int8).
+    /// The weight as the dense GEMM sees it (dequantized when int8 or 4-bit; 4-bit in bf16).
     pub fn dense_weight(&self) -> Tensor {
         match &self.scale {
             None => self.weight.shallow_clone(),
+            Some(_) if self.is_q4() => self.dense_weight_as(Kind::BFloat16),
             Some(s) => self.weight.to_kind(s.kind()) * s.unsqueeze(1),
         }
+    }
+
+    /// A 4-bit weight dequantized to [out, in] in `kind`: on the CPU in bf16 by gemv's
+    /// threads, elsewhere with libtorch's ops (exact in f32, then rounded to `kind`).
+    fn dense_weight_as(&self, kind: Kind) -> Tensor {
+        let scale = self.scale.as_ref().expect("a 4-bit weight has scales");
+        let (n, k) = (self.weight.size()[0], self.in_features);
+        if kind == Kind::BFloat16 && self.weight.device() == Device::Cpu {
+            let out = Tensor::empty([n, k], (Kind::BFloat16, Device::Cpu));
+            // SAFETY: `out` is a fresh contiguous bf16 CPU tensor of n * k elements, written
+            // only here, through this one slice.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(out.data_ptr() as *mut u16, (n * k) as usize)
+            };
+            super::gemv::dequantize_q4(
+                slice_of(&self.weight.contiguous()),
+                slice_of(&scale.contiguous()),
+                k as usize,
+                dst,
+            );
+            return out;
+        }
+        dequantize_q4(&self.weight, scale, k).to_kind(kind)
+    }
+}
+
+/// Symmetric 4-bit quantization of `w` [out, in] (f32) in groups of [`Q4_GROUP`] inputs, values
+/// -8..=7 times a bf16 scale per group. Like llama.cpp's Q4_0, with the scale chosen for the
+/// smallest squared error of each group instead of max|w| / 8 (see
+/// [`super::gemv::quantize_q4`]; measured on the goldens' first-step logits with seven
+/// divisors: cosine to bf16's from 0.929 to 0.979 on tiny-qwen2's text case, 0.985 to 0.989 on
+/// its image case, against plain Q4_0). Returns the packed bytes [out, groups * 16] (uint8, layout at [`Q4_GROUP`]) and
+/// the scales [out, groups] (bf16).
+pub fn quantize_q4(w: &Tensor) -> (Tensor, Tensor) {
+    let (rows, k) = w.size2().expect("a linear weight is 2-d");
+    let groups = (k as usize).div_ceil(Q4_GROUP) as i64;
+    let w = w.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+    let q = Tensor::empty(
+        [rows, groups * Q4_GROUP_BYTES as i64],
+        (Kind::Uint8, Device::Cpu),
+    );
+    let scale = Tensor::empty([rows, groups], (Kind::BFloat16, Device::Cpu));
+    if rows > 0 {
+        // SAFETY: `q` and `scale` are fresh contiguous CPU tensors of these many elements,
+        // written only here, through these slices.
+        let (qs, ss) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(q.data_ptr() as *mut u8, q.numel()),
+                std::slice::from_raw_parts_mut(scale.data_ptr() as *mut u16, scale.numel()),
+            )
+        };
+        super::gemv::quantize_q4(slice_of(&w), k as usize, qs, ss);
+    }
+    (q, scale)
+}
+
+/// [`quantize_q4`]'s packed weight [out, groups * 16] and scales [out, groups] back to the
+/// weight [out, `k`] in f32 (exact: a 4-bit value times a bf16 scale), with libtorch's ops on
+/// the weight's device.
+pub fn dequantize_q4(packed: &Tensor, scale: &Tensor, k: i64) -> Tensor {
+    let (rows, bytes) = packed.size2().expect("a packed weight is 2-d");
+    let half = Q4_GROUP_BYTES as i64;
+    let groups = bytes / half;
+    let b = packed.view([rows, groups, half]);
+    let lo = b.bitwise_and(0x0f);
+    let hi = b.bitwise_right_shift_tensor_scalar(4);
+    let q = Tensor::cat(&[lo, hi], -1).to_kind(Kind::Float) - 8.0;
+    let w = q * scale.to_kind(Kind::Float).unsqueeze(-1);
+    w.view([rows, groups * Q4_GROUP as i64]).narrow(1, 0, k)
+}
+
+/// [`quantize_q4`] of `w` [out, in] (any float dtype, e.g. the mapped bf16 checkpoint) one block
+/// of rows at a time into `q` [out, groups * 16] (uint8) and `scale` [out, groups] (bf16), so that
+/// quantizing a model never holds an f32 copy of a whole weight.
+pub fn quantize_q4_into(w: &Tensor, q: &Tensor, scale: &Tensor) {
+    let rows = w.size()[0];
+    let mut start = 0;
+    while start < rows {
+        let n = QUANTIZE_BLOCK_ROWS.min(rows - start);
+        let block = w
+            .narrow(0, start, n)
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Float);
+        let (bq, bs) = quantize_q4(&block);
+        q.narrow(0, start, n).copy_(&bq);
+        scale.narrow(0, start, n).copy_(&bs);
+        start += n;
     }
 }
 
@@ -290,6 +497,116 @@ mod tests {
         }
     }
 
+    /// 4-bit groups of 32 (and a shorter last one): each group's squared error at most plain
+    /// Q4_0's (scale max|w| / 8 with the peak on -8, in bf16), no value further than one step
+    /// from its weight, an all-zero group on scale 1, the padding of a partial group 0, and the
+    /// bytes hold the values as documented (input j in the low nibble of byte j, input j + 16
+    /// in the high one, plus 8).
+    #[test]
+    fn quantize_q4_beats_plain_q4_0_per_group() {
+        tch::manual_seed(10);
+        let w = Tensor::randn([6, 72], (Kind::Float, Device::Cpu)) * 0.05;
+        let _ = w.get(2).narrow(0, 32, 32).fill_(0.0);
+        let _ = w.get(4).get(40).fill_(0.7);
+        let (q, scale) = quantize_q4(&w);
+        assert_eq!(q.size(), vec![6, 3 * 16]);
+        assert_eq!(q.kind(), Kind::Uint8);
+        assert_eq!(scale.size(), vec![6, 3]);
+        assert_eq!(scale.kind(), Kind::BFloat16);
+        assert_eq!(scale.double_value(&[2, 1]), 1.0);
+        let deq = dequantize_q4(&q, &scale, 72);
+        assert_eq!(deq.size(), vec![6, 72]);
+        let per_group = |t: &Tensor| {
+            t.constant_pad_nd([0, 24])
+                .view([6, 3, 32])
+                .square()
+                .sum_dim_intlist(-1, false, Kind::Float)
+        };
+        // plain Q4_0
+        let blocks = w.constant_pad_nd([0, 24]).view([6, 3, 32]);
+        let peak = blocks.gather(-1, &blocks.abs().argmax(-1, true), false);
+        let s0 = (peak / -8.0).to_kind(Kind::BFloat16).to_kind(Kind::Float);
+        let s0 = s0.where_self(&s0.ne(0.0), &s0.ones_like());
+        let plain = ((&blocks / &s0).round().clamp(-8.0, 7.0) * &s0)
+            .view([6, 96])
+            .narrow(1, 0, 72);
+        let ours_err = per_group(&(&deq - &w));
+        let plain_err = per_group(&(&plain - &w));
+        assert!(
+            ours_err
+                .le_tensor(&(&plain_err + 1e-12))
+                .all()
+                .int64_value(&[])
+                == 1,
+            "{ours_err} vs {plain_err}"
+        );
+        assert!(
+            ours_err.sum(Kind::Float).double_value(&[])
+                < plain_err.sum(Kind::Float).double_value(&[])
+        );
+        let steps = scale
+            .to_kind(Kind::Float)
+            .abs()
+            .repeat_interleave_self_int(32, 1, None)
+            .narrow(1, 0, 72);
+        let err = (&deq - &w).abs() / &steps;
+        assert!(max_abs(&err) <= 1.0, "{}", max_abs(&err));
+        // byte layout: row 0, group 0
+        let bytes = Vec::<u8>::try_from(q.get(0).narrow(0, 0, 16)).unwrap();
+        let s00 = scale.double_value(&[0, 0]);
+        for (j, b) in bytes.iter().enumerate() {
+            let lo = ((b & 15) as f64 - 8.0) * s00;
+            let hi = ((b >> 4) as f64 - 8.0) * s00;
+            assert_eq!(lo, deq.double_value(&[0, j as i64]));
+            assert_eq!(hi, deq.double_value(&[0, j as i64 + 16]));
+        }
+        // the padding of the last (partial) group is q = 0, stored as 8
+        let last = Vec::<u8>::try_from(q.get(1).narrow(0, 32 + 8, 8)).unwrap();
+        assert!(last.iter().all(|&b| b == 0x88), "{last:?}");
+        // quantizing block by block from bf16 equals quantizing the whole f32 copy
+        let wb =
+            (Tensor::randn([300, 40], (Kind::Float, Device::Cpu)) * 0.05).to_kind(Kind::BFloat16);
+        let (q1, s1) = quantize_q4(&wb.to_kind(Kind::Float));
+        let q2 = Tensor::empty([300, 32], (Kind::Uint8, Device::Cpu));
+        let s2 = Tensor::empty([300, 2], (Kind::BFloat16, Device::Cpu));
+        quantize_q4_into(&wb, &q2, &s2);
+        assert!(q1.equal(&q2) && s1.equal(&s2));
+    }
+
+    /// A 4-bit linear computes x W^T + b with W its dequantized weight, through gemv for up to
+    /// 8 rows of bf16 and through the dequantized dense GEMM above and in f32; `weight_ref`
+    /// hands gemv the same weight.
+    #[test]
+    fn q4_linear_matches_its_dequantized_weight() {
+        tch::manual_seed(11);
+        let (n, k) = (48i64, 72i64);
+        let w = Tensor::randn([n, k], (Kind::Float, Device::Cpu)) * 0.05;
+        let b = Tensor::randn([n], (Kind::Float, Device::Cpu));
+        let (q, scale) = quantize_q4(&w);
+        for kind in [Kind::BFloat16, Kind::Float] {
+            let lin = Linear::q4(q.copy(), scale.copy(), Some(b.to_kind(kind)), k);
+            assert!(lin.is_q4());
+            assert_eq!(lin.in_features(), k);
+            let dense = dequantize_q4(&q, &scale, k);
+            assert!(lin.dense_weight().equal(&dense.to_kind(Kind::BFloat16)));
+            for rows in [1, 3, 8, 9, 40] {
+                let x = Tensor::randn([1, rows, k], (Kind::Float, Device::Cpu)).to_kind(kind);
+                let want = x.to_kind(Kind::Float).linear(&dense, Some(&b));
+                let got = lin.forward(&x);
+                assert_eq!(got.size(), vec![1, rows, n]);
+                assert_eq!(got.kind(), kind);
+                let tol = if kind == Kind::Float { 1e-4 } else { 0.05 };
+                let d = max_abs(&(got.to_kind(Kind::Float) - &want));
+                assert!(d < tol, "{kind:?} rows {rows}: {d}");
+            }
+        }
+        let lin = Linear::q4(q, scale, None, k);
+        assert!(matches!(
+            lin.weight_ref(),
+            Some(super::super::gemv::WeightRef::Q4(..))
+        ));
+    }
+
     /// Both int8 paths (the int8 kernel for up to 8 rows, dequantize + GEMM above) compute
     /// x W^T + b with W the dequantized weight.
     #[test]
@@ -299,11 +616,7 @@ mod tests {
         let b = Tensor::randn([48], (Kind::Float, Device::Cpu));
         for kind in [Kind::BFloat16, Kind::Float] {
             let (q, scale) = quantize_rows(&w, kind);
-            let lin = Linear {
-                weight: q,
-                bias: Some(b.to_kind(kind)),
-                scale: Some(scale),
-            };
+            let lin = Linear::int8(q, scale, Some(b.to_kind(kind)));
             let dense = lin.dense_weight().to_kind(Kind::Float);
             for rows in [1, 3, 8, 9, 40] {
                 let x = Tensor::randn([1, rows, 64], (Kind::Float, Device::Cpu)).to_kind(kind);

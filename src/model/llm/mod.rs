@@ -570,8 +570,8 @@ impl Dims {
 pub struct LayerPlaces<'a> {
     pub first: Place,
     pub layers: &'a [Device],
-    /// The decoder layers' linear weights are int8.
-    pub int8: bool,
+    /// How the decoder layers' linear weights are kept.
+    pub quant: super::nn::Quant,
 }
 
 impl LayerPlaces<'_> {
@@ -579,7 +579,7 @@ impl LayerPlaces<'_> {
         Place {
             dev: self.layers.get(i).copied().unwrap_or(self.first.dev),
             kind: self.first.kind,
-            int8: self.int8,
+            quant: self.quant,
         }
     }
 }

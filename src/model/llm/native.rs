@@ -13,7 +13,7 @@
 //! ATen's CPU flash attention keep them; the probabilities rounded to bf16 before they weight
 //! the values, as that kernel does, in blocks of 512 keys). The products are the same kernels
 //! ([`gemv`]). Only the order of f32 additions inside reductions differs. It runs for bf16
-//! activations on the CPU (bf16 or int8 weights), up to [`gemv::MAX_ROWS`] rows, where the
+//! activations on the CPU (bf16, int8 or 4-bit weights), up to [`gemv::MAX_ROWS`] rows, where the
 //! products' kernels run; prefill, f32 and GPUs stay with libtorch.
 use super::kv_cache::KvCache;
 use super::{Attention, DecoderLayer, Ffn, Llm, Mask, Mlp, Qkv, SparseMoe};
@@ -89,12 +89,8 @@ struct Lin<'a> {
 
 impl<'a> Lin<'a> {
     fn of(l: &'a Linear) -> Self {
-        let w = match &l.scale {
-            None => WeightRef::Bf16(slice::<u16>(&l.weight)),
-            Some(s) => WeightRef::Int8(slice::<i8>(&l.weight), slice::<u16>(s)),
-        };
         Self {
-            w,
+            w: l.weight_ref().expect("checked by native_decodes"),
             bias: l.bias.as_ref().map(values),
             out: l.weight.size()[0] as usize,
         }
@@ -108,16 +104,10 @@ impl<'a> Lin<'a> {
     }
 }
 
-/// Whether a linear layer's weights are ones the kernels read (bf16 or int8 with bf16 scales,
-/// contiguous, on the CPU).
+/// Whether a linear layer's weights are ones the kernels read (bf16, int8 or 4-bit with bf16
+/// scales, contiguous, on the CPU) and its bias is bf16.
 fn kernel_reads(l: &Linear) -> bool {
-    let w = &l.weight;
-    w.device() == Device::Cpu
-        && w.is_contiguous()
-        && match &l.scale {
-            None => w.kind() == Kind::BFloat16,
-            Some(s) => w.kind() == Kind::Int8 && s.kind() == Kind::BFloat16 && s.is_contiguous(),
-        }
+    l.weight_ref().is_some()
         && l.bias
             .as_ref()
             .is_none_or(|b| b.kind() == Kind::BFloat16 && b.is_contiguous())

@@ -23,7 +23,10 @@ pub fn load(w: &mut Weights, places: &LayerPlaces, cfg: &LlmConfig) -> Llm {
         }
         // the router stays in the model's dtype (also with --load-8bit): it is tiny, and an
         // int8 router could choose other experts than the model's own weights do
-        let router = crate::model::nn::Place { int8: false, ..p };
+        let router = crate::model::nn::Place {
+            quant: crate::model::nn::Quant::None,
+            ..p
+        };
         Ffn::Moe(SparseMoe {
             gate: Linear::load(w, router, &format!("{l}.mlp.gate"), hidden, experts, false),
             experts: (0..cfg.num_experts)
