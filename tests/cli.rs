@@ -144,6 +144,102 @@ fn one_shot_image_and_video() {
     );
 }
 
+/// An -hf checkpoint through the real binary: its chat template and processor, the answer
+/// transformers' `generate` gave (decoded without stripping), for an image and a video.
+#[test]
+fn one_shot_hf_image_and_video() {
+    let m = model("tiny-qwen2-hf");
+    let img1 = format!("{}:2", fixture("media/images/image1.jpg").display());
+    let img2 = format!("{}:2", fixture("media/images/image2.jpg").display());
+    let o = run(
+        &greedy_args(
+            &m,
+            &[
+                "--image",
+                &img1,
+                "--image",
+                &img2,
+                "--prompt",
+                "<image>\n<image>\nDescribe the two images in detail.",
+            ],
+        ),
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g = golden("tiny-qwen2-hf", "image_combined");
+    assert_eq!(
+        stdout(&o),
+        format!("{}\n", g["turns"][0]["response"].as_str().unwrap())
+    );
+    let v = fixture("media/videos/flipping_a_pancake.mkv")
+        .display()
+        .to_string();
+    let o = run(
+        &greedy_args(
+            &m,
+            &[
+                "--video",
+                &v,
+                "--segments",
+                "8",
+                "--prompt",
+                "What is happening in this video?",
+            ],
+        ),
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g = golden("tiny-qwen2-hf", "video");
+    assert_eq!(
+        stdout(&o),
+        format!("{}\n", g["turns"][0]["response"].as_str().unwrap())
+    );
+}
+
+/// A broken -hf folder: one line naming the file or field.
+#[test]
+fn bad_hf_folders_give_one_line_errors() {
+    let src = fixture("models/tiny-qwen2-hf");
+    let d = tmpdir("hf");
+    let copy = || {
+        for e in std::fs::read_dir(&src).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
+        }
+    };
+    let m = d.to_str().unwrap();
+    copy();
+    std::fs::remove_file(d.join("chat_template.jinja")).unwrap();
+    let o = run(&["--model", m, "--prompt", "hi"], None);
+    assert_one_line_error(&o, &[m, "no chat template", "chat_template.jinja"]);
+    copy();
+    std::fs::remove_file(d.join("preprocessor_config.json")).unwrap();
+    let o = run(&["--model", m, "--prompt", "hi"], None);
+    assert_one_line_error(&o, &["preprocessor_config.json", "not found"]);
+    copy();
+    let cfg = std::fs::read_to_string(src.join("preprocessor_config.json"))
+        .unwrap()
+        .replace("\"max_patches\": 12", "\"max_patches\": 0");
+    std::fs::write(d.join("preprocessor_config.json"), cfg).unwrap();
+    let o = run(&["--model", m, "--prompt", "hi"], None);
+    assert_one_line_error(&o, &["preprocessor_config.json", "max_patches 0"]);
+    copy();
+    let cfg = std::fs::read_to_string(src.join("config.json"))
+        .unwrap()
+        .replace("\"image_token_id\": 151667", "\"image_token_id\": 151665");
+    std::fs::write(d.join("config.json"), cfg).unwrap();
+    let o = run(&["--model", m, "--prompt", "hi"], None);
+    assert_one_line_error(
+        &o,
+        &["config.json", "image_token_id 151665", "<IMG_CONTEXT>"],
+    );
+    copy();
+    std::fs::write(d.join("chat_template.jinja"), "{% for m in messages %}").unwrap();
+    let o = run(&["--model", m, "--prompt", "hi"], None);
+    assert_one_line_error(&o, &["chat_template.jinja", "chat template"]);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ivl-cli-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
