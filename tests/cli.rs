@@ -436,6 +436,51 @@ fn batch_keeps_order_reports_bad_lines_and_matches_goldens() {
     assert_eq!(results[6]["response"], gb["responses"][1]);
 }
 
+/// `batch` with an -hf checkpoint: two left-padded rows give transformers' `generate` ids.
+#[test]
+fn batch_takes_hf_checkpoints() {
+    let g = golden("tiny-qwen2-hf", "batch_two_images");
+    let lines: Vec<String> = g["questions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(g["images"].as_array().unwrap())
+        .map(|(q, i)| {
+            let path = fixture(&format!("media/images/{}", i["image"].as_str().unwrap()));
+            serde_json::json!({"question": q, "do_sample": false, "max_new_tokens": 16,
+                "images": [{"path": path, "max_tiles": i["max_num"]}]})
+            .to_string()
+        })
+        .collect();
+    let m = model("tiny-qwen2-hf");
+    let o = run(
+        &[
+            "batch",
+            "--model",
+            &m,
+            "--dtype",
+            "f32",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--input",
+            "-",
+        ],
+        Some(&(lines.join("\n") + "\n")),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let results: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), 2);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["generated_ids"], g["generated_ids"][i], "row {i}");
+        assert_eq!(r["response"], g["responses"][i], "row {i}");
+    }
+}
+
 #[test]
 fn batch_from_stdin_to_stdout_exits_0_when_all_succeed() {
     let m = model("tiny-qwen2");

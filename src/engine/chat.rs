@@ -724,7 +724,13 @@ impl Engine {
 
     /// A streamer for this model's answers (see [`AnswerStream`]).
     pub fn answer_stream(&self) -> AnswerStream {
-        AnswerStream::new(self.tokenizer.clone(), self.stop_ids.clone())
+        let s = AnswerStream::new(self.tokenizer.clone(), self.stop_ids.clone());
+        // -hf: the answer as `batch_decode` gives it, not stripped
+        if self.hf.is_some() {
+            s.untrimmed()
+        } else {
+            s
+        }
     }
 
     /// `batch_decode(ids, skip_special_tokens=True)[0].split(sep.strip())[0].strip()`.
