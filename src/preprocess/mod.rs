@@ -374,6 +374,71 @@ mod tests {
         }
     }
 
+    /// -hf tiling: the processor's limits from preprocessor_config.json, placeholder counts
+    /// equal to what loading gives, and what transformers cannot sample refused by name.
+    #[test]
+    fn hf_pictures_and_videos() {
+        let dir = fixture("models/tiny-qwen2-hf");
+        let hf = hf::tile_config(&dir, cfg()).unwrap();
+        assert_eq!((hf.min_tiles, hf.max_tiles, hf.image_size), (1, 12, 448));
+        let p = hf.hf.unwrap();
+        assert_eq!(p.video.unwrap().initial_shift, hf::Shift::HalfStep);
+        // ImageNet mean/std over 0..255, as the processor fuses them
+        assert!(
+            (p.mean[0] - 0.485 * 255.0).abs() < 1e-4 && (p.std[2] - 0.225 * 255.0).abs() < 1e-4
+        );
+        let image = Attachment::Image {
+            path: fixture("media/images/image1.jpg"),
+            max_tiles: Some(6),
+        };
+        let v = load_visual(&image, &hf).unwrap();
+        assert_eq!((v.grid, v.tiles()), ((3, 2), 7));
+        assert_eq!(placeholder_tiles(&image, &hf).unwrap(), [7]);
+        let pancake = fixture("media/videos/flipping_a_pancake.mkv");
+        let video = |segments, bound| Attachment::Video {
+            path: pancake.clone(),
+            segments,
+            bound,
+            max_tiles: 4,
+        };
+        let v = load_visual(&video(8, None), &hf).unwrap();
+        assert_eq!(v.frame_indices, [19, 58, 96, 135, 174, 213, 251, 290]);
+        assert!(v
+            .placeholders
+            .iter()
+            .all(|p| p.len() == 1 && p[0].dimensions() == (448, 448)));
+        assert_eq!(placeholder_tiles(&video(8, None), &hf).unwrap(), [1; 8]);
+        let e = load_visual(&video(8, Some((1.0, 2.0))), &hf)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("flipping_a_pancake.mkv") && e.contains("time range"),
+            "{e}"
+        );
+        let e = load_visual(&video(128, None), &hf).map(|_| ());
+        assert!(e.is_ok(), "{e:?}");
+        let short = Attachment::Video {
+            path: fixture("media/videos/video_90.mov"),
+            segments: 4,
+            bound: None,
+            max_tiles: 1,
+        };
+        let e = placeholder_tiles(&short, &hf).unwrap_err().to_string();
+        assert!(
+            e.contains("video_90.mov") && e.contains("4 frames asked for but the video has 3"),
+            "{e}"
+        );
+        // a checkpoint without a video processor takes no videos
+        let no_video = TileConfig {
+            hf: Some(hf::HfProcessing { video: None, ..p }),
+            ..hf
+        };
+        let e = load_visual(&video(8, None), &no_video)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("video_preprocessor_config.json"), "{e}");
+    }
+
     #[test]
     fn tile_and_frame_limits_are_refused_before_any_work() {
         let image = fixture("media/images/image1.jpg");
