@@ -65,12 +65,20 @@ impl Need {
         match self {
             Need::Config => file == "config.json",
             // top-level files only: the InternVL repositories also hold example pictures and
-            // videos under examples/, and Python modelling code we do not run
+            // videos under examples/, and Python modelling code we do not run; -hf repositories
+            // keep their chat template in chat_template.jinja
             Need::Model => {
                 !file.contains('/')
-                    && [".json", ".safetensors", ".model", ".txt", ".tiktoken"]
-                        .iter()
-                        .any(|ext| file.ends_with(ext))
+                    && [
+                        ".json",
+                        ".safetensors",
+                        ".model",
+                        ".txt",
+                        ".tiktoken",
+                        ".jinja",
+                    ]
+                    .iter()
+                    .any(|ext| file.ends_with(ext))
             }
         }
     }
@@ -442,6 +450,9 @@ mod tests {
             "model-00001-of-00002.safetensors",
             "tokenizer.model",
             "merges.txt",
+            "chat_template.jinja",
+            "preprocessor_config.json",
+            "video_preprocessor_config.json",
         ] {
             assert!(Need::Model.wants(f), "{f}");
         }

@@ -457,6 +457,7 @@ fn internvl_2_5_tiles() -> TileConfig {
         max_tiles: 12,
         use_thumbnail: true,
         tokens_per_tile: 256,
+        hf: None,
     }
 }
 
@@ -466,7 +467,7 @@ fn remote_worker(
     url: &str,
 ) -> Result<(EngineHandle, std::thread::JoinHandle<()>, TileConfig)> {
     let mut tiles = match &cli.model.model {
-        Some(dir) => InternVLConfig::load(dir)?.tile_config(),
+        Some(dir) => InternVLConfig::load(dir)?.tile_config_in(dir)?,
         None => internvl_2_5_tiles(),
     };
     if let Some(t) = cli.gen.max_tiles {
@@ -518,7 +519,7 @@ fn tui(cli: &Cli) -> Result<ExitCode> {
             check_fits(&dir, &opts)?;
             let device_name = format!("{:?}", opts.first).to_lowercase();
             crate::logging::init(cli.model.verbose);
-            let mut tiles = cfg.tile_config();
+            let mut tiles = cfg.tile_config_in(&dir)?;
             if let Some(t) = cli.gen.max_tiles {
                 tiles.max_tiles = t as u32;
             }

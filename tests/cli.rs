@@ -144,6 +144,102 @@ fn one_shot_image_and_video() {
     );
 }
 
+/// An -hf checkpoint through the real binary: its chat template and processor, the answer
+/// transformers' `generate` gave (decoded without stripping), for an image and a video.
+#[test]
+fn one_shot_hf_image_and_video() {
+    let m = model("tiny-qwen2-hf");
+    let img1 = format!("{}:2", fixture("media/images/image1.jpg").display());
+    let img2 = format!("{}:2", fixture("media/images/image2.jpg").display());
+    let o = run(
+        &greedy_args(
+            &m,
+            &[
+                "--image",
+                &img1,
+                "--image",
+                &img2,
+                "--prompt",
+                "<image>\n<image>\nDescribe the two images in detail.",
+            ],
+        ),
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g = golden("tiny-qwen2-hf", "image_combined");
+    assert_eq!(
+        stdout(&o),
+        format!("{}\n", g["turns"][0]["response"].as_str().unwrap())
+    );
+    let v = fixture("media/videos/flipping_a_pancake.mkv")
+        .display()
+        .to_string();
+    let o = run(
+        &greedy_args(
+            &m,
+            &[
+                "--video",
+                &v,
+                "--segments",
+                "8",
+                "--prompt",
+                "What is happening in this video?",
+            ],
+        ),
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g = golden("tiny-qwen2-hf", "video");
+    assert_eq!(
+        stdout(&o),
+        format!("{}\n", g["turns"][0]["response"].as_str().unwrap())
+    );
+}
+
+/// A broken -hf folder: one line naming the file or field.
+#[test]
+fn bad_hf_folders_give_one_line_errors() {
+    let src = fixture("models/tiny-qwen2-hf");
+    let d = tmpdir("hf");
+    let copy = || {
+        for e in std::fs::read_dir(&src).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
+        }
+    };
+    let m = d.to_str().unwrap();
+    copy();
+    std::fs::remove_file(d.join("chat_template.jinja")).unwrap();
+    let o = run(&["--model", m, "--prompt", "hi"], None);
+    assert_one_line_error(&o, &[m, "no chat template", "chat_template.jinja"]);
+    copy();
+    std::fs::remove_file(d.join("preprocessor_config.json")).unwrap();
+    let o = run(&["--model", m, "--prompt", "hi"], None);
+    assert_one_line_error(&o, &["preprocessor_config.json", "not found"]);
+    copy();
+    let cfg = std::fs::read_to_string(src.join("preprocessor_config.json"))
+        .unwrap()
+        .replace("\"max_patches\": 12", "\"max_patches\": 0");
+    std::fs::write(d.join("preprocessor_config.json"), cfg).unwrap();
+    let o = run(&["--model", m, "--prompt", "hi"], None);
+    assert_one_line_error(&o, &["preprocessor_config.json", "max_patches 0"]);
+    copy();
+    let cfg = std::fs::read_to_string(src.join("config.json"))
+        .unwrap()
+        .replace("\"image_token_id\": 151667", "\"image_token_id\": 151665");
+    std::fs::write(d.join("config.json"), cfg).unwrap();
+    let o = run(&["--model", m, "--prompt", "hi"], None);
+    assert_one_line_error(
+        &o,
+        &["config.json", "image_token_id 151665", "<IMG_CONTEXT>"],
+    );
+    copy();
+    std::fs::write(d.join("chat_template.jinja"), "{% for m in messages %}").unwrap();
+    let o = run(&["--model", m, "--prompt", "hi"], None);
+    assert_one_line_error(&o, &["chat_template.jinja", "chat template"]);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ivl-cli-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -338,6 +434,51 @@ fn batch_keeps_order_reports_bad_lines_and_matches_goldens() {
     let gb = golden("tiny-qwen2", "batch_two_images");
     assert_eq!(results[5]["response"], gb["responses"][0]);
     assert_eq!(results[6]["response"], gb["responses"][1]);
+}
+
+/// `batch` with an -hf checkpoint: two left-padded rows give transformers' `generate` ids.
+#[test]
+fn batch_takes_hf_checkpoints() {
+    let g = golden("tiny-qwen2-hf", "batch_two_images");
+    let lines: Vec<String> = g["questions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(g["images"].as_array().unwrap())
+        .map(|(q, i)| {
+            let path = fixture(&format!("media/images/{}", i["image"].as_str().unwrap()));
+            serde_json::json!({"question": q, "do_sample": false, "max_new_tokens": 16,
+                "images": [{"path": path, "max_tiles": i["max_num"]}]})
+            .to_string()
+        })
+        .collect();
+    let m = model("tiny-qwen2-hf");
+    let o = run(
+        &[
+            "batch",
+            "--model",
+            &m,
+            "--dtype",
+            "f32",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--input",
+            "-",
+        ],
+        Some(&(lines.join("\n") + "\n")),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let results: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), 2);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["generated_ids"], g["generated_ids"][i], "row {i}");
+        assert_eq!(r["response"], g["responses"][i], "row {i}");
+    }
 }
 
 #[test]

@@ -1032,3 +1032,271 @@ fn native_ragged_rows_decode_as_each_row_alone() {
         exact.0, exact.1
     );
 }
+
+// ---- tiny-qwen2-hf: transformers' own InternVLForConditionalGeneration + InternVLProcessor ----
+
+const HF: &str = "tiny-qwen2-hf";
+
+/// The attachments of an -hf golden: its images (`max_num` = the processor's `max_patches`),
+/// its video sampled to `num_frames`.
+fn hf_attachments(g: &Value) -> Vec<Attachment> {
+    let mut a = image_attachments(g);
+    if let Some(v) = g["video"].as_str() {
+        a.push(Attachment::Video {
+            path: fixture(&format!("media/videos/{v}")),
+            segments: g["num_frames"].as_u64().unwrap() as usize,
+            bound: None,
+            max_tiles: 1,
+        });
+    }
+    a
+}
+
+/// The processor's uint8 tiles of an -hf golden against ours: same count, every value within 1
+/// (torchvision's resize is the same libtorch kernel; JPEG decoding is Pillow's), at least 99%
+/// exact, and the sha256 of each tile recorded by the golden.
+fn check_hf_tiles(e: &Engine, case: &str, g: &Value) {
+    use sha2::{Digest, Sha256};
+    let mut tiles: Vec<image::RgbImage> = Vec::new();
+    let mut frame_indices = Vec::new();
+    for a in hf_attachments(g) {
+        let v = internvl_chat::preprocess::load_visual(&a, &e.tiles).unwrap();
+        frame_indices.extend(v.frame_indices.iter().map(|&i| i as i64));
+        tiles.extend(v.placeholders.into_iter().flatten());
+    }
+    if let Some(meta) = g.get("video_meta") {
+        assert_eq!(
+            frame_indices,
+            i64s(&meta["frame_indices"]),
+            "{case}: frames"
+        );
+    }
+    let golden = g["tiles"].as_array().unwrap();
+    assert_eq!(tiles.len(), golden.len(), "{case}: tile count");
+    let st = Tensor::read_safetensors(fixture(&format!("golden/{HF}/{case}.safetensors"))).unwrap();
+    let want = &st.iter().find(|(n, _)| n == "tiles_u8").unwrap().1;
+    assert_eq!(want.size()[0] as usize, tiles.len(), "{case}: tiles_u8");
+    let mut same_sha = 0;
+    for (i, (t, gt)) in tiles.iter().zip(golden).enumerate() {
+        let w = Vec::<u8>::try_from(&want.get(i as i64).contiguous().view([-1])).unwrap();
+        let ours = t.as_raw();
+        assert_eq!(ours.len(), w.len(), "{case} tile {i}: size");
+        let worst = ours
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        let exact = ours.iter().zip(&w).filter(|(a, b)| a == b).count() as f64 / w.len() as f64;
+        assert!(worst <= 1, "{case} tile {i}: a value {worst} levels off");
+        assert!(
+            exact >= 0.99,
+            "{case} tile {i}: {:.4}% exact",
+            exact * 100.0
+        );
+        let sha = format!("{:x}", Sha256::digest(ours));
+        let golden_sha = Sha256::digest(&w);
+        assert_eq!(
+            gt["sha256"].as_str().unwrap(),
+            format!("{golden_sha:x}"),
+            "{case} tile {i}: golden tiles_u8 vs its sha256"
+        );
+        same_sha += usize::from(sha == gt["sha256"].as_str().unwrap());
+    }
+    eprintln!("{case}: {same_sha}/{} tiles bit-identical", tiles.len());
+}
+
+/// One -hf golden case: template output, query, ids, tiles, logits, greedy ids, response.
+fn hf_case(case: &str) {
+    let g = json(&format!("golden/{HF}/{case}.json"));
+    let mut e = engine(HF, Kind::Float);
+    let atts = hf_attachments(&g);
+    let turn = &g["turns"][0];
+    let p = e
+        .prepare(&ChatInput {
+            system: None,
+            history: &[],
+            question: turn["question"].as_str().unwrap(),
+            attachments: &atts,
+            combine_images: false,
+        })
+        .unwrap();
+    if let Some(n) = g["num_patches_list"].as_array() {
+        let n: Vec<usize> = n.iter().map(|x| x.as_u64().unwrap() as usize).collect();
+        assert_eq!(p.num_patches, n, "{case}: num_patches_list");
+    }
+    if !atts.is_empty() {
+        check_hf_tiles(&e, case, &g);
+    }
+    let out = run(&mut e, &p);
+    check_turn(
+        &format!("{HF} {case}"),
+        &p,
+        &out,
+        turn,
+        &golden_logits(HF, case, 0),
+    );
+}
+
+#[test]
+fn hf_text_hello() {
+    hf_case("text_hello");
+}
+
+#[test]
+fn hf_image_single() {
+    hf_case("image_single");
+}
+
+#[test]
+fn hf_image_combined() {
+    hf_case("image_combined");
+}
+
+#[test]
+fn hf_image_separate() {
+    hf_case("image_separate");
+}
+
+#[test]
+fn hf_image_no_tag() {
+    hf_case("image_no_tag");
+}
+
+#[test]
+fn hf_video() {
+    hf_case("video");
+}
+
+/// Turn 2 with turn 1 (its unstripped response) as history, on the same engine (KV cache
+/// reused) and on a fresh one.
+#[test]
+fn hf_multi_turn() {
+    let g = json(&format!("golden/{HF}/multi_turn.json"));
+    let atts = hf_attachments(&g);
+    let (t0, t1) = (&g["turns"][0], &g["turns"][1]);
+    let mut e = engine(HF, Kind::Float);
+    let p0 = e
+        .prepare(&ChatInput {
+            system: None,
+            history: &[],
+            question: t0["question"].as_str().unwrap(),
+            attachments: &atts,
+            combine_images: false,
+        })
+        .unwrap();
+    let out0 = run(&mut e, &p0);
+    check_turn(
+        "hf turn 1",
+        &p0,
+        &out0,
+        t0,
+        &golden_logits(HF, "multi_turn", 0),
+    );
+    let history = vec![Turn {
+        question: p0.question.clone(),
+        attachments: atts.clone(),
+        answer: out0.answer.clone(),
+    }];
+    let input = ChatInput {
+        system: None,
+        history: &history,
+        question: t1["question"].as_str().unwrap(),
+        attachments: &[],
+        combine_images: false,
+    };
+    let logits1 = golden_logits(HF, "multi_turn", 1);
+    let p1 = e.prepare(&input).unwrap();
+    let reused = run(&mut e, &p1);
+    check_turn("hf turn 2 (cache reused)", &p1, &reused, t1, &logits1);
+    assert!(reused.gen.prefill_tokens < p1.ids.len() / 4);
+    let mut fresh = engine(HF, Kind::Float);
+    let p1f = fresh.prepare(&input).unwrap();
+    let full = run(&mut fresh, &p1f);
+    check_turn("hf turn 2 (fresh)", &p1f, &full, t1, &logits1);
+}
+
+/// `generate` on two left-padded prompts: the golden's ids and responses, row by row.
+#[test]
+fn hf_batch_two_images() {
+    let g = json(&format!("golden/{HF}/batch_two_images.json"));
+    let mut e = engine(HF, Kind::Float);
+    let atts = image_attachments(&g);
+    let prepared: Vec<Prepared> = g["questions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&atts)
+        .map(|(q, a)| {
+            e.prepare(&ChatInput {
+                system: None,
+                history: &[],
+                question: q.as_str().unwrap(),
+                attachments: std::slice::from_ref(a),
+                combine_images: false,
+            })
+            .unwrap()
+        })
+        .collect();
+    let refs: Vec<&Prepared> = prepared.iter().collect();
+    let outs = e
+        .run_batch(
+            &refs,
+            &[SamplingParams::greedy(16), SamplingParams::greedy(16)],
+            &mut |_, _| Flow::Continue,
+        )
+        .unwrap();
+    for (i, o) in outs.iter().enumerate() {
+        let ids: Vec<i64> = o.tokens.iter().map(|&t| t as i64).collect();
+        assert_eq!(ids, i64s(&g["generated_ids"][i]), "batch row {i}: ids");
+        assert_eq!(
+            o.answer,
+            g["responses"][i].as_str().unwrap(),
+            "batch row {i}"
+        );
+    }
+}
+
+/// The same weights in both layouts give the same logits for the same token ids.
+#[test]
+fn hf_and_remote_code_layouts_give_the_same_logits() {
+    let remote = engine("tiny-qwen2", Kind::Float);
+    let hf = engine(HF, Kind::Float);
+    let g = json(&format!("golden/{HF}/text_hello.json"));
+    let ids = Tensor::from_slice(&i64s(&g["turns"][0]["input_ids"])).unsqueeze(0);
+    let logits = |e: &Engine| {
+        let _guard = tch::no_grad_guard();
+        let x = e
+            .model
+            .embed_with_images(&ids, e.img_context_id, None)
+            .unwrap();
+        let mut cache = e.model.llm.new_cache();
+        let n = ids.size()[1];
+        let pos = Tensor::arange(n, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+        let h = e.model.llm.forward(
+            &x,
+            &pos,
+            &mut cache,
+            &internvl_chat::model::llm::Mask::Causal,
+        );
+        e.model.llm.lm_head.forward(&h)
+    };
+    let (a, b) = (logits(&remote), logits(&hf));
+    assert_eq!(a.size(), b.size());
+    assert!(
+        a.equal(&b),
+        "max diff {}",
+        (&a - &b).abs().max().double_value(&[])
+    );
+    // and the vision tower + projector: the same pixels give the same features
+    let px = Tensor::randn([1, 3, 448, 448], (Kind::Float, Device::Cpu));
+    let (fa, fb) = (
+        remote.model.extract_feature(&px),
+        hf.model.extract_feature(&px),
+    );
+    assert!(
+        fa.equal(&fb),
+        "features differ by {}",
+        (&fa - &fb).abs().max().double_value(&[])
+    );
+}

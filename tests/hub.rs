@@ -488,3 +488,27 @@ fn token_revision_and_config_only_plan() {
         COMMIT
     );
 }
+
+/// An -hf checkpoint by name: its chat template and processor configs come down with the
+/// weights (chat_template.jinja included), and the answer is transformers' (not stripped).
+#[test]
+fn an_hf_checkpoint_by_name() {
+    let hub = Hub::start(
+        vec![repo("test-org/tiny-qwen2-hf", "tiny-qwen2-hf")],
+        Behaviour::default(),
+    );
+    let home = tmpdir("hf");
+    let o = run(bin(&home, &hub.url), &["--model", "test-org/tiny-qwen2-hf"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), golden_answer("tiny-qwen2-hf"));
+    let snap = home
+        .join("hub/models--test-org--tiny-qwen2-hf/snapshots")
+        .join(COMMIT);
+    for f in [
+        "chat_template.jinja",
+        "preprocessor_config.json",
+        "processor_config.json",
+    ] {
+        assert!(snap.join(f).is_file(), "{f} downloaded");
+    }
+}

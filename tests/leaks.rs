@@ -16,6 +16,7 @@ fn reading_a_video_again_and_again_keeps_memory_flat() {
         max_tiles: 12,
         use_thumbnail: true,
         tokens_per_tile: 256,
+        hf: None,
     };
     let video = fixture("media/videos/flipping_a_pancake.mkv");
     let size = std::fs::metadata(&video).unwrap().len();

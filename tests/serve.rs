@@ -1442,3 +1442,26 @@ fn a_huge_message_is_refused_before_it_is_tokenized_with_the_numbers() {
     );
     assert!(models.starts_with("HTTP/1.1 200 OK\r\n"), "{models}");
 }
+
+/// `serve` of an -hf checkpoint: a greedy request gets transformers' answer (its chat template,
+/// no default system message, the answer not stripped).
+#[test]
+fn serve_takes_hf_checkpoints() {
+    let m = fixture("models/tiny-qwen2-hf").display().to_string();
+    let server = Server::start_with(&m, &["--dtype", "f32"]);
+    let body = json!({"model": "tiny-qwen2-hf", "messages": [user("Hello, who are you?")],
+        "max_tokens": 24, "temperature": 0});
+    let mut resp = ureq::post(&format!("{}/v1/chat/completions", server.url))
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .unwrap_or_else(|e| panic!("{e}\n{}", server.log()));
+    let v: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
+    let g: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("golden/tiny-qwen2-hf/text_hello.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"], g["turns"][0]["response"],
+        "{v}"
+    );
+}

@@ -4,10 +4,14 @@ use super::features::{self, FeatureCache};
 use super::generate::{generate, Flow, GenInput, GenOutput};
 use super::protocol::{Attachment, Finish, Turn};
 use super::stream::AnswerStream;
+use crate::model::config::Layout;
 use crate::model::llm::kv_cache::KvCache;
 use crate::model::{InternVL, LoadOptions, ModelError};
 use crate::preprocess::{self, TileConfig, Visual, VisualError};
-use crate::prompt::conversation::{droppable_turns, expand, Conversation, Media, PastTurn};
+use crate::prompt::conversation::{
+    droppable_turns, expand, Conversation, Expanded, Media, PastTurn,
+};
+use crate::prompt::hf::HfPrompt;
 use crate::prompt::template::{get_template, Template};
 use crate::prompt::tokenizer::Tokenizer;
 use crate::prompt::PromptError;
@@ -104,7 +108,11 @@ pub struct ChatOutput {
 pub struct Engine {
     pub model: InternVL,
     pub tokenizer: Arc<Tokenizer>,
+    /// The conversation template of a remote-code checkpoint (unused for -hf ones, whose
+    /// prompts come from `hf`).
     pub template: Template,
+    /// -hf checkpoints: their chat template and processor tokens.
+    pub hf: Option<HfPrompt>,
     pub dir: PathBuf,
     pub img_context_id: i64,
     pub stop_ids: Vec<u32>,
@@ -145,14 +153,33 @@ impl Engine {
                 ))
             })
         };
-        let img_context_id = need("<IMG_CONTEXT>")? as i64;
-        let mut stop_ids = vec![need(template.stop_token())?];
+        let hf = match model.cfg.layout {
+            Layout::RemoteCode => None,
+            Layout::Hf => Some(HfPrompt::load(dir).map_err(|e| ChatError::Invalid(e.to_string()))?),
+        };
+        let (img_context_id, mut stop_ids) = match &hf {
+            None => (
+                need("<IMG_CONTEXT>")? as i64,
+                vec![need(template.stop_token())?],
+            ),
+            Some(p) => hf_tokens(dir, &model, &tokenizer, p)?,
+        };
         if let Some(eos) = tokenizer.eos_id() {
             if !stop_ids.contains(&eos) {
                 stop_ids.push(eos);
             }
         }
-        if tokenizer.vocab_size() > model.cfg.llm_config.vocab_size {
+        // -hf tokenizers may add the processor's video token past the embedding rows
+        // (InternVL3-hf: `<video>` 151674 with vocab_size 151674); the processor replaces it
+        // before the model sees it (a prompt whose media tokens are not all replaced is refused)
+        let past_rows = hf.as_ref().map_or(0, |p| {
+            usize::from(
+                tokenizer
+                    .token_to_id(&p.video_token)
+                    .is_some_and(|id| id as usize + 1 == tokenizer.vocab_size()),
+            )
+        });
+        if tokenizer.vocab_size() - past_rows > model.cfg.llm_config.vocab_size {
             return Err(ChatError::Tokenizer(format!(
                 "{}: tokenizer has {} tokens but the model's vocab_size is {}",
                 dir.display(),
@@ -160,7 +187,10 @@ impl Engine {
                 model.cfg.llm_config.vocab_size
             )));
         }
-        let tiles = model.cfg.tile_config();
+        let tiles = model
+            .cfg
+            .tile_config_in(dir)
+            .map_err(|e| ChatError::Invalid(e.to_string()))?;
         let context = opts
             .context
             .unwrap_or_else(|| model.cfg.llm_config.context_window());
@@ -170,6 +200,7 @@ impl Engine {
             model,
             tokenizer: Arc::new(tokenizer),
             template,
+            hf,
             dir: dir.into(),
             img_context_id,
             stop_ids,
@@ -184,6 +215,10 @@ impl Engine {
     }
 
     pub fn system_message(&self) -> String {
+        if self.hf.is_some() {
+            // -hf: only what the chat template itself writes, or the user's
+            return String::new();
+        }
         self.model
             .cfg
             .system_message
@@ -298,17 +333,13 @@ impl Engine {
             .collect();
         let system = self.system_of(input);
         let tokens = |drop: usize| -> Result<usize, ChatError> {
-            let e = expand(
-                &self.template,
-                &Conversation {
-                    system: &system,
-                    history: &turns[drop..],
-                    question: input.question,
-                    media: &new_media,
-                    combine_images: input.combine_images,
-                },
-                self.tiles.tokens_per_tile,
-            )?;
+            let (e, _) = self.expand(&Conversation {
+                system: &system,
+                history: &turns[drop..],
+                question: input.question,
+                media: &new_media,
+                combine_images: input.combine_images,
+            })?;
             Ok(self.encode(&e.query)?.len())
         };
         let fits = |n: usize| n + fit.max_new_tokens <= context;
@@ -383,6 +414,29 @@ impl Engine {
             .unwrap_or_else(|| self.system_message())
     }
 
+    /// The conversation's query: the remote-code template and placeholders, or for an -hf
+    /// checkpoint its chat template and processor (with the order its media fill the prompt,
+    /// as indices into the history's then the question's attachments).
+    fn expand(&self, conv: &Conversation) -> Result<(Expanded, Option<Vec<usize>>), ChatError> {
+        match &self.hf {
+            None => Ok((
+                expand(&self.template, conv, self.tiles.tokens_per_tile)?,
+                None,
+            )),
+            Some(p) => {
+                let e = crate::prompt::hf::expand(p, conv)?;
+                Ok((
+                    Expanded {
+                        question: e.question,
+                        query: e.query,
+                        num_patches: e.num_patches,
+                    },
+                    Some(e.order),
+                ))
+            }
+        }
+    }
+
     fn encode(&self, query: &str) -> Result<Vec<i64>, ChatError> {
         Ok(self
             .tokenizer
@@ -438,17 +492,17 @@ impl Engine {
         let (new_media, new_visuals): (Vec<Media>, Vec<Arc<Visual>>) = new.into_iter().unzip();
         visuals.extend(new_visuals);
         let system = self.system_of(input);
-        let e = expand(
-            &self.template,
-            &Conversation {
-                system: &system,
-                history: &turns,
-                question: input.question,
-                media: &new_media,
-                combine_images: input.combine_images,
-            },
-            self.tiles.tokens_per_tile,
-        )?;
+        let (e, order) = self.expand(&Conversation {
+            system: &system,
+            history: &turns,
+            question: input.question,
+            media: &new_media,
+            combine_images: input.combine_images,
+        })?;
+        if let Some(order) = order {
+            // -hf: the features fill the prompt in the order its media tokens come
+            visuals = order.iter().map(|&i| visuals[i].clone()).collect();
+        }
         let ids = self.encode(&e.query)?;
         Ok(Prepared {
             question: e.question,
@@ -487,8 +541,12 @@ impl Engine {
             None => tiles.iter().map(|t| features::key(t)).collect(),
         };
         let (model, size) = (&self.model, self.tiles.image_size as i64);
+        let hf = self.tiles.hf;
         Some(self.features.features(&tiles, &keys, |todo| {
-            let data = preprocess::image::normalize_tiles(todo);
+            let data = match &hf {
+                None => preprocess::image::normalize_tiles(todo),
+                Some(p) => preprocess::hf::normalize_tiles(todo, p),
+            };
             model.extract_feature(&Tensor::from_slice(&data).view([
                 todo.len() as i64,
                 3,
@@ -666,7 +724,13 @@ impl Engine {
 
     /// A streamer for this model's answers (see [`AnswerStream`]).
     pub fn answer_stream(&self) -> AnswerStream {
-        AnswerStream::new(self.tokenizer.clone(), self.stop_ids.clone())
+        let s = AnswerStream::new(self.tokenizer.clone(), self.stop_ids.clone());
+        // -hf: the answer as `batch_decode` gives it, not stripped
+        if self.hf.is_some() {
+            s.untrimmed()
+        } else {
+            s
+        }
     }
 
     /// `batch_decode(ids, skip_special_tokens=True)[0].split(sep.strip())[0].strip()`.
@@ -676,6 +740,10 @@ impl Engine {
 
     /// Decoded text as the answer: `text.split(sep.strip())[0].strip()`.
     pub fn response_text(&self, text: &str) -> String {
+        if self.hf.is_some() {
+            // -hf: `batch_decode(..., skip_special_tokens=True)` as is
+            return text.to_string();
+        }
         self.template.response_text(text).to_string()
     }
 
@@ -736,6 +804,86 @@ impl Engine {
             .collect();
         Ok(outs)
     }
+}
+
+/// -hf: the image token (`image_token_id`, which must be the tokenizer's image token) and the
+/// stop ids (`generation_config.json`'s `eos_token_id`, else `text_config`'s).
+fn hf_tokens(
+    dir: &Path,
+    model: &InternVL,
+    tokenizer: &Tokenizer,
+    p: &HfPrompt,
+) -> Result<(i64, Vec<u32>), ChatError> {
+    let invalid = |what: String| ChatError::Invalid(format!("{}: {what}", dir.display()));
+    let id = model
+        .cfg
+        .image_token_id
+        .expect("an -hf config has image_token_id");
+    match tokenizer.token_to_id(&p.image_token) {
+        Some(t) if i64::from(t) == id => {}
+        found => {
+            return Err(invalid(format!(
+                "config.json: image_token_id {id} is not the tokenizer's {} ({found:?})",
+                p.image_token
+            )))
+        }
+    }
+    for t in [&p.start_image_token, &p.end_image_token] {
+        if tokenizer.token_to_id(t).is_none() {
+            return Err(invalid(format!(
+                "tokenizer has no {t} token (needed by the processor)"
+            )));
+        }
+    }
+    let per_tile = model.cfg.num_image_token();
+    if p.image_seq_length != per_tile {
+        return Err(invalid(format!(
+            "processor_config.json: image_seq_length {} but the model gives {per_tile} tokens per tile",
+            p.image_seq_length
+        )));
+    }
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        match v {
+            serde_json::Value::Array(a) => a
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect(),
+            v => v.as_u64().map(|x| x as u32).into_iter().collect(),
+        }
+    };
+    let gen_path = dir.join("generation_config.json");
+    let from_gen = if gen_path.is_file() {
+        let text = crate::files::read_to_string(
+            &gen_path,
+            crate::files::MAX_METADATA_BYTES,
+            "a model's metadata file",
+        )
+        .map_err(|e| invalid(format!("generation_config.json: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| invalid(format!("generation_config.json: invalid JSON: {e}")))?;
+        v.get("eos_token_id").map(ids).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let mut stop = if from_gen.is_empty() {
+        model
+            .cfg
+            .llm_config
+            .eos_token_id
+            .as_ref()
+            .map(ids)
+            .unwrap_or_default()
+    } else {
+        from_gen
+    };
+    if stop.is_empty() {
+        return Err(invalid(
+            "no eos_token_id in generation_config.json or text_config".into(),
+        ));
+    }
+    stop.dedup();
+    Ok((id, stop))
 }
 
 /// What a conversation's KV cache holds, for [`reusable_prefix`].

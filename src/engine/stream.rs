@@ -159,10 +159,15 @@ mod tests {
 pub struct Trimmed {
     started: bool,
     held: String,
+    /// Pass text through as decoded (-hf checkpoints: transformers does not strip).
+    off: bool,
 }
 
 impl Trimmed {
     pub fn push(&mut self, text: &str) -> Option<String> {
+        if self.off {
+            return (!text.is_empty()).then(|| text.to_string());
+        }
         let text = if self.started {
             text
         } else {
@@ -194,6 +199,12 @@ mod trim_tests {
         let mut t = Trimmed::default();
         let out: String = pieces.iter().filter_map(|p| t.push(p)).collect();
         assert_eq!(out, pieces.concat().trim());
+        let mut t = Trimmed {
+            off: true,
+            ..Trimmed::default()
+        };
+        let out: String = pieces.iter().filter_map(|p| t.push(p)).collect();
+        assert_eq!(out, pieces.concat());
     }
 }
 
@@ -226,6 +237,12 @@ impl AnswerStream {
             released: 0,
             stop_at: None,
         }
+    }
+
+    /// Streams the answer as decoded, without the `strip()` (-hf checkpoints).
+    pub fn untrimmed(mut self) -> Self {
+        self.trim.off = true;
+        self
     }
 
     /// Ends the answer before the first of `stops` (empty strings are ignored).

@@ -64,10 +64,29 @@ fn default_max_patch() -> usize {
     12
 }
 
+/// How a checkpoint folder is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// OpenGVLab's `internvl_chat` remote code (`model_type` `internvl_chat`): the model card's
+    /// `chat()`, conversation templates and preprocessing.
+    #[default]
+    RemoteCode,
+    /// transformers' own `InternVLForConditionalGeneration` (`model_type` `internvl`, the `-hf`
+    /// repositories): the checkpoint's chat template, `InternVLProcessor` and its image and
+    /// video processors.
+    Hf,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct InternVLConfig {
     #[serde(default)]
     pub model_type: String,
+    /// Which layout the folder has (from `model_type` / `architectures`, never the folder name).
+    #[serde(skip)]
+    pub layout: Layout,
+    /// -hf: `image_token_id`, the id of the token image features replace.
+    #[serde(skip)]
+    pub image_token_id: Option<i64>,
     #[serde(default)]
     pub template: Option<String>,
     #[serde(default = "default_select_layer")]
@@ -125,6 +144,9 @@ pub struct VisionConfig {
     pub layer_norm_eps: f64,
     #[serde(default = "default_one")]
     pub initializer_factor: f64,
+    /// -hf: q, k and v are separate projections (`attention.{q,k,v}_proj`).
+    #[serde(skip)]
+    pub split_qkv: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -276,6 +298,17 @@ impl InternVLConfig {
             .and_then(|v| v.as_str())
             .unwrap_or("")
             .to_string();
+        let hf_arch = raw
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|x| x.as_str() == Some("InternVLForConditionalGeneration"))
+            });
+        if model_type == "internvl" || (model_type.is_empty() && hf_arch) {
+            let cfg = hf::to_internvl(&raw, path)?;
+            return Self::validate(cfg, path);
+        }
         if model_type != "internvl_chat" {
             return Err(ConfigError::ModelType {
                 path: path.into(),
@@ -286,6 +319,10 @@ impl InternVLConfig {
             path: path.into(),
             source,
         })?;
+        Self::validate(cfg, path)
+    }
+
+    fn validate(cfg: Self, path: &Path) -> Result<Self, ConfigError> {
         let arch = cfg.llm_arch_at(path)?;
         let invalid = |what: String| ConfigError::Invalid {
             path: path.into(),
@@ -401,11 +438,220 @@ impl InternVLConfig {
             },
             use_thumbnail: self.use_thumbnail,
             tokens_per_tile: self.num_image_token(),
+            hf: None,
+        }
+    }
+
+    /// [`InternVLConfig::tile_config`] of the checkpoint in `dir`: for an -hf one, its image
+    /// and video processors' settings (`preprocessor_config.json`, ...).
+    pub fn tile_config_in(
+        &self,
+        dir: &Path,
+    ) -> Result<crate::preprocess::TileConfig, crate::preprocess::hf::HfConfigError> {
+        match self.layout {
+            Layout::RemoteCode => Ok(self.tile_config()),
+            Layout::Hf => crate::preprocess::hf::tile_config(dir, self.tile_config()),
         }
     }
 
     pub fn template_name(&self) -> &str {
         self.template.as_deref().unwrap_or("internvl2_5")
+    }
+}
+
+/// transformers' `InternVLConfig` (`model_type` `internvl`) in our terms.
+mod hf {
+    use super::*;
+    use serde_json::Value;
+
+    fn invalid(path: &Path, what: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: path.into(),
+            what,
+        }
+    }
+
+    /// `image_size` / `patch_size`: an int or `[height, width]`; only squares are supported.
+    fn square(v: &Value, field: &str, path: &Path) -> Result<usize, ConfigError> {
+        let bad = |what: String| invalid(path, format!("vision_config.{field}: {what}"));
+        match v {
+            Value::Number(n) => n
+                .as_u64()
+                .map(|n| n as usize)
+                .ok_or_else(|| bad(n.to_string())),
+            Value::Array(a) if a.len() == 2 && a[0] == a[1] => a[0]
+                .as_u64()
+                .map(|n| n as usize)
+                .ok_or_else(|| bad(format!("{v}"))),
+            Value::Null => Err(bad("missing".into())),
+            _ => Err(bad(format!(
+                "{v} is not square (only square sizes are supported)"
+            ))),
+        }
+    }
+
+    fn str_field<'a>(v: &'a Value, field: &str, default: &'a str) -> &'a str {
+        v.get(field).and_then(Value::as_str).unwrap_or(default)
+    }
+
+    /// Maps `text_config` and `vision_config` onto the remote-code structs; every setting our
+    /// implementation does not compute (another activation, feature strategy, pooling) is
+    /// refused by name.
+    pub fn to_internvl(raw: &Value, path: &Path) -> Result<InternVLConfig, ConfigError> {
+        let need = |field: &str| {
+            raw.get(field).filter(|v| v.is_object()).ok_or_else(|| {
+                invalid(
+                    path,
+                    format!("{field} missing (an -hf InternVL config has one)"),
+                )
+            })
+        };
+        let text = need("text_config")?;
+        let vision = need("vision_config")?;
+        let parse_err = |field: &str, e: serde_json::Error| invalid(path, format!("{field}: {e}"));
+        let mut llm: LlmConfig =
+            serde_json::from_value(text.clone()).map_err(|e| parse_err("text_config", e))?;
+        if llm.architectures.is_empty() {
+            let arch = match str_field(text, "model_type", "") {
+                "qwen2" => "Qwen2ForCausalLM",
+                "qwen3" => "Qwen3ForCausalLM",
+                "qwen3_moe" => "Qwen3MoeForCausalLM",
+                "llama" => "LlamaForCausalLM",
+                other => {
+                    return Err(ConfigError::Architecture {
+                        path: path.into(),
+                        found: format!("text_config.model_type {other}"),
+                    })
+                }
+            };
+            llm.architectures = vec![arch.into()];
+        }
+        let act = str_field(vision, "hidden_act", "gelu");
+        if act != "gelu" {
+            return Err(invalid(
+                path,
+                format!("vision_config.hidden_act {act:?} is not supported (gelu)"),
+            ));
+        }
+        for (field, want) in [
+            ("projector_hidden_act", "gelu"),
+            ("vision_feature_select_strategy", "default"),
+        ] {
+            let got = str_field(raw, field, want);
+            if got != want {
+                return Err(invalid(
+                    path,
+                    format!("{field} {got:?} is not supported ({want:?})"),
+                ));
+            }
+        }
+        for (field, want) in [
+            ("use_mean_pooling", true),
+            ("use_absolute_position_embeddings", true),
+            ("use_mask_token", false),
+        ] {
+            let got = vision.get(field).and_then(Value::as_bool).unwrap_or(want);
+            if got != want {
+                return Err(invalid(
+                    path,
+                    format!("vision_config.{field} {got} is not supported ({want})"),
+                ));
+            }
+        }
+        let norm_type = str_field(vision, "norm_type", "layer_norm");
+        if norm_type != "layer_norm" && norm_type != "rms_norm" {
+            return Err(invalid(
+                path,
+                format!("vision_config.norm_type {norm_type:?} unknown (layer_norm or rms_norm)"),
+            ));
+        }
+        let usize_field = |v: &Value, field: &str, what: &str| {
+            v.get(field)
+                .and_then(Value::as_u64)
+                .map(|n| n as usize)
+                .ok_or_else(|| invalid(path, format!("{what}.{field} missing or not a number")))
+        };
+        let vision_config = VisionConfig {
+            hidden_size: usize_field(vision, "hidden_size", "vision_config")?,
+            intermediate_size: usize_field(vision, "intermediate_size", "vision_config")?,
+            num_attention_heads: usize_field(vision, "num_attention_heads", "vision_config")?,
+            num_hidden_layers: usize_field(vision, "num_hidden_layers", "vision_config")?,
+            patch_size: square(
+                vision.get("patch_size").unwrap_or(&Value::Null),
+                "patch_size",
+                path,
+            )?,
+            image_size: square(
+                vision.get("image_size").unwrap_or(&Value::Null),
+                "image_size",
+                path,
+            )?,
+            num_channels: vision
+                .get("num_channels")
+                .and_then(Value::as_u64)
+                .unwrap_or(3) as usize,
+            norm_type: norm_type.into(),
+            qk_normalization: vision
+                .get("use_qk_norm")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            qkv_bias: vision
+                .get("attention_bias")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            layer_norm_eps: vision
+                .get("layer_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6),
+            initializer_factor: 1.0,
+            split_qkv: true,
+        };
+        let select_layer = match raw.get("vision_feature_layer") {
+            None => -1,
+            Some(v) => v.as_i64().ok_or_else(|| {
+                invalid(
+                    path,
+                    format!("vision_feature_layer {v} is not supported (a single layer index)"),
+                )
+            })?,
+        };
+        let downsample_ratio = match raw.get("downsample_ratio") {
+            None => 0.5,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| invalid(path, format!("downsample_ratio {v} is not a number")))?,
+        };
+        let image_token_id = raw
+            .get("image_token_id")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| invalid(path, "image_token_id missing or not a number".into()))?;
+        let cfg = InternVLConfig {
+            model_type: "internvl".into(),
+            layout: Layout::Hf,
+            image_token_id: Some(image_token_id),
+            template: None,
+            select_layer,
+            downsample_ratio,
+            // transformers' `pixel_shuffle` is the remote code's v2 (with the final transpose)
+            ps_version: "v2".into(),
+            force_image_size: None,
+            // tiling is the processor's (preprocessor_config.json), not the model config's
+            dynamic_image_size: true,
+            use_thumbnail: true,
+            min_dynamic_patch: 1,
+            max_dynamic_patch: 12,
+            system_message: None,
+            vision_config,
+            llm_config: llm,
+        };
+        if let Some(n) = raw.get("image_seq_length").and_then(Value::as_u64) {
+            let grid = cfg.vision_config.image_size / cfg.vision_config.patch_size.max(1);
+            let want = ((grid * grid) as f64 * downsample_ratio * downsample_ratio) as u64;
+            if n != want {
+                return Err(invalid(path, format!("image_seq_length {n} disagrees with the vision config, which gives {want} tokens per tile")));
+            }
+        }
+        Ok(cfg)
     }
 }
 
@@ -481,6 +727,94 @@ mod tests {
         let e = InternVLConfig::load(&dir).unwrap_err().to_string();
         assert!(e.contains("config.json") && e.contains("directory"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The -hf layout is read from config.json (`model_type` `internvl`): text_config and
+    /// vision_config map onto the remote-code structs; unsupported settings are refused by name.
+    #[test]
+    fn hf_configs_map_and_refuse_what_is_not_computed() {
+        let dir = fixture("models/tiny-qwen2-hf");
+        let c = InternVLConfig::load(&dir).unwrap();
+        let r = InternVLConfig::load(&fixture("models/tiny-qwen2")).unwrap();
+        assert_eq!(c.layout, Layout::Hf);
+        assert_eq!(r.layout, Layout::RemoteCode);
+        assert_eq!(c.image_token_id, Some(151667));
+        assert_eq!(c.llm_arch(), LlmArch::Qwen2);
+        assert_eq!((c.select_layer, c.ps_version.as_str()), (-1, "v2"));
+        assert_eq!(c.num_image_token(), r.num_image_token());
+        let (v, rv) = (&c.vision_config, &r.vision_config);
+        assert_eq!(
+            (
+                v.hidden_size,
+                v.num_hidden_layers,
+                v.patch_size,
+                v.image_size
+            ),
+            (
+                rv.hidden_size,
+                rv.num_hidden_layers,
+                rv.patch_size,
+                rv.image_size
+            )
+        );
+        assert_eq!(
+            (v.qkv_bias, v.qk_normalization, &v.norm_type),
+            (true, false, &rv.norm_type)
+        );
+        assert!(v.split_qkv && !rv.split_qkv);
+        assert_eq!(c.llm_config.hidden_size, r.llm_config.hidden_size);
+        let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let p = Path::new("/m/config.json");
+        // the layout comes from the architectures when model_type is absent
+        let no_type = text.replace("\"model_type\": \"internvl\",", "");
+        assert_eq!(
+            InternVLConfig::parse(&no_type, p).unwrap().layout,
+            Layout::Hf
+        );
+        for (from, to, says) in [
+            (
+                "\"projector_hidden_act\": \"gelu\"",
+                "\"projector_hidden_act\": \"relu\"",
+                "projector_hidden_act \"relu\" is not supported",
+            ),
+            (
+                "\"vision_feature_select_strategy\": \"default\"",
+                "\"vision_feature_select_strategy\": \"full\"",
+                "vision_feature_select_strategy \"full\" is not supported",
+            ),
+            (
+                "\"vision_feature_layer\": -1",
+                "\"vision_feature_layer\": [-1, -2]",
+                "vision_feature_layer [-1,-2] is not supported",
+            ),
+            (
+                "\"vision_feature_layer\": -1",
+                "\"vision_feature_layer\": 5",
+                "select_layer 5 out of range",
+            ),
+            (
+                "\"use_mean_pooling\": true",
+                "\"use_mean_pooling\": false",
+                "vision_config.use_mean_pooling false is not supported",
+            ),
+            ("\"image_token_id\": 151667,", "", "image_token_id missing"),
+            (
+                "\"image_seq_length\": 256",
+                "\"image_seq_length\": 64",
+                "image_seq_length 64 disagrees",
+            ),
+            ("\"text_config\"", "\"txt_config\"", "text_config missing"),
+        ] {
+            assert!(text.contains(from), "{from}");
+            let e = InternVLConfig::parse(&text.replacen(from, to, 1), p)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("/m/config.json: ") && e.contains(says), "{e}");
+        }
+        let e = InternVLConfig::parse(&text.replace("\"Qwen2ForCausalLM\"", "\"GPT2\""), p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"GPT2\""), "{e}");
     }
 
     #[test]

@@ -148,6 +148,9 @@ impl InternVL {
         }
         let cfg = InternVLConfig::load(dir)?;
         let mut w = Weights::open(dir)?;
+        if cfg.layout == config::Layout::Hf {
+            w.use_hf_names();
+        }
         let model = Self::build(cfg, &mut w, opts);
         w.finish()?;
         Ok(Self {
@@ -158,7 +161,10 @@ impl InternVL {
 
     /// Every tensor (name, shape) a checkpoint of `cfg` holds, in load order.
     pub fn expected_tensors(cfg: &InternVLConfig) -> Vec<(String, Vec<i64>)> {
-        let mut w = Weights::recording();
+        let mut w = match cfg.layout {
+            config::Layout::Hf => Weights::recording_hf(),
+            config::Layout::RemoteCode => Weights::recording(),
+        };
         let _ = Self::build(
             cfg.clone(),
             &mut w,
@@ -289,6 +295,97 @@ mod tests {
             stored.sort();
             assert_eq!(stored, expected, "{name}");
         }
+    }
+
+    /// The -hf fixture's keys are exactly what its config asks for, by their native names.
+    #[test]
+    fn hf_expected_tensors_equal_the_checkpoint() {
+        let dir = fixture("models/tiny-qwen2-hf");
+        let cfg = InternVLConfig::load(&dir).unwrap();
+        assert_eq!(cfg.layout, config::Layout::Hf);
+        let mut expected = InternVL::expected_tensors(&cfg);
+        expected.sort();
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut stored: Vec<(String, Vec<i64>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.shape().iter().map(|&d| d as i64).collect()))
+            .collect();
+        stored.sort();
+        // the fused qkv is asked for as its three parts
+        assert_eq!(stored, expected);
+        assert!(expected
+            .iter()
+            .any(|(n, _)| n == "vision_tower.encoder.layer.1.attention.v_proj.bias"));
+    }
+
+    /// A copy of the -hf fixture whose keys are renamed by `rename` (None: left out).
+    fn hf_copy(tag: &str, rename: impl Fn(&str) -> Option<String>) -> std::path::PathBuf {
+        let src = fixture("models/tiny-qwen2-hf");
+        let tmp = std::env::temp_dir().join(format!("ivl-hf-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::copy(src.join("config.json"), tmp.join("config.json")).unwrap();
+        let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = st
+            .tensors()
+            .into_iter()
+            .filter_map(|(n, t)| rename(&n).map(|n| (n, t)))
+            .collect();
+        safetensors::serialize_to_file(views, None, &tmp.join("model.safetensors")).unwrap();
+        tmp
+    }
+
+    /// Newer conversions' names (`model.vision_tower.*`, `model.language_model.*`, `lm_head.*`)
+    /// load to the same model; a missing or stray key is named as the checkpoint spells it.
+    #[test]
+    fn hf_names_of_both_generations_load_and_errors_use_them() {
+        let newer = |n: &str| {
+            Some(if let Some(r) = n.strip_prefix("language_model.model.") {
+                format!("model.language_model.{r}")
+            } else if let Some(r) = n.strip_prefix("language_model.lm_head") {
+                format!("lm_head{r}")
+            } else {
+                format!("model.{n}")
+            })
+        };
+        let opts = LoadOptions::single(Device::Cpu, Kind::Float);
+        let old = InternVL::load(&fixture("models/tiny-qwen2-hf"), &opts).unwrap();
+        let dir = hf_copy("new", newer);
+        let new = InternVL::load(&dir, &opts).unwrap();
+        let px = Tensor::randn([1, 3, 448, 448], (Kind::Float, Device::Cpu));
+        let _guard = tch::no_grad_guard();
+        assert!(old.extract_feature(&px).equal(&new.extract_feature(&px)));
+        assert!(old.llm.lm_head.weight.equal(&new.llm.lm_head.weight));
+        std::fs::remove_dir_all(&dir).unwrap();
+        // a key renamed: missing by its native name, the stray one unexpected
+        let q = "vision_tower.encoder.layer.0.attention.q_proj.weight";
+        let dir = hf_copy("wrong", |n| {
+            Some(if n == q {
+                "vision_tower.encoder.layer.0.attention.query.weight".into()
+            } else {
+                n.to_string()
+            })
+        });
+        let e = InternVL::load(&dir, &opts).err().unwrap().to_string();
+        assert!(e.contains(&format!("missing tensor {q}")), "{e}");
+        assert!(
+            e.contains("unexpected tensor vision_tower.encoder.layer.0.attention.query.weight"),
+            "{e}"
+        );
+        assert!(
+            !e.contains("attn.qkv") && !e.contains("vision_model."),
+            "{e}"
+        );
+        // the newer generation's names in the message when the file uses them
+        let dir2 = hf_copy("wrong-new", |n| {
+            (n != "language_model.lm_head.weight").then(|| newer(n).unwrap())
+        });
+        let e = InternVL::load(&dir2, &opts).err().unwrap().to_string();
+        assert!(e.contains("missing tensor lm_head.weight"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&dir2).unwrap();
     }
 
     #[test]

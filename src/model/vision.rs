@@ -162,7 +162,14 @@ impl Layer {
             norm1: load_norm(w, p, cfg, &format!("{pre}.norm1"), d),
             norm2: load_norm(w, p, cfg, &format!("{pre}.norm2"), d),
             attn: Attention {
-                qkv: Linear::load(w, p, &format!("{pre}.attn.qkv"), d, 3 * d, cfg.qkv_bias),
+                qkv: if cfg.split_qkv {
+                    // -hf: separate projections, stacked into the fused one
+                    let names = ["q_proj", "k_proj", "v_proj"].map(|n| format!("{pre}.attn.{n}"));
+                    let parts = names.each_ref().map(|n| (n.as_str(), d));
+                    Linear::load_stacked(w, p, &parts, d, cfg.qkv_bias)
+                } else {
+                    Linear::load(w, p, &format!("{pre}.attn.qkv"), d, 3 * d, cfg.qkv_bias)
+                },
                 proj: Linear::load(w, p, &format!("{pre}.attn.proj"), d, d, true),
                 q_norm,
                 k_norm,

@@ -52,6 +52,81 @@ pub struct Weights {
     problems: Vec<String>,
     /// Recording mode: every requested (name, shape), nothing loaded.
     record: Option<Vec<(String, Vec<i64>)>>,
+    /// A transformers-native (-hf) checkpoint: the names loaders ask for are translated to its
+    /// keys ([`hf_native`]), so every message names the key as the checkpoint spells it.
+    hf: Option<HfNames>,
+}
+
+/// Which generation of transformers-native names a -hf checkpoint uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HfNames {
+    /// `vision_tower.*`, `multi_modal_projector.*`, `language_model.model.*`,
+    /// `language_model.lm_head.*` (transformers 4.52-4.55 `save_pretrained`).
+    Old,
+    /// `model.vision_tower.*`, `model.multi_modal_projector.*`, `model.language_model.*`,
+    /// `lm_head.*` (newer conversions).
+    New,
+}
+
+/// The transformers-native key of the remote-code name `name` (reference:
+/// `convert_internvl_weights_to_hf.py`, run backwards): InternViT's `attn.{q,k,v}_proj` (the
+/// vision loader asks for split projections in this layout), `attn.proj` ->
+/// `attention.projection_layer`, `ls1`/`ls2` -> `lambda_1`/`lambda_2`, `norm1`/`norm2` ->
+/// `layernorm_before`/`layernorm_after`; `mlp1.{0,1,3}` -> `multi_modal_projector.{layer_norm,
+/// linear_1,linear_2}`. Works on key prefixes too (`vision_model.encoder.layers.3.`).
+pub fn hf_native(name: &str, gen: HfNames) -> String {
+    let model = if gen == HfNames::New { "model." } else { "" };
+    if let Some(r) = name.strip_prefix("vision_model.") {
+        let r = if let Some(e) = r.strip_prefix("embeddings.") {
+            let e = if let Some(x) = e.strip_prefix("class_embedding") {
+                format!("cls_token{x}")
+            } else if let Some(x) = e.strip_prefix("position_embedding") {
+                format!("position_embeddings{x}")
+            } else if let Some(x) = e.strip_prefix("patch_embedding") {
+                format!("patch_embeddings.projection{x}")
+            } else {
+                e.to_string()
+            };
+            format!("embeddings.{e}")
+        } else if let Some(l) = r.strip_prefix("encoder.layers.") {
+            let (i, rest) = l.split_once('.').unwrap_or((l, ""));
+            let rest = [
+                ("attn.proj", "attention.projection_layer"),
+                ("attn.", "attention."),
+                ("ls1", "lambda_1"),
+                ("ls2", "lambda_2"),
+                ("norm1", "layernorm_before"),
+                ("norm2", "layernorm_after"),
+            ]
+            .iter()
+            .find_map(|(from, to)| rest.strip_prefix(from).map(|x| format!("{to}{x}")))
+            .unwrap_or_else(|| rest.to_string());
+            if l.contains('.') {
+                format!("encoder.layer.{i}.{rest}")
+            } else {
+                format!("encoder.layer.{i}")
+            }
+        } else {
+            r.to_string()
+        };
+        return format!("{model}vision_tower.{r}");
+    }
+    if let Some(r) = name.strip_prefix("mlp1.") {
+        let r = [("0", "layer_norm"), ("1", "linear_1"), ("3", "linear_2")]
+            .iter()
+            .find_map(|(from, to)| r.strip_prefix(from).map(|x| format!("{to}{x}")))
+            .unwrap_or_else(|| r.to_string());
+        return format!("{model}multi_modal_projector.{r}");
+    }
+    if gen == HfNames::New {
+        if let Some(r) = name.strip_prefix("language_model.model.") {
+            return format!("model.language_model.{r}");
+        }
+        if let Some(r) = name.strip_prefix("language_model.lm_head") {
+            return format!("lm_head{r}");
+        }
+    }
+    name.to_string()
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WeightsError + '_ {
@@ -156,7 +231,32 @@ impl Weights {
             taken: BTreeSet::new(),
             problems: Vec::new(),
             record: None,
+            hf: None,
         })
+    }
+
+    /// Reads the checkpoint's keys as a transformers-native (-hf) one: loaders keep asking for
+    /// the remote-code names, which are looked up (and reported) by their native keys. The
+    /// generation of names is the one the file uses (`model.`-prefixed keys: the newer one).
+    pub fn use_hf_names(&mut self) {
+        let newer = self.entries.keys().any(|k| k.starts_with("model."));
+        self.hf = Some(if newer { HfNames::New } else { HfNames::Old });
+    }
+
+    /// [`Weights::recording`] for a -hf checkpoint (the names transformers 4.55 writes).
+    pub fn recording_hf() -> Self {
+        Self {
+            hf: Some(HfNames::Old),
+            ..Self::recording()
+        }
+    }
+
+    /// The key `name` has in this checkpoint.
+    fn key(&self, name: &str) -> String {
+        match self.hf {
+            Some(gen) => hf_native(name, gen),
+            None => name.to_string(),
+        }
     }
 
     /// A checkpoint with no tensors that records what a model's loader asks for: running a
@@ -169,6 +269,7 @@ impl Weights {
             taken: BTreeSet::new(),
             problems: Vec::new(),
             record: Some(Vec::new()),
+            hf: None,
         }
     }
 
@@ -178,11 +279,13 @@ impl Weights {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
+        self.entries.contains_key(&self.key(name))
     }
 
     pub fn shape_of(&self, name: &str) -> Option<&[i64]> {
-        self.entries.get(name).map(|e| e.shape.as_slice())
+        self.entries
+            .get(&self.key(name))
+            .map(|e| e.shape.as_slice())
     }
 
     /// The tensor `name`, checked against `shape`, as `kind` on `dev`.
@@ -190,6 +293,8 @@ impl Weights {
     /// On a missing key or a wrong shape the problem is recorded and a zero-strided placeholder
     /// returned, so that one load reports every problem at once through [`Weights::finish`].
     pub fn get(&mut self, name: &str, shape: &[i64], kind: Kind, dev: Device) -> Tensor {
+        let key = self.key(name);
+        let name = key.as_str();
         let placeholder = || Tensor::zeros([1], (kind, Device::Cpu)).expand(shape, false);
         if let Some(r) = &mut self.record {
             r.push((name.to_string(), shape.to_vec()));
@@ -224,7 +329,10 @@ impl Weights {
     /// The tensor `name` in the dtype it is stored in, on the CPU (memory-mapped where
     /// possible): for code that converts it block by block itself.
     pub fn get_stored(&mut self, name: &str, shape: &[i64]) -> Tensor {
-        let kind = self.entries.get(name).map_or(Kind::Float, |e| e.kind);
+        let kind = self
+            .entries
+            .get(&self.key(name))
+            .map_or(Kind::Float, |e| e.kind);
         self.get(name, shape, kind, Device::Cpu)
     }
 
@@ -233,7 +341,7 @@ impl Weights {
     /// in the process's resident memory. The mapping is private and read-only: a later read of
     /// those pages (a neighbouring tensor sharing a page) faults them in again from the file.
     pub fn release(&self, name: &str) {
-        let Some(e) = self.entries.get(name) else {
+        let Some(e) = self.entries.get(&self.key(name)) else {
             return;
         };
         let map = &self.files[e.file].1;
@@ -246,10 +354,11 @@ impl Weights {
 
     /// Marks every key starting with `prefix` as accounted for without loading it.
     pub fn skip_prefix(&mut self, prefix: &str) {
+        let prefix = self.key(prefix);
         let keys: Vec<String> = self
             .entries
             .keys()
-            .filter(|k| k.starts_with(prefix))
+            .filter(|k| k.starts_with(prefix.as_str()))
             .cloned()
             .collect();
         self.taken.extend(keys);

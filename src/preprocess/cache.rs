@@ -140,6 +140,7 @@ mod tests {
             max_tiles: 6,
             use_thumbnail: true,
             tokens_per_tile: 256,
+            hf: None,
         }
     }
 

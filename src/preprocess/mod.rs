@@ -1,6 +1,7 @@
 //! Pictures and videos to 448px tiles, as the model card's `load_image` and `load_video` make
 //! them. No libtorch here: tiles are RGB images and normalised `f32` buffers.
 pub mod cache;
+pub mod hf;
 pub mod image;
 pub mod resize;
 pub mod video;
@@ -18,6 +19,9 @@ pub struct TileConfig {
     pub use_thumbnail: bool,
     /// LLM tokens per tile (256 for InternVL 2.5).
     pub tokens_per_tile: usize,
+    /// -hf checkpoints: transformers' processors instead of the model card's pipeline
+    /// (see [`hf`]); `None` for remote-code checkpoints.
+    pub hf: Option<hf::HfProcessing>,
 }
 
 /// An attachment turned into the tiles of each `<image>` placeholder it fills: one entry for an
@@ -39,6 +43,17 @@ pub enum VisualError {
     Video(#[from] video::VideoError),
     #[error("{path}: max tiles must be at least 1")]
     ZeroTiles { path: std::path::PathBuf },
+    #[error("{path}: {what}")]
+    Unsupported {
+        path: std::path::PathBuf,
+        what: &'static str,
+    },
+    #[error("{path}: {frames} frames asked for but the video has {total} (transformers' video processor refuses this)")]
+    TooFewFrames {
+        path: std::path::PathBuf,
+        frames: usize,
+        total: usize,
+    },
     #[error("{path}: {what} {value} is more than {MAX_TILES_LIMIT}, which already fill the largest context window")]
     OverLimit {
         path: std::path::PathBuf,
@@ -102,6 +117,10 @@ fn image_max_tiles(
 }
 
 fn tile_frame(img: &RgbImage, cfg: &TileConfig, max_tiles: u32) -> (Vec<RgbImage>, (u32, u32)) {
+    if cfg.hf.is_some() {
+        let t = hf::crop_to_patches(img, cfg.min_tiles.min(max_tiles), max_tiles, cfg.image_size);
+        return (t.tiles, t.grid);
+    }
     let t = image::dynamic_preprocess(
         img,
         cfg.min_tiles.min(max_tiles),
@@ -132,6 +151,9 @@ pub fn load_visual(att: &Attachment, cfg: &TileConfig) -> Result<Visual, VisualE
             max_tiles,
         } => {
             check_video_limits(path, *segments, *max_tiles)?;
+            if let Some(p) = &cfg.hf {
+                return load_hf_video(path, *segments, *bound, p);
+            }
             let (_meta, indices, frames) = video::load_video(path, *bound, *segments)?;
             let mut grid = (1, 1);
             let placeholders = frames
@@ -154,8 +176,63 @@ pub fn load_visual(att: &Attachment, cfg: &TileConfig) -> Result<Visual, VisualE
     }
 }
 
+/// -hf: the frames `InternVLVideoProcessor` samples, each resized straight to one tile.
+fn hf_video_frames(
+    path: &std::path::Path,
+    segments: usize,
+    bound: Option<(f64, f64)>,
+    p: &hf::HfProcessing,
+) -> Result<(hf::HfVideo, Vec<usize>), VisualError> {
+    let Some(v) = p.video else {
+        return Err(VisualError::Unsupported {
+            path: path.into(),
+            what:
+                "this -hf checkpoint has no video_preprocessor_config.json, so it takes no videos",
+        });
+    };
+    if bound.is_some() {
+        return Err(VisualError::Unsupported {
+            path: path.into(),
+            what: "a time range is not supported with -hf checkpoints (transformers samples the whole video)",
+        });
+    }
+    let meta = video::probe(path)?;
+    let indices =
+        hf::sample_frames(meta.num_frames, segments, v.initial_shift).ok_or_else(|| {
+            VisualError::TooFewFrames {
+                path: path.into(),
+                frames: segments,
+                total: meta.num_frames,
+            }
+        })?;
+    Ok((v, indices))
+}
+
+fn load_hf_video(
+    path: &std::path::Path,
+    segments: usize,
+    bound: Option<(f64, f64)>,
+    p: &hf::HfProcessing,
+) -> Result<Visual, VisualError> {
+    let (v, indices) = hf_video_frames(path, segments, bound, p)?;
+    let frames = video::load_frames(path, &indices)?;
+    Ok(Visual {
+        placeholders: frames
+            .iter()
+            .map(|f| vec![hf::resize(f, v.size, v.size)])
+            .collect(),
+        grid: (1, 1),
+        frame_indices: indices,
+    })
+}
+
 /// Tiles sent for one picture whose grid is chosen among at most `max` tiles.
 fn tiles_for(width: u32, height: u32, cfg: &TileConfig, max: u32) -> ((u32, u32), usize) {
+    if cfg.hf.is_some() {
+        let grid = hf::grid(width, height, cfg.min_tiles.min(max), max, cfg.image_size);
+        let n = (grid.0 * grid.1) as usize;
+        return (grid, if n > 1 { n + 1 } else { n });
+    }
     let grid = image::find_grid(width, height, cfg.min_tiles.min(max), max, cfg.image_size);
     let n = (grid.0 * grid.1) as usize;
     (grid, if n > 1 && cfg.use_thumbnail { n + 1 } else { n })
@@ -178,6 +255,10 @@ pub fn placeholder_tiles(att: &Attachment, cfg: &TileConfig) -> Result<Vec<usize
             max_tiles,
         } => {
             check_video_limits(path, *segments, *max_tiles)?;
+            if let Some(p) = &cfg.hf {
+                let frames = hf_video_frames(path, *segments, *bound, p)?.1.len();
+                return Ok(vec![1; frames]);
+            }
             let meta = video::probe(path)?;
             let frames = video::sample_indices(path, &meta, *bound, *segments)?.len();
             let per_frame = tiles_for(meta.width, meta.height, cfg, *max_tiles as u32).1;
@@ -258,6 +339,7 @@ mod tests {
             max_tiles: 12,
             use_thumbnail: true,
             tokens_per_tile: 256,
+            hf: None,
         }
     }
 
@@ -290,6 +372,71 @@ mod tests {
             let want: Vec<usize> = v.placeholders.iter().map(Vec::len).collect();
             assert_eq!(placeholder_tiles(a, &cfg()).unwrap(), want, "{a:?}");
         }
+    }
+
+    /// -hf tiling: the processor's limits from preprocessor_config.json, placeholder counts
+    /// equal to what loading gives, and what transformers cannot sample refused by name.
+    #[test]
+    fn hf_pictures_and_videos() {
+        let dir = fixture("models/tiny-qwen2-hf");
+        let hf = hf::tile_config(&dir, cfg()).unwrap();
+        assert_eq!((hf.min_tiles, hf.max_tiles, hf.image_size), (1, 12, 448));
+        let p = hf.hf.unwrap();
+        assert_eq!(p.video.unwrap().initial_shift, hf::Shift::HalfStep);
+        // ImageNet mean/std over 0..255, as the processor fuses them
+        assert!(
+            (p.mean[0] - 0.485 * 255.0).abs() < 1e-4 && (p.std[2] - 0.225 * 255.0).abs() < 1e-4
+        );
+        let image = Attachment::Image {
+            path: fixture("media/images/image1.jpg"),
+            max_tiles: Some(6),
+        };
+        let v = load_visual(&image, &hf).unwrap();
+        assert_eq!((v.grid, v.tiles()), ((3, 2), 7));
+        assert_eq!(placeholder_tiles(&image, &hf).unwrap(), [7]);
+        let pancake = fixture("media/videos/flipping_a_pancake.mkv");
+        let video = |segments, bound| Attachment::Video {
+            path: pancake.clone(),
+            segments,
+            bound,
+            max_tiles: 4,
+        };
+        let v = load_visual(&video(8, None), &hf).unwrap();
+        assert_eq!(v.frame_indices, [19, 58, 96, 135, 174, 213, 251, 290]);
+        assert!(v
+            .placeholders
+            .iter()
+            .all(|p| p.len() == 1 && p[0].dimensions() == (448, 448)));
+        assert_eq!(placeholder_tiles(&video(8, None), &hf).unwrap(), [1; 8]);
+        let e = load_visual(&video(8, Some((1.0, 2.0))), &hf)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("flipping_a_pancake.mkv") && e.contains("time range"),
+            "{e}"
+        );
+        let e = load_visual(&video(128, None), &hf).map(|_| ());
+        assert!(e.is_ok(), "{e:?}");
+        let short = Attachment::Video {
+            path: fixture("media/videos/video_90.mov"),
+            segments: 4,
+            bound: None,
+            max_tiles: 1,
+        };
+        let e = placeholder_tiles(&short, &hf).unwrap_err().to_string();
+        assert!(
+            e.contains("video_90.mov") && e.contains("4 frames asked for but the video has 3"),
+            "{e}"
+        );
+        // a checkpoint without a video processor takes no videos
+        let no_video = TileConfig {
+            hf: Some(hf::HfProcessing { video: None, ..p }),
+            ..hf
+        };
+        let e = load_visual(&video(8, None), &no_video)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("video_preprocessor_config.json"), "{e}");
     }
 
     #[test]

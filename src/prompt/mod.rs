@@ -4,6 +4,7 @@
 //! `batch_chat` builds each query like a first `chat` turn with one image entry, so it is
 //! `build_query(template, system, &[], question, &[num_patches], num_image_token, true)`.
 pub mod conversation;
+pub mod hf;
 pub mod sentencepiece;
 pub mod template;
 pub mod thinking;
@@ -23,6 +24,12 @@ pub enum PromptError {
         "the prompt has {placeholders} <image> placeholder(s) but {images} image(s) were given"
     )]
     ImageCount { placeholders: usize, images: usize },
+    #[error(
+        "the prompt has {placeholders} <video> placeholder(s) but {videos} video(s) were given"
+    )]
+    VideoCount { placeholders: usize, videos: usize },
+    #[error("{what}")]
+    Template { what: String },
     #[error(
         "the prompt has {} but {}",
         placeholder_count(*.placeholders),
