@@ -561,6 +561,31 @@ impl Engine {
         (self.features.hits, self.features.misses)
     }
 
+    /// What of the conversation's KV cache `p` can keep: its pictures' fingerprints, the
+    /// positions reused ([`reusable_prefix`]) and the tiles whose features lie in them.
+    fn reuse_for(&self, p: &Prepared) -> (Vec<Vec<features::Key>>, usize, usize) {
+        let runs = image_runs(&p.ids, self.img_context_id);
+        let fingerprints = Self::image_fingerprints(p);
+        debug_assert_eq!(runs.len(), fingerprints.len(), "one run per placeholder");
+        let rope = &self.model.llm.rope;
+        let reuse = reusable_prefix(
+            &Cached {
+                ids: &self.cached_ids,
+                images: &self.cached_images,
+            },
+            &p.ids,
+            &runs,
+            &fingerprints,
+            rope.dynamic_flavor().map(|_| rope.max_positions()),
+        );
+        let cached_tiles: usize = runs
+            .iter()
+            .filter(|r| r.1 <= reuse)
+            .map(|r| (r.1 - r.0) / self.tiles.tokens_per_tile)
+            .sum();
+        (fingerprints, reuse, cached_tiles)
+    }
+
     /// One fingerprint per `<IMG_CONTEXT>` run: the content keys of its placeholder's tiles
     /// (sha256 of each tile, the feature cache's keys).
     fn image_fingerprints(p: &Prepared) -> Vec<Vec<features::Key>> {
@@ -592,25 +617,7 @@ impl Engine {
             });
         }
         let _guard = tch::no_grad_guard();
-        let runs = image_runs(&p.ids, self.img_context_id);
-        let fingerprints = Self::image_fingerprints(p);
-        debug_assert_eq!(runs.len(), fingerprints.len(), "one run per placeholder");
-        let rope = &self.model.llm.rope;
-        let reuse = reusable_prefix(
-            &Cached {
-                ids: &self.cached_ids,
-                images: &self.cached_images,
-            },
-            &p.ids,
-            &runs,
-            &fingerprints,
-            rope.dynamic_flavor().map(|_| rope.max_positions()),
-        );
-        let cached_tiles: usize = runs
-            .iter()
-            .filter(|r| r.1 <= reuse)
-            .map(|r| (r.1 - r.0) / self.tiles.tokens_per_tile)
-            .sum();
+        let (fingerprints, reuse, cached_tiles) = self.reuse_for(p);
         self.cache.truncate(reuse as i64);
         self.cached_ids.truncate(reuse);
         let keys: Vec<features::Key> = fingerprints.iter().flatten().copied().collect();
@@ -672,19 +679,7 @@ impl Engine {
         &mut self,
         p: &Prepared,
     ) -> (KvCache, Vec<Vec<features::Key>>, Option<Tensor>) {
-        let runs = image_runs(&p.ids, self.img_context_id);
-        let fingerprints = Self::image_fingerprints(p);
-        let rope = &self.model.llm.rope;
-        let reuse = reusable_prefix(
-            &Cached {
-                ids: &self.cached_ids,
-                images: &self.cached_images,
-            },
-            &p.ids,
-            &runs,
-            &fingerprints,
-            rope.dynamic_flavor().map(|_| rope.max_positions()),
-        );
+        let (fingerprints, reuse, cached_tiles) = self.reuse_for(p);
         // only to the conversation's continuation (keeping at least half of it): a request that
         // shares no more than the system message with it computes that again in its own cache,
         // and leaves the conversation to its next turn
@@ -698,11 +693,6 @@ impl Engine {
         } else {
             self.new_cache()
         };
-        let cached_tiles: usize = runs
-            .iter()
-            .filter(|r| r.1 <= reuse)
-            .map(|r| (r.1 - r.0) / self.tiles.tokens_per_tile)
-            .sum();
         let keys: Vec<features::Key> = fingerprints.iter().flatten().copied().collect();
         let image_embeds = self.image_features(&[p], cached_tiles, Some(&keys));
         (cache, fingerprints, image_embeds)

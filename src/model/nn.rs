@@ -340,19 +340,7 @@ pub fn dequantize_q4(packed: &Tensor, scale: &Tensor, k: i64) -> Tensor {
 /// of rows at a time into `q` [out, groups * 16] (uint8) and `scale` [out, groups] (bf16), so that
 /// quantizing a model never holds an f32 copy of a whole weight.
 pub fn quantize_q4_into(w: &Tensor, q: &Tensor, scale: &Tensor) {
-    let rows = w.size()[0];
-    let mut start = 0;
-    while start < rows {
-        let n = QUANTIZE_BLOCK_ROWS.min(rows - start);
-        let block = w
-            .narrow(0, start, n)
-            .to_device(Device::Cpu)
-            .to_kind(Kind::Float);
-        let (bq, bs) = quantize_q4(&block);
-        q.narrow(0, start, n).copy_(&bq);
-        scale.narrow(0, start, n).copy_(&bs);
-        start += n;
-    }
+    quantize_blocks(w, q, scale, quantize_q4);
 }
 
 /// Symmetric per-row int8 quantization of `w` [out, in] (f32): the scale of a row is its
@@ -379,6 +367,17 @@ const QUANTIZE_BLOCK_ROWS: i64 = 256;
 /// block of rows at a time into `q` [out, in] (int8) and `scale` [out] (in the scales' dtype),
 /// so that quantizing a model never holds an f32 copy of a whole weight.
 pub fn quantize_rows_into(w: &Tensor, q: &Tensor, scale: &Tensor) {
+    quantize_blocks(w, q, scale, |block| quantize_rows(block, scale.kind()));
+}
+
+/// `quantize` (f32 rows -> values and scales) over `w` [out, in] one block of
+/// [`QUANTIZE_BLOCK_ROWS`] rows at a time, written into the same rows of `q` and `scale`.
+fn quantize_blocks(
+    w: &Tensor,
+    q: &Tensor,
+    scale: &Tensor,
+    quantize: impl Fn(&Tensor) -> (Tensor, Tensor),
+) {
     let rows = w.size()[0];
     let mut start = 0;
     while start < rows {
@@ -387,7 +386,7 @@ pub fn quantize_rows_into(w: &Tensor, q: &Tensor, scale: &Tensor) {
             .narrow(0, start, n)
             .to_device(Device::Cpu)
             .to_kind(Kind::Float);
-        let (bq, bs) = quantize_rows(&block, scale.kind());
+        let (bq, bs) = quantize(&block);
         q.narrow(0, start, n).copy_(&bq);
         scale.narrow(0, start, n).copy_(&bs);
         start += n;
