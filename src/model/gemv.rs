@@ -88,12 +88,8 @@ pub fn for_each_task(n: usize, f: impl Fn(usize) + Sync) {
         work();
         return;
     }
-    pool().in_place_scope(|s| {
-        for _ in 1..threads {
-            s.spawn(|_| work());
-        }
-        work();
-    });
+    // this thread works too; the pool's threads join in
+    run_on_threads(threads, &work);
 }
 
 /// The environment variable that forces a kernel level: `avx512bf16`, `avx512`, `avx2` or
@@ -366,12 +362,7 @@ pub fn gemv_at(
         return;
     }
     // this thread works too; the pool's threads join in
-    pool().in_place_scope(|s| {
-        for _ in 1..threads.min(chunks) {
-            s.spawn(|_| work());
-        }
-        work();
-    });
+    run_on_threads(threads.min(chunks), &work);
 }
 
 struct OutPtr(*mut u16);
@@ -724,12 +715,8 @@ pub fn quantize_q4(w: &[f32], k: usize, q: &mut [u8], scales: &mut [u16]) {
         };
         rows_of(c * per, q, s);
     };
-    pool().in_place_scope(|s| {
-        for _ in 1..threads {
-            s.spawn(|_| work());
-        }
-        work();
-    });
+    // this thread works too; the pool's threads join in
+    run_on_threads(threads, &work);
 }
 
 /// Packed 4-bit weights `w` [n, groups * 16] with `scales` [n, groups] (see [`Q4_GROUP`]) as a
@@ -775,12 +762,8 @@ pub fn dequantize_q4(w: &[u8], scales: &[u16], k: usize, out: &mut [u16]) {
         };
         rows_of(c * per, chunk);
     };
-    pool().in_place_scope(|s| {
-        for _ in 1..threads {
-            s.spawn(|_| work());
-        }
-        work();
-    });
+    // this thread works too; the pool's threads join in
+    run_on_threads(threads, &work);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1224,16 +1207,132 @@ impl Drop for TorchSingleThreaded {
     }
 }
 
+/// Runs `work` on `threads` threads at once, this one included (each call of `work` claims its
+/// own share of the job), and returns when all of them are done.
+///
+/// A decoding step makes some 120 such calls per token, a few hundred microseconds apart. The
+/// pool's threads spin for [`SPIN`] after each call before they sleep, so within a step they are
+/// already running when the next call comes, instead of being woken for each one (as a rayon pool's
+/// sleeping threads are; llama.cpp's threads spin the same way). A call that finds the pool busy
+/// (another thread's product, e.g. parallel tests) runs alone on its own thread.
+fn run_on_threads(threads: usize, work: &(dyn Fn() + Sync)) {
+    let pool = hot_pool();
+    let helpers = threads.saturating_sub(1).min(pool.workers);
+    let Some(_busy) = (helpers > 0).then(|| pool.busy.try_lock().ok()).flatten() else {
+        work();
+        return;
+    };
+    // SAFETY: the pointer is only used until every helper has finished below, while `work` lives
+    let job: *const (dyn Fn() + Sync + 'static) = unsafe { std::mem::transmute(work) };
+    *pool.job.lock().expect("not poisoned") = Some(JobPtr(job));
+    pool.pending.store(helpers, Ordering::Release);
+    pool.wanted.store(helpers, Ordering::Release);
+    pool.epoch.fetch_add(1, Ordering::AcqRel);
+    {
+        let sleeping = pool.sleepers.lock().expect("not poisoned");
+        if *sleeping > 0 {
+            pool.wake.notify_all();
+        }
+    }
+    let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    while pool.pending.load(Ordering::Acquire) != 0 {
+        std::hint::spin_loop();
+    }
+    *pool.job.lock().expect("not poisoned") = None;
+    if pool.failed.swap(false, Ordering::AcqRel) {
+        panic!("a product's thread panicked");
+    }
+    if let Err(p) = mine {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// How long a pool thread spins for the next call before it sleeps.
+const SPIN: std::time::Duration = std::time::Duration::from_millis(2);
+
+#[derive(Clone, Copy)]
+struct JobPtr(*const (dyn Fn() + Sync + 'static));
+// SAFETY: the job is `Sync`, and outlives its use (see `run_on_threads`).
+unsafe impl Send for JobPtr {}
+
+struct HotPool {
+    workers: usize,
+    /// Held by the call the threads work for.
+    busy: std::sync::Mutex<()>,
+    job: std::sync::Mutex<Option<JobPtr>>,
+    /// Counts calls: a thread that sees it change takes the job.
+    epoch: std::sync::atomic::AtomicU64,
+    /// Threads still to take this call's job, and threads still working on it.
+    wanted: AtomicUsize,
+    pending: AtomicUsize,
+    failed: std::sync::atomic::AtomicBool,
+    sleepers: std::sync::Mutex<usize>,
+    wake: std::sync::Condvar,
+}
+
 /// The pool, created on first use with libtorch's thread count at that time.
-fn pool() -> &'static rayon::ThreadPool {
-    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+fn hot_pool() -> &'static HotPool {
+    static POOL: OnceLock<&'static HotPool> = OnceLock::new();
     POOL.get_or_init(|| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(pool_threads().saturating_sub(1).max(1))
-            .thread_name(|i| format!("gemv-{i}"))
-            .build()
-            .expect("starting the GEMV threads")
+        let pool: &'static HotPool = Box::leak(Box::new(HotPool {
+            workers: pool_threads().saturating_sub(1),
+            busy: Default::default(),
+            job: Default::default(),
+            epoch: Default::default(),
+            wanted: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            failed: Default::default(),
+            sleepers: Default::default(),
+            wake: Default::default(),
+        }));
+        for i in 0..pool.workers {
+            std::thread::Builder::new()
+                .name(format!("gemv-{i}"))
+                .spawn(move || pool.serve())
+                .expect("starting the GEMV threads");
+        }
+        pool
     })
+}
+
+impl HotPool {
+    fn serve(&self) {
+        // the epoch the pool started with: a call may come before this thread first runs
+        let mut seen = 0;
+        loop {
+            let t0 = std::time::Instant::now();
+            let mut spins = 0u32;
+            while self.epoch.load(Ordering::Acquire) == seen {
+                std::hint::spin_loop();
+                spins = spins.wrapping_add(1);
+                if spins.is_multiple_of(1024) && t0.elapsed() > SPIN {
+                    let mut sleeping = self.sleepers.lock().expect("not poisoned");
+                    *sleeping += 1;
+                    while self.epoch.load(Ordering::Acquire) == seen {
+                        sleeping = self.wake.wait(sleeping).expect("not poisoned");
+                    }
+                    *sleeping -= 1;
+                }
+            }
+            seen = self.epoch.load(Ordering::Acquire);
+            // a call wants `wanted` threads: the others sit this one out
+            let take = self
+                .wanted
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1))
+                .is_ok();
+            if !take {
+                continue;
+            }
+            let job = (*self.job.lock().expect("not poisoned")).expect("set before the call");
+            // SAFETY: the caller waits for `pending` to reach 0 before `work` goes away
+            let ok =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*job.0)() }));
+            if ok.is_err() {
+                self.failed.store(true, Ordering::Release);
+            }
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 #[cfg(test)]
