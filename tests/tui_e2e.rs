@@ -288,3 +288,44 @@ fn forced_kitty_graphics_are_written_and_tmux_alone_gets_half_blocks() {
     drop(r);
     let _ = std::fs::remove_dir_all(&home);
 }
+
+/// The chat on a transformers-native (-hf) checkpoint: a picture staged and a question answered
+/// through the checkpoint's own template and processor, then /quit.
+#[test]
+fn the_chat_answers_on_an_hf_checkpoint() {
+    let home: PathBuf = std::env::temp_dir().join(format!("ivl-tui-hf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(&home).unwrap();
+    let model = fixture("models/tiny-qwen2-hf").display().to_string();
+    let image = fixture("media/images/image1.jpg").display().to_string();
+    let args: Vec<String> = [
+        "--model",
+        &model,
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "6",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let t = Tmux::start("ivl-hfchat", &home, &args);
+    t.wait("the model to load", 60, |s| s.contains("ready"));
+    t.text(&format!("/image {image} 2"));
+    t.keys(&["Enter"]);
+    t.wait("the staged image", 30, |s| {
+        s.contains("image1.jpg") && s.contains("tokens")
+    });
+    t.text("Describe the image.");
+    t.keys(&["Enter"]);
+    t.wait("the answer", 60, |s| {
+        s.contains("Describe the image.") && s.contains("first token after") && s.contains("ready")
+    });
+    t.text("/quit");
+    t.keys(&["Enter"]);
+    let start = Instant::now();
+    while t.alive() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!t.alive(), "/quit exits");
+}
