@@ -63,13 +63,7 @@ fn attach_ask_stream_cancel_ask_quit_and_reload() {
     t.text("/save e2e");
     t.keys(&["Enter"]);
     t.wait("the save", 10, |s| s.contains("e2e"));
-    t.text("/quit");
-    t.keys(&["Enter"]);
-    let start = Instant::now();
-    while t.alive() && start.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(!t.alive(), "/quit exits");
+    quit(&t);
     drop(t);
     let saved = home.join("data/internvl-chat/sessions/e2e.json");
     let text =
@@ -321,6 +315,11 @@ fn the_chat_answers_on_an_hf_checkpoint() {
     t.wait("the answer", 60, |s| {
         s.contains("Describe the image.") && s.contains("first token after") && s.contains("ready")
     });
+    quit(&t);
+}
+
+/// `/quit`, and the program exits within 20 s.
+fn quit(t: &Tmux) {
     t.text("/quit");
     t.keys(&["Enter"]);
     let start = Instant::now();
