@@ -287,7 +287,8 @@ pub(crate) fn slice_of<T>(t: &Tensor) -> &[T] {
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, n) }
 }
 
-fn to_f32_vec(t: &Tensor) -> Vec<f32> {
+/// A contiguous CPU bf16 tensor's values as f32.
+pub(crate) fn to_f32_vec(t: &Tensor) -> Vec<f32> {
     slice_of::<u16>(t).iter().map(|&b| b.to_f32()).collect()
 }
 

@@ -18,31 +18,39 @@ impl LayerCache {
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
         let q = k.size()[2];
         let need = self.len + q;
-        let cap = self.k.as_ref().map(|t| t.size()[2]).unwrap_or(0);
-        if need > cap {
-            let mut new_cap = need.max(cap * 2).max(64);
-            if self.limit > 0 {
-                new_cap = new_cap.min(self.limit).max(need);
-            }
-            let grow = |old: &Option<Tensor>, like: &Tensor| {
-                let mut s = like.size();
-                s[2] = new_cap;
-                let buf = Tensor::zeros(&s, (like.kind(), like.device()));
-                if let Some(old) = old {
-                    buf.narrow(2, 0, self.len)
-                        .copy_(&old.narrow(2, 0, self.len));
-                }
-                buf
-            };
-            self.k = Some(grow(&self.k, k));
-            self.v = Some(grow(&self.v, v));
-        }
-        let kb = self.k.as_ref().expect("allocated above");
-        let vb = self.v.as_ref().expect("allocated above");
+        self.reserve(need, &k.size(), k.kind(), k.device());
+        let kb = self.k.as_ref().expect("allocated by reserve");
+        let vb = self.v.as_ref().expect("allocated by reserve");
         kb.narrow(2, self.len, q).copy_(k);
         vb.narrow(2, self.len, q).copy_(v);
         self.len = need;
         (kb.narrow(2, 0, need), vb.narrow(2, 0, need))
+    }
+
+    /// Room for `need` positions in buffers shaped like `like` ([b, h, _, d]): they grow
+    /// geometrically (at least 64 positions, doubling, never past the limit unless one append
+    /// needs it), keeping what they hold.
+    fn reserve(&mut self, need: i64, like: &[i64], kind: tch::Kind, dev: tch::Device) {
+        let cap = self.capacity();
+        if need <= cap {
+            return;
+        }
+        let mut new_cap = need.max(cap * 2).max(64);
+        if self.limit > 0 {
+            new_cap = new_cap.min(self.limit).max(need);
+        }
+        let mut shape = like.to_vec();
+        shape[2] = new_cap;
+        let grow = |old: &Option<Tensor>| {
+            let buf = Tensor::zeros(&shape, (kind, dev));
+            if let Some(old) = old {
+                buf.narrow(2, 0, self.len)
+                    .copy_(&old.narrow(2, 0, self.len));
+            }
+            buf
+        };
+        self.k = Some(grow(&self.k));
+        self.v = Some(grow(&self.v));
     }
 
     pub fn len(&self) -> i64 {
@@ -51,7 +59,8 @@ impl LayerCache {
 
     /// Room for one more position of `b` rows, `kv_heads` heads of `head_dim` values in `kind`
     /// (bf16), taken: where the caller writes this step's key and value (the native decoding
-    /// step). Buffers grow as [`LayerCache::append`]'s do, the only libtorch calls here.
+    /// step). Buffers grow as [`LayerCache::append`]'s do ([`LayerCache::reserve`]), the only
+    /// libtorch calls here.
     pub fn append_slot(
         &mut self,
         b: i64,
@@ -59,20 +68,15 @@ impl LayerCache {
         head_dim: i64,
         kind: tch::Kind,
     ) -> super::native::Slot {
-        let fits = self.k.as_ref().is_some_and(|t| {
-            t.size() == [b, kv_heads, t.size()[2], head_dim]
-                && t.kind() == kind
-                && self.len < t.size()[2]
-        });
-        if !fits {
-            // grow (or allocate) through the tensor path, then take the position back
-            let like = Tensor::zeros([b, kv_heads, 1, head_dim], (kind, tch::Device::Cpu));
-            let _ = self.append(&like, &like);
-            self.len -= 1;
-        }
+        self.reserve(
+            self.len + 1,
+            &[b, kv_heads, 0, head_dim],
+            kind,
+            tch::Device::Cpu,
+        );
         let (k, v) = (
-            self.k.as_ref().expect("allocated above"),
-            self.v.as_ref().expect("allocated above"),
+            self.k.as_ref().expect("allocated by reserve"),
+            self.v.as_ref().expect("allocated by reserve"),
         );
         debug_assert!(k.is_contiguous() && v.is_contiguous());
         let pos = self.len;

@@ -17,7 +17,7 @@
 //! products' kernels run; prefill, f32 and GPUs stay with libtorch.
 use super::kv_cache::KvCache;
 use super::{Attention, DecoderLayer, Ffn, Llm, Mask, Mlp, Qkv, SparseMoe};
-use crate::model::gemv::{self, WeightRef};
+use crate::model::gemv::{self, slice_of, to_f32_vec, Weight, WeightRef};
 use crate::model::nn::{Linear, RmsNorm};
 use half::bf16;
 use std::cell::Cell;
@@ -57,29 +57,6 @@ fn bits(x: f32) -> u16 {
     bf16::from_f32(x).to_bits()
 }
 
-#[inline]
-fn from_bits(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
-}
-
-/// A contiguous CPU tensor's elements.
-fn slice<T>(t: &Tensor) -> &[T] {
-    assert!(t.is_contiguous() && t.device() == Device::Cpu);
-    assert_eq!(t.kind().elt_size_in_bytes(), std::mem::size_of::<T>());
-    let n = t.numel();
-    if n == 0 {
-        return &[];
-    }
-    // SAFETY: a contiguous CPU tensor of `n` elements of this size starts at data_ptr, and the
-    // borrow of `t` keeps its storage alive.
-    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, n) }
-}
-
-/// A bf16 tensor's values as f32.
-fn values(t: &Tensor) -> Vec<f32> {
-    slice::<u16>(t).iter().map(|&b| from_bits(b)).collect()
-}
-
 /// A linear layer as the kernels read it, with its bias in f32.
 struct Lin<'a> {
     w: WeightRef<'a>,
@@ -91,7 +68,7 @@ impl<'a> Lin<'a> {
     fn of(l: &'a Linear) -> Self {
         Self {
             w: l.weight_ref().expect("checked by native_decodes"),
-            bias: l.bias.as_ref().map(values),
+            bias: l.bias.as_ref().map(to_f32_vec),
             out: l.weight.size()[0] as usize,
         }
     }
@@ -245,8 +222,8 @@ impl Llm {
     ) -> Tensor {
         let b = embeds.size()[0] as usize;
         let hidden = self.hidden as usize;
-        let mut x = values(&embeds.to_kind(Kind::BFloat16).contiguous());
-        let (cos, sin) = (values(&cos.contiguous()), values(&sin.contiguous()));
+        let mut x = to_f32_vec(&embeds.to_kind(Kind::BFloat16).contiguous());
+        let (cos, sin) = (to_f32_vec(&cos.contiguous()), to_f32_vec(&sin.contiguous()));
         for (layer, slots) in self.layers.iter().zip(slots) {
             let a = &layer.attn;
             let h = rms_norm(&x, &layer.input_norm, b);
@@ -272,14 +249,14 @@ impl Llm {
 /// `x += y` in bf16 (`xs += ...` on bf16 tensors).
 fn add_into(x: &mut [f32], y: &[u16]) {
     for (a, &b) in x.iter_mut().zip(y) {
-        *a = bf(*a + from_bits(b));
+        *a = bf(*a + b.to_f32());
     }
 }
 
 /// [`RmsNorm::forward`] of each `dim`-sized row of `x` (bf16 values): the statistics in f32, the
 /// normed values rounded to bf16, times the weight rounded again. bf16 bits out.
 fn rms_norm(x: &[f32], n: &RmsNorm, rows: usize) -> Vec<u16> {
-    let w = slice::<u16>(&n.weight);
+    let w = slice_of::<u16>(&n.weight);
     let dim = w.len();
     debug_assert_eq!(x.len(), rows * dim);
     let mut out = vec![0u16; x.len()];
@@ -295,7 +272,7 @@ fn norm_row(x: &[f32], w: &[u16], eps: f64, out: &mut [u16]) {
     let var = (ss / x.len() as f64) as f32;
     let r = 1.0 / (var + eps as f32).sqrt();
     for ((o, &v), &wi) in out.iter_mut().zip(x).zip(w) {
-        *o = bits(from_bits(wi) * bf(v * r));
+        *o = bits(wi.to_f32() * bf(v * r));
     }
 }
 
@@ -387,8 +364,8 @@ fn attention(
     let v_at = |g: usize| k_at(g) + if fused { d } else { kvh * d };
     let norms = a.qk_norm.as_ref().map(|[q, k]| {
         (
-            (slice::<u16>(&q.weight), q.eps),
-            (slice::<u16>(&k.weight), k.eps),
+            (slice_of::<u16>(&q.weight), q.eps),
+            (slice_of::<u16>(&k.weight), k.eps),
         )
     });
     let mut q = vec![0f32; b * heads * d];
@@ -401,7 +378,7 @@ fn attention(
             let src = &row[start..start + d];
             match norm {
                 Some((w, eps)) => {
-                    let vals: Vec<f32> = src.iter().map(|&x| from_bits(x)).collect();
+                    let vals: Vec<f32> = src.iter().map(|&x| x.to_f32()).collect();
                     norm_row(&vals, w, eps, &mut head);
                 }
                 None => head.copy_from_slice(src),
@@ -464,11 +441,11 @@ impl OutPtr {
 fn rope_into(x: &[u16], cos: &[f32], sin: &[f32], out: &mut [f32]) {
     let half = x.len() / 2;
     for j in 0..x.len() {
-        let v = from_bits(x[j]);
+        let v = x[j].to_f32();
         let rot = if j < half {
-            -from_bits(x[j + half])
+            -x[j + half].to_f32()
         } else {
-            from_bits(x[j - half])
+            x[j - half].to_f32()
         };
         out[j] = bf(bf(v * cos[j]) + bf(rot * sin[j]));
     }
@@ -558,7 +535,7 @@ fn attend_group(
 /// The attention's inner loops over bf16 keys and values, compiled for AVX2 + FMA where the CPU
 /// has it (eight f32 lanes), portable otherwise; both sum in the same order.
 mod simd {
-    use super::from_bits;
+    use crate::model::gemv::Weight;
 
     /// `q . k` with eight partial sums, combined pairwise at the end.
     #[inline(always)]
@@ -568,13 +545,13 @@ mod simd {
         let (kc, kr) = k.split_at(qc.len());
         for (qq, kk) in qc.chunks_exact(8).zip(kc.chunks_exact(8)) {
             for l in 0..8 {
-                part[l] += qq[l] * from_bits(kk[l]);
+                part[l] += qq[l] * kk[l].to_f32();
             }
         }
         let mut s = ((part[0] + part[4]) + (part[1] + part[5]))
             + ((part[2] + part[6]) + (part[3] + part[7]));
         for (qq, kk) in qr.iter().zip(kr) {
-            s += qq * from_bits(*kk);
+            s += qq * kk.to_f32();
         }
         s
     }
@@ -583,7 +560,7 @@ mod simd {
     #[inline(always)]
     fn axpy_impl(acc: &mut [f32], p: f32, v: &[u16]) {
         for (a, &x) in acc.iter_mut().zip(v) {
-            *a += p * from_bits(x);
+            *a += p * x.to_f32();
         }
     }
 
@@ -637,8 +614,8 @@ fn mlp(m: &Mlp, h: &[u16], rows: usize) -> Vec<u16> {
     for r in 0..rows {
         let row = &t[r * 2 * inter..(r + 1) * 2 * inter];
         for i in 0..inter {
-            let g = from_bits(row[i]);
-            let u = from_bits(row[inter + i]);
+            let g = row[i].to_f32();
+            let u = row[inter + i].to_f32();
             let silu = bf(g / (1.0 + (-g).exp()));
             act[r * inter + i] = bits(silu * u);
         }
@@ -656,7 +633,7 @@ fn sparse_moe(moe: &SparseMoe, h: &[u16], rows: usize, hidden: usize) -> Vec<u16
     for r in 0..rows {
         let l: Vec<f32> = logits[r * n_exp..(r + 1) * n_exp]
             .iter()
-            .map(|&x| from_bits(x))
+            .map(|&x| x.to_f32())
             .collect();
         let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let e: Vec<f32> = l.iter().map(|&x| (x - max).exp()).collect();
@@ -683,7 +660,7 @@ fn sparse_moe(moe: &SparseMoe, h: &[u16], rows: usize, hidden: usize) -> Vec<u16
         let mut acc: Option<Vec<f32>> = None;
         for (e, w) in routed {
             let y = mlp(&moe.experts[e], hr, 1);
-            let scaled: Vec<f32> = y.iter().map(|&v| bf(from_bits(v) * w)).collect();
+            let scaled: Vec<f32> = y.iter().map(|&v| bf(v.to_f32() * w)).collect();
             acc = Some(match acc {
                 None => scaled,
                 Some(a) => a.iter().zip(&scaled).map(|(x, y)| bf(x + y)).collect(),
