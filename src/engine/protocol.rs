@@ -175,6 +175,18 @@ pub struct DoneStats {
     pub tokens_per_s: f64,
 }
 
+impl DoneStats {
+    /// Decode speed of `n` generated tokens, `decode_s` seconds having passed since the first:
+    /// the tokens after the first over that time (0 when there are none, or no time).
+    pub fn decode_rate(n: usize, decode_s: f64) -> f64 {
+        if n > 1 && decode_s > 0.0 {
+            (n - 1) as f64 / decode_s
+        } else {
+            0.0
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
     /// Loading progress in 0..=1.

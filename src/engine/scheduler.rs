@@ -263,11 +263,7 @@ impl Scheduler {
                 prompt_tokens: row.prompt.len(),
                 completion_tokens: n,
                 ttft: first - row.t0,
-                tokens_per_s: if n > 1 && decode_s > 0.0 {
-                    (n - 1) as f64 / decode_s
-                } else {
-                    0.0
-                },
+                tokens_per_s: DoneStats::decode_rate(n, decode_s),
             },
         });
         if self.record_tokens {

@@ -497,11 +497,7 @@ impl Answer {
                 prompt_tokens: self.prompt_tokens.unwrap_or(0),
                 completion_tokens: n,
                 ttft: first - self.t0,
-                tokens_per_s: if n > 1 && decode_s > 0.0 {
-                    (n - 1) as f64 / decode_s
-                } else {
-                    0.0
-                },
+                tokens_per_s: DoneStats::decode_rate(n, decode_s),
             },
         }
     }
