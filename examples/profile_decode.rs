@@ -5,7 +5,7 @@
 //! ```sh
 //! cargo build --profile profiling --example profile_decode
 //! perf record -e cpu-clock -g target/profiling/examples/profile_decode /tmp/bench-1b 256 \
-//!     [THREADS] [int8|q4|bf16] [BATCH] [greedy|sampled]
+//!     [THREADS] [int8|int8-head|q4|q4-head|bf16] [BATCH] [greedy|sampled]
 //! ```
 //!
 //! `sampled`: the chat's default sampling instead of greedy (the same forced length), to measure
@@ -22,7 +22,7 @@ use tch::{Device, Kind};
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let model = PathBuf::from(args.next().context(
-        "usage: profile_decode MODEL_DIR [TOKENS] [THREADS] [int8|q4|bf16] [BATCH] \
+        "usage: profile_decode MODEL_DIR [TOKENS] [THREADS] [int8|int8-head|q4|q4-head|bf16] [BATCH] \
                  [greedy|sampled]",
     )?);
     let n: usize = args.next().map_or(Ok(256), |s| s.parse())?;
@@ -32,6 +32,8 @@ fn main() -> Result<()> {
     let quant = match args.next().as_deref() {
         Some("int8") => Quantize::llm(Quant::Int8),
         Some("q4") => Quantize::llm(Quant::Q4),
+        Some("int8-head") => Quantize::with_head(Quant::Int8),
+        Some("q4-head") => Quantize::with_head(Quant::Q4),
         _ => Quantize::OFF,
     };
     let batch: usize = args.next().map_or(Ok(1), |s| s.parse())?;

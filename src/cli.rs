@@ -180,9 +180,13 @@ pub enum Graphics {
 /// Which linear layers `--load-8bit` / `--load-4bit` quantize.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum QuantScope {
-    /// The decoder layers' linear weights.
+    /// The decoder layers' linear weights (the output head stays in the dtype, as
+    /// bitsandbytes leaves it).
     Llm,
-    /// The decoder layers' and the vision model's.
+    /// The decoder layers' and the output head's (in int8 for either precision, as llama.cpp's
+    /// quantized files keep it): the fastest decoding.
+    Head,
+    /// The decoder layers', the output head's and the vision model's.
     All,
 }
 
@@ -206,15 +210,17 @@ pub struct ModelArgs {
     /// Precision the model runs in.
     #[arg(long, value_enum, default_value_t = DType::Bf16, global = true)]
     pub dtype: DType,
-    /// Keep linear weights in int8 with one scale per output channel: `llm` (the default when
-    /// the flag is given: the decoder layers) or `all` (the vision model's too). About half
-    /// the memory of bf16 and faster decoding on CPU; outputs stay close to bf16 (see README).
+    /// Keep linear weights in int8 with one scale per output channel, decoding with int8
+    /// inputs as bitsandbytes' LLM.int8() does: `llm` (the default when the flag is given: the
+    /// decoder layers), `head` (the output head too) or `all` (the vision model's too). About
+    /// half the memory of bf16 and faster decoding on CPU; outputs stay close to bf16 (see
+    /// README).
     #[arg(long = "load-8bit", value_enum, global = true, num_args = 0..=1,
           default_missing_value = "llm", value_name = "WHAT")]
     pub load_8bit: Option<QuantScope>,
     /// Keep linear weights in 4 bits with one bf16 scale per group of 32 inputs (symmetric,
-    /// as llama.cpp's Q4_0): `llm` (the default when the flag is given: the decoder layers) or
-    /// `all` (the vision model's too). About a quarter of the memory of bf16 and the fastest
+    /// as llama.cpp's Q4_0): `llm` (the default when the flag is given: the decoder layers),
+    /// `head` (the output head too, in int8) or `all` (the vision model's too). About a quarter of the memory of bf16 and the fastest
     /// decoding on CPU; outputs stay near bf16's, further than 8-bit's (see README). Not with
     /// --load-8bit.
     #[arg(long = "load-4bit", value_enum, global = true, num_args = 0..=1,

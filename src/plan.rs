@@ -53,6 +53,17 @@ fn weight_bytes(
     }
 }
 
+/// Bytes of the output head (`params` of its own: 0 when tied to the embeddings): in the dtype,
+/// or an int8 copy [vocab, hidden] with a scale per row (quantized, whether tied or not).
+fn head_bytes(cfg: &InternVLConfig, params: u64, quant: Quantize, dtype_bytes: u64) -> u64 {
+    let l = &cfg.llm_config;
+    let (rows, hidden) = (l.vocab_size as u64, l.hidden_size as u64);
+    match quant.head_format() {
+        Quant::None => params * dtype_bytes,
+        format => weight_bytes(rows * hidden, (rows * hidden, rows), 0, format, dtype_bytes),
+    }
+}
+
 impl Plan {
     pub fn new(
         cfg: &InternVLConfig,
@@ -72,7 +83,8 @@ impl Plan {
             params.vision_q4_groups,
             quant.vision_format(),
             dtype_bytes,
-        ) + (shared - params.vision) * dtype_bytes;
+        ) + (shared - params.vision - params.head) * dtype_bytes
+            + head_bytes(cfg, params.head, quant, dtype_bytes);
         let kv = kv_bytes_per_layer(cfg, context, dtype_bytes);
         let layer_bytes = weight_bytes(
             params.layer,
@@ -365,9 +377,13 @@ mod tests {
             let map = parse("cpu", cfg.llm_config.num_hidden_layers, 0).unwrap();
             let mut all = vec![Quantize::OFF];
             for f in [Quant::Int8, Quant::Q4] {
-                all.extend([Quantize::llm(f), Quantize::all(f)]);
+                all.extend([Quantize::llm(f), Quantize::with_head(f), Quantize::all(f)]);
             }
             for quant in all {
+                let head = |name: &str| {
+                    name == "language_model.lm_head.weight"
+                        || name == "language_model.output.weight"
+                };
                 let quantized = |name: &str, dims: usize| {
                     dims == 2
                         && name.ends_with(".weight")
@@ -375,18 +391,29 @@ mod tests {
                         && (name.starts_with("language_model.model.layers.")
                             || quant.vision && name.starts_with("vision_model.encoder.layers."))
                 };
+                // the head is int8 in either format; a tied one is a quantized copy of the
+                // embeddings
+                let tied = !shapes.iter().any(|(n, _)| head(n));
+                let l = &cfg.llm_config;
+                let head_copy = if quant.head && quant.format != Quant::None && tied {
+                    (l.vocab_size * l.hidden_size + 2 * l.vocab_size) as u64
+                } else {
+                    0
+                };
                 let want: u64 = shapes
                     .iter()
                     .map(|(name, shape)| {
                         let n: usize = shape.iter().product();
                         let bytes = match quant.format {
+                            Quant::Int8 | Quant::Q4 if quant.head && head(name) => n + 2 * shape[0],
                             _ if !quantized(name, shape.len()) => 2 * n,
                             Quant::Q4 => shape[0] * shape[1].div_ceil(32) * 18,
                             _ => n + 2 * shape[0],
                         };
                         bytes as u64
                     })
-                    .sum();
+                    .sum::<u64>()
+                    + head_copy;
                 let plan = Plan::new(&cfg, &map, 2, 16, quant);
                 let got: u64 = plan.devices.values().map(|d| d.weight_bytes).sum();
                 assert_eq!(got, want, "{model} {quant:?}");

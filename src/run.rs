@@ -143,6 +143,7 @@ pub fn quant_of(
     };
     Ok(match scope {
         QuantScope::Llm => Quantize::llm(format),
+        QuantScope::Head => Quantize::with_head(format),
         QuantScope::All => Quantize::all(format),
     })
 }

@@ -14,7 +14,7 @@
 //! think = false             # thinking mode (InternVL3.5): /think on|off in the chat
 //! truncate_history = false  # when the context is full, leave out the oldest turns
 //! context = 16384           # context window in tokens (default: the model's; --context wins)
-//! load_4bit = "llm"         # or load_8bit; "llm" | "all" (--load-8bit / --load-4bit win)
+//! load_4bit = "llm"         # or load_8bit; "llm" | "head" | "all" (--load-8bit / --load-4bit win)
 //!
 //! [sampling]
 //! temperature = 0.7         # 0 = greedy
@@ -217,7 +217,7 @@ pub fn parse(src: &str, path: &Path) -> Result<Settings, ConfigError> {
                 .map_err(|_| {
                     invalid(
                         Some(v.span()),
-                        format!("unknown {name} \"{}\" (one of llm, all)", v.get_ref()),
+                        format!("unknown {name} \"{}\" (one of llm, head, all)", v.get_ref()),
                     )
                 })
         }
@@ -353,7 +353,7 @@ mod tests {
         );
         assert_eq!(
             parse_str("load_4bit = \"vision\"\n").unwrap_err(),
-            "config /cfg/config.toml line 1: unknown load_4bit \"vision\" (one of llm, all)"
+            "config /cfg/config.toml line 1: unknown load_4bit \"vision\" (one of llm, head, all)"
         );
     }
 

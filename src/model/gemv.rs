@@ -23,6 +23,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 
+mod int8;
+mod q4;
+pub use int8::THRESHOLD as INT8_THRESHOLD;
+
 /// Most input rows one call takes (decoding a batch of up to 8 conversations).
 pub const MAX_ROWS: usize = 8;
 
@@ -327,9 +331,12 @@ pub fn gemv_at(
     if let Some(b) = bias {
         assert_eq!(b.len(), n);
     }
-    // bf16 pairs straight into AVX512-BF16's dot product where the CPU has it; f32 otherwise
+    // bf16 pairs straight into AVX512-BF16's dot product where the CPU has it; int8 and
+    // 4-bit weights multiply quantized inputs; f32 otherwise
     let pairs = matches!(w, WeightRef::Bf16(_)) && level == Level::Avx512Bf16;
-    let x_f32: Vec<f32> = if pairs {
+    let x_i8 = matches!(w, WeightRef::Int8(..)).then(|| int8::Int8Input::new(x, rows));
+    let x_q8 = matches!(w, WeightRef::Q4(..)).then(|| q4::Q8Input::new(x, rows));
+    let x_f32: Vec<f32> = if pairs || x_i8.is_some() || x_q8.is_some() {
         Vec::new()
     } else {
         x.iter().map(|&b| b.to_f32()).collect()
@@ -337,6 +344,8 @@ pub fn gemv_at(
     let job = Job {
         x_f32: &x_f32,
         x_bf16: x,
+        x_i8: x_i8.as_ref(),
+        x_q8: x_q8.as_ref(),
         pairs,
         level,
         rows,
@@ -375,6 +384,10 @@ struct Job<'a> {
     /// The input as f32 (empty when `pairs`).
     x_f32: &'a [f32],
     x_bf16: &'a [u16],
+    /// The input quantized for int8 weights.
+    x_i8: Option<&'a int8::Int8Input>,
+    /// The input quantized in groups for 4-bit weights.
+    x_q8: Option<&'a q4::Q8Input>,
     /// bf16 weights through AVX512-BF16 pair dot products of the bf16 input.
     pairs: bool,
     /// The kernels for the f32 input.
@@ -390,10 +403,18 @@ struct Job<'a> {
 impl Job<'_> {
     /// Output columns `lo..hi` (weight rows) for every input row.
     fn run(&self, lo: usize, hi: usize) {
+        if let (WeightRef::Int8(w, s), Some(x)) = (self.w, self.x_i8) {
+            x.outputs(self.level, w, s, self.bias, lo, hi, |i, r, y| {
+                // SAFETY: as below.
+                unsafe { *self.out.0.add(r * self.n + i) = y };
+            });
+            return;
+        }
         let mut dots = [0f32; MAX_ROWS];
         for i in lo..hi {
+            let b = self.bias.map_or(0.0, |b| b[i]);
             let dots = &mut dots[..self.rows];
-            let scale = match self.w {
+            match self.w {
                 WeightRef::Bf16(w) if self.pairs => {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `pairs` is only set where the CPU has AVX512-BF16.
@@ -405,7 +426,6 @@ impl Job<'_> {
                             dots,
                         )
                     };
-                    1.0
                 }
                 WeightRef::Bf16(w) => {
                     dot(
@@ -415,39 +435,20 @@ impl Job<'_> {
                         &w[i * self.k..(i + 1) * self.k],
                         dots,
                     );
-                    1.0
                 }
-                WeightRef::Int8(w, s) => {
-                    dot(
-                        self.level,
-                        self.x_f32,
-                        self.rows,
-                        &w[i * self.k..(i + 1) * self.k],
-                        dots,
-                    );
-                    s[i].to_f32()
-                }
+                WeightRef::Int8(..) => unreachable!("int8 inputs are quantized above"),
                 WeightRef::Q4(w, s) => {
                     let groups = self.k.div_ceil(Q4_GROUP);
-                    dot_q4(
+                    self.x_q8.expect("4-bit inputs are quantized").dots(
                         self.level,
-                        self.x_f32,
-                        self.rows,
                         &w[i * groups * Q4_GROUP_BYTES..(i + 1) * groups * Q4_GROUP_BYTES],
                         &s[i * groups..(i + 1) * groups],
                         dots,
                     );
-                    1.0
                 }
-            };
-            let b = self.bias.map_or(0.0, |b| b[i]);
+            }
             for (r, d) in dots.iter().enumerate() {
-                let y = if matches!(self.w, WeightRef::Int8(..)) {
-                    // as ATen's int8 kernel: the dot product scaled, then rounded
-                    bf16::from_f32(d * scale).to_f32() + b
-                } else {
-                    d + b
-                };
+                let y = d + b;
                 // SAFETY: r < rows and i < n index inside `out` [rows, n]; this chunk alone
                 // writes column i.
                 unsafe { *self.out.0.add(r * self.n + i) = bf16::from_f32(y).to_bits() };
@@ -456,7 +457,7 @@ impl Job<'_> {
     }
 }
 
-/// A weight element: bf16 bits or int8.
+/// A weight element (bf16 bits).
 pub trait Weight: Copy {
     fn to_f32(self) -> f32;
 }
@@ -464,12 +465,6 @@ pub trait Weight: Copy {
 impl Weight for u16 {
     fn to_f32(self) -> f32 {
         f32::from_bits((self as u32) << 16)
-    }
-}
-
-impl Weight for i8 {
-    fn to_f32(self) -> f32 {
-        self as f32
     }
 }
 
@@ -539,48 +534,6 @@ fn q4_group(bytes: &[u8], scale: u16) -> [f32; Q4_GROUP] {
         out[j + Q4_GROUP_BYTES] = ((b >> 4) as i32 - 8) as f32 * s;
     }
     out
-}
-
-/// `dots[r] = x[r] · w` for each of `rows` input rows (`k = x.len() / rows` each) and one packed
-/// 4-bit weight row (`w`: its groups' bytes, `scales`: one bf16 scale per group), with the
-/// kernels of `level`. Every product `x * (q * scale)` is exact in f32; only the order of the
-/// f32 additions differs between levels.
-fn dot_q4(level: Level, x: &[f32], rows: usize, w: &[u8], scales: &[u16], dots: &mut [f32]) {
-    let k = x.len() / rows;
-    debug_assert!(w.len() == k.div_ceil(Q4_GROUP) * Q4_GROUP_BYTES && dots.len() >= rows);
-    #[cfg(target_arch = "x86_64")]
-    match level {
-        Level::Avx512 | Level::Avx512Bf16 => {
-            // SAFETY: the CPU has AVX-512F (the level is at most the detected one); the
-            // lengths were checked by `gemv_at`.
-            unsafe { simd::dot_q4(x, rows, k, w, scales, dots) };
-            return;
-        }
-        Level::Avx2 => {
-            // SAFETY: the CPU has AVX2 and FMA (as above); the lengths as above.
-            unsafe { simd::dot_q4_avx2(x, rows, k, w, scales, dots) };
-            return;
-        }
-        Level::Torch => {}
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = level;
-    // the portable loop: each group dequantized, eight partial sums as the vector kernels keep
-    let mut lanes = [[0f32; 8]; MAX_ROWS];
-    for (g, (bytes, &s)) in w.chunks_exact(Q4_GROUP_BYTES).zip(scales).enumerate() {
-        let wg = q4_group(bytes, s);
-        let start = g * Q4_GROUP;
-        let len = Q4_GROUP.min(k - start);
-        for (r, lane) in lanes.iter_mut().enumerate().take(rows) {
-            let xg = &x[r * k + start..r * k + start + len];
-            for (t, (a, b)) in xg.iter().zip(&wg).enumerate() {
-                lane[t % 8] += a * b;
-            }
-        }
-    }
-    for (d, lane) in dots.iter_mut().zip(&lanes).take(rows) {
-        *d = lane.iter().sum();
-    }
 }
 
 /// The divisors [`quantize_q4`] tries: a group's first scale is its largest-magnitude weight
@@ -839,162 +792,6 @@ mod simd {
         }
     }
 
-    /// `dots[r] = x[r] · w` for `M` input rows of `k` and one packed 4-bit weight row (see
-    /// [`super::Q4_GROUP`]): per group, the 16 values `(q - 8) * scale` are made once (a table
-    /// scaled by the group's scale, indexed by the nibbles) and multiplied into every row, two
-    /// accumulators per row (the group's first and second 16 inputs). The last, partial group
-    /// is added in scalar.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn dot_q4_m<const M: usize>(
-        x: &[f32],
-        k: usize,
-        w: &[u8],
-        scales: &[u16],
-        dots: &mut [f32],
-    ) {
-        let full = k / super::Q4_GROUP;
-        let mut a0 = [_mm512_setzero_ps(); M];
-        let mut a1 = [_mm512_setzero_ps(); M];
-        let table = _mm512_setr_ps(
-            -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
-        );
-        let low = _mm_set1_epi8(0x0f);
-        let xp = x.as_ptr();
-        for g in 0..full {
-            let b = _mm_loadu_si128(w.as_ptr().add(g * 16).cast());
-            let lo = _mm512_cvtepu8_epi32(_mm_and_si128(b, low));
-            let hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16::<4>(b), low));
-            let t = _mm512_mul_ps(table, _mm512_set1_ps(scales[g].to_f32()));
-            let w0 = _mm512_permutexvar_ps(lo, t);
-            let w1 = _mm512_permutexvar_ps(hi, t);
-            let j = g * super::Q4_GROUP;
-            for r in 0..M {
-                a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(r * k + j)), a0[r]);
-                a1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(r * k + j + 16)), a1[r]);
-            }
-        }
-        let tail = (full < scales.len())
-            .then(|| super::q4_group(&w[full * 16..full * 16 + 16], scales[full]));
-        for r in 0..M {
-            let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
-            if let Some(wg) = &tail {
-                for (t, v) in (full * super::Q4_GROUP..k).zip(wg) {
-                    s += x[r * k + t] * v;
-                }
-            }
-            dots[r] = s;
-        }
-    }
-
-    /// [`dot_q4_m`] for `rows` (1..=8) input rows.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F; `x` holds `rows * k` values, `w` and `scales` the groups of `k`
-    /// and `dots` `rows`.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_q4(
-        x: &[f32],
-        rows: usize,
-        k: usize,
-        w: &[u8],
-        scales: &[u16],
-        dots: &mut [f32],
-    ) {
-        debug_assert!(x.len() >= rows * k && w.len() >= scales.len() * 16);
-        match rows {
-            1 => dot_q4_m::<1>(x, k, w, scales, dots),
-            2 => dot_q4_m::<2>(x, k, w, scales, dots),
-            3 => dot_q4_m::<3>(x, k, w, scales, dots),
-            4 => dot_q4_m::<4>(x, k, w, scales, dots),
-            5 => dot_q4_m::<5>(x, k, w, scales, dots),
-            6 => dot_q4_m::<6>(x, k, w, scales, dots),
-            7 => dot_q4_m::<7>(x, k, w, scales, dots),
-            _ => dot_q4_m::<8>(x, k, w, scales, dots),
-        }
-    }
-
-    /// [`dot_q4_m`]'s contract on AVX2, 8 lanes at a time: the nibbles become signed bytes
-    /// through a 16-entry shuffle table, then f32 times the group's scale, once for every row.
-    /// `U` accumulators per row (runs of 8 inputs in turn), within the 16 registers.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q4_avx2_m<const M: usize, const U: usize>(
-        x: &[f32],
-        k: usize,
-        w: &[u8],
-        scales: &[u16],
-        dots: &mut [f32],
-    ) {
-        let full = k / super::Q4_GROUP;
-        let mut acc = [[_mm256_setzero_ps(); U]; M];
-        let table = _mm_setr_epi8(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-        let low = _mm_set1_epi8(0x0f);
-        let xp = x.as_ptr();
-        for g in 0..full {
-            let b = _mm_loadu_si128(w.as_ptr().add(g * 16).cast());
-            let lo = _mm_shuffle_epi8(table, _mm_and_si128(b, low));
-            let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16::<4>(b), low));
-            let s = _mm256_set1_ps(scales[g].to_f32());
-            let f = |v: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s);
-            let ws = [
-                f(lo),
-                f(_mm_srli_si128::<8>(lo)),
-                f(hi),
-                f(_mm_srli_si128::<8>(hi)),
-            ];
-            let j = g * super::Q4_GROUP;
-            for (u, wv) in ws.iter().enumerate() {
-                for r in 0..M {
-                    let xv = _mm256_loadu_ps(xp.add(r * k + j + 8 * u));
-                    acc[r][u % U] = _mm256_fmadd_ps(*wv, xv, acc[r][u % U]);
-                }
-            }
-        }
-        let tail = (full < scales.len())
-            .then(|| super::q4_group(&w[full * 16..full * 16 + 16], scales[full]));
-        for r in 0..M {
-            let mut sum = acc[r][0];
-            for u in 1..U {
-                sum = _mm256_add_ps(sum, acc[r][u]);
-            }
-            let h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
-            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            let h = _mm_add_ss(h, _mm_shuffle_ps::<1>(h, h));
-            let mut s = _mm_cvtss_f32(h);
-            if let Some(wg) = &tail {
-                for (t, v) in (full * super::Q4_GROUP..k).zip(wg) {
-                    s += x[r * k + t] * v;
-                }
-            }
-            dots[r] = s;
-        }
-    }
-
-    /// [`dot_q4_avx2_m`] for `rows` (1..=8) input rows.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA; the lengths as [`dot_q4`]'s.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q4_avx2(
-        x: &[f32],
-        rows: usize,
-        k: usize,
-        w: &[u8],
-        scales: &[u16],
-        dots: &mut [f32],
-    ) {
-        debug_assert!(x.len() >= rows * k && w.len() >= scales.len() * 16);
-        match rows {
-            1 => dot_q4_avx2_m::<1, 4>(x, k, w, scales, dots),
-            2 => dot_q4_avx2_m::<2, 4>(x, k, w, scales, dots),
-            3 => dot_q4_avx2_m::<3, 2>(x, k, w, scales, dots),
-            4 => dot_q4_avx2_m::<4, 2>(x, k, w, scales, dots),
-            5 => dot_q4_avx2_m::<5, 1>(x, k, w, scales, dots),
-            6 => dot_q4_avx2_m::<6, 1>(x, k, w, scales, dots),
-            7 => dot_q4_avx2_m::<7, 1>(x, k, w, scales, dots),
-            _ => dot_q4_avx2_m::<8, 1>(x, k, w, scales, dots),
-        }
-    }
-
     pub fn avx512() -> bool {
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
@@ -1026,17 +823,6 @@ mod simd {
         unsafe fn load8(p: *const u16) -> __m256 {
             let wi = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wi))
-        }
-    }
-
-    impl Load for i8 {
-        #[inline(always)]
-        unsafe fn load16(p: *const i8) -> __m512 {
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())))
-        }
-        #[inline(always)]
-        unsafe fn load8(p: *const i8) -> __m256 {
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())))
         }
     }
 
@@ -1340,6 +1126,47 @@ impl HotPool {
 mod tests {
     use super::*;
 
+    /// Test data from our own generator (splitmix64): libtorch's global one is shared by every
+    /// test thread, so seeding it would not make a test's inputs repeatable.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        /// Uniform in (0, 1].
+        fn uniform(&mut self) -> f64 {
+            ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64
+        }
+
+        /// Standard normal values (Box-Muller), f32.
+        fn randn(&mut self, shape: &[i64]) -> Tensor {
+            let n: i64 = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    let (a, b) = (self.uniform(), self.uniform());
+                    ((-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()) as f32
+                })
+                .collect();
+            Tensor::from_slice(&v).view(shape)
+        }
+
+        /// Integers in lo..hi as f32.
+        fn randint(&mut self, lo: i64, hi: i64, shape: &[i64]) -> Tensor {
+            let n: i64 = shape.iter().product();
+            let span = (hi - lo) as u64;
+            let v: Vec<f32> = (0..n)
+                .map(|_| (lo + (self.next() % span) as i64) as f32)
+                .collect();
+            Tensor::from_slice(&v).view(shape)
+        }
+    }
+
     fn bf16_ulps(a: &Tensor, b: &Tensor) -> i64 {
         // bf16 bit patterns of finite same-sign values are ordered: their distance in ulps
         let bits = |t: &Tensor| t.view_dtype(Kind::Int16).to_kind(Kind::Int64);
@@ -1351,15 +1178,12 @@ mod tests {
     /// every kernel level this CPU has (`Torch`: the portable loop).
     #[test]
     fn exact_sums_equal_libtorch_bit_for_bit() {
-        tch::manual_seed(3);
+        let mut rng = Rng(3);
         for k in [7i64, 16, 40, 203, 896] {
-            let w = Tensor::randint_low(-8, 8, [300, k], (Kind::Float, Device::Cpu))
-                .to_kind(Kind::BFloat16);
-            let b = (Tensor::randint_low(-50, 50, [300], (Kind::Float, Device::Cpu)) / 4.0)
-                .to_kind(Kind::BFloat16);
+            let w = rng.randint(-8, 8, &[300, k]).to_kind(Kind::BFloat16);
+            let b = (rng.randint(-50, 50, &[300]) / 4.0).to_kind(Kind::BFloat16);
             for rows in 1..=MAX_ROWS as i64 {
-                let x = Tensor::randint_low(-3, 4, [1, rows, k], (Kind::Float, Device::Cpu))
-                    .to_kind(Kind::BFloat16);
+                let x = rng.randint(-3, 4, &[1, rows, k]).to_kind(Kind::BFloat16);
                 assert_eq!(applies(&x, &w), available());
                 let want = x.linear(&w, Some(&b));
                 let want_nb = x.linear::<&Tensor>(&w, None);
@@ -1374,66 +1198,107 @@ mod tests {
     }
 
     /// Real-valued inputs: within one bf16 ulp of libtorch (the f32 sums are added in another
-    /// order), for bf16 and int8 weights, on every row count and kernel level. libtorch's int8
-    /// kernel only takes `k` a multiple of 64 (it returns garbage for k = 904), hence k = 896
-    /// there.
+    /// order), on every row count and kernel level.
     #[test]
     fn random_inputs_within_one_ulp_of_libtorch() {
-        tch::manual_seed(4);
-        for (n, k, int8) in [(257, 904, false), (260, 896, true)] {
-            let wf = Tensor::randn([n, k], (Kind::Float, Device::Cpu)) * 0.05;
-            let w = wf.to_kind(Kind::BFloat16);
-            let b = Tensor::randn([n], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
-            let (q, scale) = crate::model::nn::quantize_rows(&wf, Kind::BFloat16);
-            for rows in [1i64, 2, 3, 5, 6, 8] {
-                let x =
-                    Tensor::randn([rows, k], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
-                let want = x.linear(&w, Some(&b));
-                // (only where k suits libtorch's int8 kernel: it reads out of bounds elsewhere)
-                let want_q = int8.then(|| x.contiguous().internal_weight_int8pack_mm(&q, &scale));
-                for level in Level::supported() {
-                    let got = linear_at(level, &x, &w, None, Some(&b));
-                    assert!(
-                        bf16_ulps(&got, &want) <= 1,
-                        "{level:?} bf16 {k} rows {rows}"
-                    );
-                    if let Some(want_q) = &want_q {
-                        // the scaled product is rounded to bf16 before the bias (as ATen's
-                        // kernel then `+ b` does): one ulp there, and the bias added exactly as
-                        // libtorch adds it. (One ulp of the product can be several of a result
-                        // the bias nearly cancels.)
-                        let got = linear_at(level, &x, &q, Some(&scale), None);
-                        assert!(bf16_ulps(&got, want_q) <= 1, "{level:?} int8 rows {rows}");
-                        let with_bias = linear_at(level, &x, &q, Some(&scale), Some(&b));
-                        assert!(
-                            with_bias.equal(&(&got + &b)),
-                            "{level:?} int8 bias rows {rows}"
-                        );
-                    }
-                }
+        let mut rng = Rng(4);
+        let (n, k) = (257, 904);
+        let w = (rng.randn(&[n, k]) * 0.05).to_kind(Kind::BFloat16);
+        let b = rng.randn(&[n]).to_kind(Kind::BFloat16);
+        for rows in [1i64, 2, 3, 5, 6, 8] {
+            let x = rng.randn(&[rows, k]).to_kind(Kind::BFloat16);
+            let want = x.linear(&w, Some(&b));
+            for level in Level::supported() {
+                let got = linear_at(level, &x, &w, None, Some(&b));
+                assert!(bf16_ulps(&got, &want) <= 1, "{level:?} {k} rows {rows}");
             }
         }
     }
 
-    /// int8 weights at lengths libtorch's int8 kernel does not take (blocks and tails of every
-    /// kernel): with integer values and scales of 1 the product is exact, so it must equal the
-    /// bf16 product of the same values bit for bit, at every level.
+    /// bitsandbytes' LLM.int8() written in libtorch's ops, as its reference backend does
+    /// (`int8_vectorwise_quant` with the threshold, `int8_mm_dequant`, the outlier columns
+    /// added by `addmm`), for `x` [rows, k] (bf16), int8 `q` [n, k] with bf16 `scale` [n] and
+    /// `bias` [n]: (the int8 part alone in bf16, the result in f64 before its last rounding).
+    fn llm_int8_reference(
+        x: &Tensor,
+        q: &Tensor,
+        scale: &Tensor,
+        bias: &Tensor,
+    ) -> (Tensor, Tensor) {
+        let xf = x.to_kind(Kind::Float);
+        let outlier = xf.abs().ge(INT8_THRESHOLD as f64);
+        let cols = outlier.any_dim(0, true);
+        let kept = xf.masked_fill(&outlier, 0.0);
+        let absmax = kept.abs().amax([1].as_slice(), true);
+        let factor = (absmax.ones_like() * 127.0) / &absmax;
+        let qx = (&kept * &factor)
+            .round()
+            .nan_to_num(0.0, None, None)
+            .masked_fill(&cols, 0.0);
+        // integer sums, exact in f64, rounded to f32 as an i32 is
+        let sums = qx
+            .to_kind(Kind::Double)
+            .matmul(&q.to_kind(Kind::Double).tr())
+            .to_kind(Kind::Float);
+        let step = &absmax / 127.0;
+        let sw = scale.to_kind(Kind::Float).unsqueeze(0);
+        let int_part = (sums * (step * &sw) + bias.to_kind(Kind::Float)).to_kind(Kind::BFloat16);
+        let wd = (q.to_kind(Kind::Float) * sw.tr()).to_kind(Kind::BFloat16);
+        let out_part = xf
+            .masked_fill(&cols.logical_not(), 0.0)
+            .to_kind(Kind::Double)
+            .matmul(&wd.to_kind(Kind::Double).tr());
+        let full = int_part.to_kind(Kind::Double) + out_part;
+        (int_part, full)
+    }
+
+    /// int8 weights multiply int8-quantized inputs (LLM.int8()): at every level, on lengths
+    /// with and without tails of each kernel's blocks, for every row count. The integer sums are
+    /// exact, so every level gives the same bits; without outliers that equals the reference bit
+    /// for bit, and with outlier columns (inputs of magnitude >= 6, in one row only) it is within
+    /// one bf16 ulp of the reference's f64 sum (the outlier products are added in f32). A zero
+    /// row and a row of nothing but outliers are covered.
     #[test]
-    fn int8_exact_sums_equal_the_bf16_product_at_every_level() {
-        tch::manual_seed(6);
+    fn int8_products_are_llm_int8_at_every_level() {
+        let mut rng = Rng(6);
         let n = 70;
-        for k in [8i64, 24, 200, 203] {
-            let wi = Tensor::randint_low(-100, 100, [n, k], (Kind::Float, Device::Cpu));
-            let q = wi.to_kind(Kind::Int8);
-            let ones = Tensor::ones([n], (Kind::BFloat16, Device::Cpu));
-            let w = wi.to_kind(Kind::BFloat16);
+        for k in [8i64, 24, 64, 100, 200, 203, 896] {
+            let wf = rng.randn(&[n, k]) * 0.05;
+            let (q, scale) = crate::model::nn::quantize_rows(&wf, Kind::BFloat16);
+            let b = rng.randn(&[n]).to_kind(Kind::BFloat16);
             for rows in 1..=MAX_ROWS as i64 {
-                let x = Tensor::randint_low(-3, 4, [rows, k], (Kind::Float, Device::Cpu))
-                    .to_kind(Kind::BFloat16);
-                let want = x.linear::<&Tensor>(&w, None);
-                for level in Level::supported() {
-                    let got = linear_at(level, &x, &q, Some(&ones), None);
-                    assert!(got.equal(&want), "{level:?} k {k} rows {rows}");
+                for outliers in [false, true] {
+                    let x = rng.randn(&[rows, k]).clamp(-5.9, 5.9);
+                    if outliers {
+                        // large inputs in row 0 (their columns are outlier columns for every
+                        // row), a zero last row
+                        let idx = Tensor::from_slice(&[0i64, k / 2, k - 1]);
+                        let big = Tensor::from_slice(&[7.5f32, -19.0, 6.0]);
+                        let _ = x.get(0).index_put_(&[Some(idx)], &big, false);
+                        if rows > 1 {
+                            let _ = x.get(rows - 1).fill_(0.0);
+                        }
+                        if k == 8 {
+                            let _ = x.get(0).fill_(8.0);
+                        }
+                    }
+                    let x = x.to_kind(Kind::BFloat16);
+                    let (int_part, full) = llm_int8_reference(&x, &q, &scale, &b);
+                    let mut first: Option<Tensor> = None;
+                    for level in Level::supported() {
+                        let got = linear_at(level, &x, &q, Some(&scale), Some(&b));
+                        let label = format!("{level:?} k {k} rows {rows} outliers {outliers}");
+                        if outliers {
+                            let ulps = bf16_ulps(&got, &full.to_kind(Kind::BFloat16));
+                            assert!(ulps <= 1, "{label}: {ulps} ulps");
+                        } else {
+                            assert!(got.equal(&int_part), "{label}");
+                        }
+                        match &first {
+                            None => first = Some(got),
+                            Some(f) => assert!(got.equal(f), "{label}: levels differ"),
+                        }
+                    }
                 }
             }
         }
@@ -1444,22 +1309,16 @@ mod tests {
     /// each kernel's blocks, for every row count.
     #[test]
     fn every_level_agrees_with_libtorch() {
-        tch::manual_seed(5);
+        let mut rng = Rng(5);
         let n = 130;
         for k in [200i64, 203] {
             for exact in [true, false] {
                 for rows in 1..=MAX_ROWS {
                     let r = rows as i64;
                     let (w, x) = if exact {
-                        (
-                            Tensor::randint_low(-8, 8, [n, k], (Kind::Float, Device::Cpu)),
-                            Tensor::randint_low(-3, 4, [r, k], (Kind::Float, Device::Cpu)),
-                        )
+                        (rng.randint(-8, 8, &[n, k]), rng.randint(-3, 4, &[r, k]))
                     } else {
-                        (
-                            Tensor::randn([n, k], (Kind::Float, Device::Cpu)) * 0.05,
-                            Tensor::randn([r, k], (Kind::Float, Device::Cpu)),
-                        )
+                        (rng.randn(&[n, k]) * 0.05, rng.randn(&[r, k]))
                     };
                     let (w, x) = (w.to_kind(Kind::BFloat16), x.to_kind(Kind::BFloat16));
                     let want = x.linear::<&Tensor>(&w, None);
@@ -1482,96 +1341,78 @@ mod tests {
         }
     }
 
-    /// Packed 4-bit weights (see [`Q4_GROUP`]) from `q` [n, k] (values -8..=7, f32), padded to
-    /// whole groups.
-    fn pack_q4(q: &Tensor) -> Tensor {
-        let (n, k) = q.size2().unwrap();
-        let groups = (k + 31) / 32;
-        let u = (q + 8.0)
-            .constant_pad_nd([0, groups * 32 - k])
-            .view([n, groups, 32]);
-        (u.narrow(-1, 16, 16) * 16.0 + u.narrow(-1, 0, 16))
-            .to_kind(Kind::Uint8)
-            .view([n, groups * 16])
-    }
-
     fn bf16_tensor(bits: &[u16], shape: &[i64]) -> Tensor {
         Tensor::from_slice(&bits.iter().map(|&b| b as i16).collect::<Vec<_>>())
             .view_dtype(Kind::BFloat16)
             .view(shape)
     }
 
-    /// 4-bit weights whose products sum exactly in f32 (integer inputs, scales powers of two):
-    /// every level must equal libtorch's bf16 product with the dequantized weight bit for bit,
-    /// bias included, for every row count, on lengths with whole groups, a partial last group,
-    /// and rows shorter than a group.
-    #[test]
-    fn q4_exact_sums_equal_the_dequantized_product_at_every_level() {
-        tch::manual_seed(7);
-        let n = 70;
-        for k in [8i64, 16, 32, 40, 200, 203, 256] {
-            let q = Tensor::randint_low(-8, 8, [n, k], (Kind::Float, Device::Cpu));
-            let groups = (k + 31) / 32;
-            let exps = Tensor::randint_low(-3, 3, [n, groups], (Kind::Float, Device::Cpu));
-            let scale = Tensor::from(2.0f64).pow(&exps).to_kind(Kind::BFloat16);
-            let packed = pack_q4(&q);
-            let dense = crate::model::nn::dequantize_q4(&packed, &scale, k);
-            assert!(dense.narrow(1, 0, k).equal(
-                &(&q * scale
-                    .to_kind(Kind::Float)
-                    .repeat_interleave_self_int(32, 1, None)
-                    .narrow(1, 0, k))
-            ));
-            let w = dense.to_kind(Kind::BFloat16);
-            let b = (Tensor::randint_low(-50, 50, [n], (Kind::Float, Device::Cpu)) / 4.0)
-                .to_kind(Kind::BFloat16);
-            for rows in 1..=MAX_ROWS as i64 {
-                let x = Tensor::randint_low(-3, 4, [1, rows, k], (Kind::Float, Device::Cpu))
-                    .to_kind(Kind::BFloat16);
-                assert_eq!(applies(&x, &packed), available());
-                let want = x.linear(&w, Some(&b));
-                for level in Level::supported() {
-                    let got = linear_at(level, &x, &packed, Some(&scale), Some(&b));
-                    assert_eq!(got.size(), want.size());
-                    assert!(got.equal(&want), "{level:?} k {k} rows {rows}");
-                }
-            }
-        }
+    /// llama.cpp's Q4_0 x Q8_0 product written in libtorch's ops, in f64 before its one
+    /// rounding: the inputs `x` [rows, k] (bf16) quantized per group of 32 (scale absmax / 127,
+    /// values `round(x * (127 / absmax))`), the exact integer sums of each group against the
+    /// 4-bit values `q` [n, k] (-8..=7), each times its two scales, summed, plus `bias`.
+    fn q4_q8_reference(x: &Tensor, q: &Tensor, scale: &Tensor, bias: &Tensor) -> Tensor {
+        let (rows, k) = x.size2().unwrap();
+        let n = q.size()[0];
+        let groups = (k + 31) / 32;
+        let pad = groups * 32 - k;
+        let xg = x
+            .to_kind(Kind::Float)
+            .constant_pad_nd([0, pad])
+            .view([rows, groups, 32]);
+        let absmax = xg.abs().amax([2].as_slice(), true);
+        let factor = (absmax.ones_like() * 127.0) / &absmax;
+        let xq = (&xg * factor).round().nan_to_num(0.0, None, None);
+        let d = (absmax / 127.0).squeeze_dim(2).to_kind(Kind::Double);
+        let qw = q
+            .constant_pad_nd([0, pad])
+            .view([n, groups, 32])
+            .to_kind(Kind::Double);
+        // [rows, n, groups]
+        let sums = Tensor::einsum("rgj,ngj->rng", &[xq.to_kind(Kind::Double), qw], None::<i64>);
+        let s = sums * scale.to_kind(Kind::Double).unsqueeze(0) * d.unsqueeze(1);
+        s.sum_dim_intlist([2].as_slice(), false, Kind::Double) + bias.to_kind(Kind::Double)
     }
 
-    /// Real-valued inputs against a plain reference (the dequantized weight times the input in
-    /// f64, plus the bias, rounded once to bf16): within one bf16 ulp at every level (the f32
-    /// sums are added in another order), for every row count.
+    /// 4-bit weights multiply inputs quantized in groups of 32 (as Q4_0 meets Q8_0): within one
+    /// bf16 ulp of the reference's f64 sum at every level (the f32 sum over groups is added in
+    /// another order) and every row count, on lengths with whole groups, an odd number of
+    /// groups, a partial last group, and rows shorter than a group; with zero groups and a
+    /// large input in some groups.
     #[test]
-    fn q4_random_inputs_within_one_ulp_of_the_reference() {
-        tch::manual_seed(8);
-        for (n, k) in [(257i64, 896i64), (100, 203), (33, 24)] {
-            let wf = Tensor::randn([n, k], (Kind::Float, Device::Cpu)) * 0.05;
+    fn q4_products_are_q4_times_q8_at_every_level() {
+        let mut rng = Rng(7);
+        for (n, k) in [
+            (70i64, 8i64),
+            (70, 16),
+            (70, 32),
+            (70, 40),
+            (33, 96),
+            (100, 203),
+            (257, 896),
+        ] {
+            let wf = rng.randn(&[n, k]) * 0.05;
             let (packed, scale) = crate::model::nn::quantize_q4(&wf);
-            let dense = crate::model::nn::dequantize_q4(&packed, &scale, k).to_kind(Kind::Double);
-            let b = Tensor::randn([n], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+            let groups = (k + 31) / 32;
+            let dense = crate::model::nn::dequantize_q4(&packed, &scale, k);
+            let per = scale
+                .to_kind(Kind::Float)
+                .repeat_interleave_self_int(32, 1, None)
+                .narrow(1, 0, k);
+            let q = (dense.narrow(1, 0, k) / per).round();
+            assert!(q.abs().max().double_value(&[]) <= 8.0 && groups == scale.size()[1]);
+            let b = rng.randn(&[n]).to_kind(Kind::BFloat16);
             for rows in 1..=MAX_ROWS as i64 {
-                let x =
-                    Tensor::randn([rows, k], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
-                let want = x
-                    .to_kind(Kind::Double)
-                    .linear(&dense, Some(&b.to_kind(Kind::Double)))
-                    .to_kind(Kind::BFloat16);
+                let x = rng.randn(&[rows, k]);
+                let _ = x.get(0).narrow(0, 0, k.min(32)).fill_(0.0);
+                let _ = x.get(rows - 1).narrow(0, k - 1, 1).fill_(40.0);
+                let x = x.to_kind(Kind::BFloat16);
+                assert_eq!(applies(&x, &packed), available());
+                let want = q4_q8_reference(&x, &q, &scale, &b).to_kind(Kind::BFloat16);
                 for level in Level::supported() {
-                    let mut out = vec![0u16; (rows * n) as usize];
-                    let wr = WeightRef::Q4(slice_of::<u8>(&packed), slice_of::<u16>(&scale));
-                    let bias: Vec<f32> = to_f32_vec(&b);
-                    gemv_at(
-                        level,
-                        slice_of::<u16>(&x),
-                        rows as usize,
-                        &wr,
-                        Some(&bias),
-                        &mut out,
-                    );
-                    let got = bf16_tensor(&out, &[rows, n]);
+                    let got = linear_at(level, &x, &packed, Some(&scale), Some(&b));
                     let ulps = bf16_ulps(&got, &want);
-                    assert!(ulps <= 1, "{level:?} n {n} k {k} rows {rows}: {ulps}");
+                    assert!(ulps <= 1, "{level:?} n {n} k {k} rows {rows}: {ulps} ulps");
                 }
             }
         }
@@ -1581,9 +1422,9 @@ mod tests {
     /// also over several threads' chunks.
     #[test]
     fn q4_dequantize_equals_libtorch_ops() {
-        tch::manual_seed(9);
+        let mut rng = Rng(9);
         for (n, k) in [(1000i64, 64i64), (70, 203), (5, 8)] {
-            let wf = Tensor::randn([n, k], (Kind::Float, Device::Cpu));
+            let wf = rng.randn(&[n, k]);
             let (packed, scale) = crate::model::nn::quantize_q4(&wf);
             let want = crate::model::nn::dequantize_q4(&packed, &scale, k).to_kind(Kind::BFloat16);
             let mut out = vec![0u16; (n * k) as usize];

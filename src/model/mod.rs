@@ -64,13 +64,17 @@ pub struct LoadOptions {
     pub context: Option<usize>,
 }
 
-/// `--load-8bit` / `--load-4bit`: the linear layers of the decoder layers, or those and the
-/// vision model's, in int8 or 4-bit. Embeddings, norms, mlp1 and the output head stay in the
-/// model's dtype, as bitsandbytes' `load_in_8bit` / `load_in_4bit` leave the head.
+/// `--load-8bit` / `--load-4bit`: the linear layers of the decoder layers; optionally the
+/// output head too (in int8 for either format: llama.cpp's Q4_0 files keep it in Q8_0 as well,
+/// since 4 bits there cost the logits most); optionally the vision model's. Embeddings, norms
+/// and mlp1 stay in the model's dtype, and so does the head unless asked: bitsandbytes'
+/// `load_in_8bit` / `load_in_4bit` leave it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Quantize {
     /// The decoder layers' format ([`Quant::None`]: not quantized).
     pub format: Quant,
+    /// The output head too (in int8).
+    pub head: bool,
     /// The vision model's linear layers too.
     pub vision: bool,
 }
@@ -78,6 +82,7 @@ pub struct Quantize {
 impl Quantize {
     pub const OFF: Quantize = Quantize {
         format: Quant::None,
+        head: false,
         vision: false,
     };
 
@@ -85,14 +90,25 @@ impl Quantize {
     pub fn llm(format: Quant) -> Self {
         Self {
             format,
+            head: false,
             vision: false,
         }
     }
 
-    /// The decoder layers and the vision model in `format`.
+    /// The decoder layers in `format` and the output head in int8.
+    pub fn with_head(format: Quant) -> Self {
+        Self {
+            format,
+            head: true,
+            vision: false,
+        }
+    }
+
+    /// The decoder layers and the vision model in `format`, the output head in int8.
     pub fn all(format: Quant) -> Self {
         Self {
             format,
+            head: true,
             vision: true,
         }
     }
@@ -106,14 +122,26 @@ impl Quantize {
         }
     }
 
-    /// As the flags say it: `none`, `8bit`, `8bit all`, `4bit`, `4bit all`.
+    /// The output head's format.
+    pub fn head_format(&self) -> Quant {
+        if self.head && self.format != Quant::None {
+            Quant::Int8
+        } else {
+            Quant::None
+        }
+    }
+
+    /// As the flags say it: `none`, `8bit`, `8bit head`, `8bit all`, `4bit`, `4bit head`,
+    /// `4bit all`.
     pub fn name(&self) -> &'static str {
-        match (self.format, self.vision) {
-            (Quant::None, _) => "none",
-            (Quant::Int8, false) => "8bit",
-            (Quant::Int8, true) => "8bit all",
-            (Quant::Q4, false) => "4bit",
-            (Quant::Q4, true) => "4bit all",
+        match (self.format, self.head, self.vision) {
+            (Quant::None, ..) => "none",
+            (Quant::Int8, false, false) => "8bit",
+            (Quant::Int8, true, false) => "8bit head",
+            (Quant::Int8, _, true) => "8bit all",
+            (Quant::Q4, false, false) => "4bit",
+            (Quant::Q4, true, false) => "4bit head",
+            (Quant::Q4, _, true) => "4bit all",
         }
     }
 }
@@ -188,6 +216,7 @@ impl InternVL {
             first,
             layers: &opts.layers,
             quant: opts.quant.format,
+            head: opts.quant.head_format(),
         };
         let llm = match cfg.llm_arch() {
             LlmArch::Qwen2 => llm::qwen2::load(w, &places, &cfg.llm_config, true, false),

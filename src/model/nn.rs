@@ -207,6 +207,31 @@ impl Linear {
         }
     }
 
+    /// A quantized copy of `weight` [out, in] (e.g. tied embeddings serving as the output
+    /// head), in `p.quant`'s format on `p.dev`, without a bias.
+    pub fn quantized(weight: &Tensor, p: Place) -> Self {
+        let (out, din) = weight.size2().expect("a linear weight is 2-d");
+        match p.quant {
+            Quant::None => Self::dense(weight.to_device(p.dev), None),
+            Quant::Int8 => {
+                let q = Tensor::empty([out, din], (Kind::Int8, Device::Cpu));
+                let scale = Tensor::empty([out], (p.kind, Device::Cpu));
+                quantize_rows_into(weight, &q, &scale);
+                Self::int8(q.to_device(p.dev), scale.to_device(p.dev), None)
+            }
+            Quant::Q4 => {
+                let groups = (din as usize).div_ceil(Q4_GROUP) as i64;
+                let q = Tensor::empty(
+                    [out, groups * Q4_GROUP_BYTES as i64],
+                    (Kind::Uint8, Device::Cpu),
+                );
+                let scale = Tensor::empty([out, groups], (Kind::BFloat16, Device::Cpu));
+                quantize_q4_into(weight, &q, &scale);
+                Self::q4(q.to_device(p.dev), scale.to_device(p.dev), None, din)
+            }
+        }
+    }
+
     pub fn forward(&self, xs: &Tensor) -> Tensor {
         if super::gemv::applies(xs, &self.weight) {
             return super::gemv::linear(xs, &self.weight, self.scale.as_ref(), self.bias.as_ref());

@@ -66,7 +66,7 @@ pub fn load(w: &mut Weights, places: &LayerPlaces, cfg: &LlmConfig) -> Llm {
             d.hidden,
             cfg.rms_norm_eps,
         ),
-        lm_head: Linear::load(w, first, "language_model.output", d.hidden, d.vocab, false),
+        lm_head: places.load_head(w, "language_model.output", None, d.hidden, d.vocab),
         rope: Rope::new(
             d.head_dim as usize,
             cfg.rope_theta,

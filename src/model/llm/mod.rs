@@ -572,9 +572,38 @@ pub struct LayerPlaces<'a> {
     pub layers: &'a [Device],
     /// How the decoder layers' linear weights are kept.
     pub quant: super::nn::Quant,
+    /// How the output head's weight is kept.
+    pub head: super::nn::Quant,
 }
 
 impl LayerPlaces<'_> {
+    /// The output head's place: `first`, in the head's format.
+    pub fn head(&self) -> Place {
+        Place {
+            quant: self.head,
+            ..self.first
+        }
+    }
+
+    /// The output head: `name`'s weight [vocab, hidden], or a copy of the tied `embed_tokens`
+    /// (quantized when the head is; the embeddings stay as they are for the lookup).
+    pub(crate) fn load_head(
+        &self,
+        w: &mut Weights,
+        name: &str,
+        tied: Option<&Tensor>,
+        hidden: i64,
+        vocab: i64,
+    ) -> Linear {
+        match tied {
+            Some(embed) if self.head == super::nn::Quant::None => {
+                Linear::dense(embed.shallow_clone(), None)
+            }
+            Some(embed) => Linear::quantized(embed, self.head()),
+            None => Linear::load(w, self.head(), name, hidden, vocab, false),
+        }
+    }
+
     pub fn layer(&self, i: usize) -> Place {
         Place {
             dev: self.layers.get(i).copied().unwrap_or(self.first.dev),

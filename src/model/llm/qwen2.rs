@@ -116,11 +116,14 @@ pub(crate) fn load_with(
         &format!("{pre}.embed_tokens.weight"),
         &[d.vocab, d.hidden],
     );
-    let lm_head = if cfg.tie_word_embeddings && !w.contains("language_model.lm_head.weight") {
-        Linear::dense(embed_tokens.shallow_clone(), None)
-    } else {
-        Linear::load(w, first, "language_model.lm_head", d.hidden, d.vocab, false)
-    };
+    let tied = cfg.tie_word_embeddings && !w.contains("language_model.lm_head.weight");
+    let lm_head = places.load_head(
+        w,
+        "language_model.lm_head",
+        tied.then_some(&embed_tokens),
+        d.hidden,
+        d.vocab,
+    );
     Llm {
         embed_tokens,
         layers,

@@ -1,0 +1,332 @@
+//! `--load-8bit` products in integers: bitsandbytes' LLM.int8() (what the model card's
+//! `load_in_8bit=True` runs), for the few rows of a decoding step.
+//!
+//! The input rows are quantized as bitsandbytes' `int8_vectorwise_quant` does with the default
+//! `llm_int8_threshold` of 6: an element whose magnitude is at least [`THRESHOLD`] is an
+//! outlier, and a column holding an outlier in any row is an outlier column; each row's scale is
+//! the largest magnitude among its other elements (its "row stat"), and its values are
+//! `round(x * (127 / absmax))` (ties to even) with the outlier columns set to 0. The int8 weights
+//! (one scale per output row, [`crate::model::nn::quantize_rows`]) multiply those values in
+//! integers (exact i32 sums: VNNI's `vpdpbusd` on AVX-512, `vpmaddubsw` on AVX2, a plain loop
+//! elsewhere), then `int8_mm_dequant`: the sum times `(absmax / 127) * scale` in f32, plus the
+//! bias, rounded to bf16. The outlier columns are added as bitsandbytes adds them: the inputs in
+//! their own precision times the dequantized weight columns (`q * scale` in bf16), accumulated
+//! in f32 onto the bf16 result and rounded once more.
+//!
+//! Because the integer sums are exact, every kernel level gives the same bits. Where ours
+//! differs from bitsandbytes: its row stats and weight scales are f32 (the weights' scale here
+//! is bf16, as the checkpoint's dtype), and it casts bf16 inputs to f16 before quantizing them
+//! (here they are quantized from bf16 directly).
+use super::{Level, MAX_ROWS};
+use half::bf16;
+
+/// bitsandbytes' default `llm_int8_threshold`: inputs at least this large stay out of the
+/// integer product.
+pub const THRESHOLD: f32 = 6.0;
+
+/// The input rows of one product, quantized to int8 (see the module's doc).
+pub struct Int8Input {
+    k: usize,
+    rows: usize,
+    /// The int8 values [rows, k], 0 in outlier columns.
+    q: Vec<i8>,
+    /// The same plus 128 (`vpdpbusd`'s unsigned operand).
+    u: Vec<u8>,
+    /// Each row's absmax / 127 (0 for a row with no value below the threshold).
+    step: [f32; MAX_ROWS],
+    /// The outlier columns, ascending.
+    cols: Vec<usize>,
+    /// The rows' inputs in those columns, [rows, cols.len()].
+    outliers: Vec<f32>,
+}
+
+impl Int8Input {
+    /// Quantizes `x` [rows, k] (bf16 bits).
+    pub fn new(x: &[u16], rows: usize) -> Self {
+        debug_assert!((1..=MAX_ROWS).contains(&rows) && x.len().is_multiple_of(rows));
+        let k = x.len() / rows;
+        let f = |v: u16| f32::from_bits((v as u32) << 16);
+        let mut outlier = vec![false; k];
+        for row in x.chunks_exact(k) {
+            for (o, &v) in outlier.iter_mut().zip(row) {
+                // (a NaN too: it stays in the f32 part, where it propagates)
+                *o |= f(v).abs().partial_cmp(&THRESHOLD) != Some(std::cmp::Ordering::Less);
+            }
+        }
+        let cols: Vec<usize> = (0..k).filter(|&j| outlier[j]).collect();
+        let mut q = vec![0i8; rows * k];
+        let mut step = [0f32; MAX_ROWS];
+        let mut outliers = Vec::with_capacity(rows * cols.len());
+        for (r, row) in x.chunks_exact(k).enumerate() {
+            // the row stat leaves out the outlier elements, not the whole outlier columns
+            let absmax = row
+                .iter()
+                .map(|&v| f(v).abs())
+                .filter(|a| *a < THRESHOLD)
+                .fold(0f32, f32::max);
+            if absmax > 0.0 {
+                let factor = 127.0 / absmax;
+                for (j, (qv, &v)) in q[r * k..(r + 1) * k].iter_mut().zip(row).enumerate() {
+                    if !outlier[j] {
+                        // within ±127: |v| <= absmax outside the outlier columns
+                        *qv = round_small(f(v) * factor) as i8;
+                    }
+                }
+                step[r] = absmax / 127.0;
+            }
+            outliers.extend(cols.iter().map(|&c| f(row[c])));
+        }
+        let u = q.iter().map(|&v| (v as u8) ^ 0x80).collect();
+        Int8Input {
+            k,
+            rows,
+            q,
+            u,
+            step,
+            cols,
+            outliers,
+        }
+    }
+
+    /// The bf16 outputs of weight rows `lo..hi` of `w` [n, k] (scales `scales` [n], `bias`
+    /// [n]) for every input row: `put(i, r, bits)` for weight row `i` and input row `r`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn outputs(
+        &self,
+        level: Level,
+        w: &[i8],
+        scales: &[u16],
+        bias: Option<&[f32]>,
+        lo: usize,
+        hi: usize,
+        mut put: impl FnMut(usize, usize, u16),
+    ) {
+        let k = self.k;
+        let row = |i: usize| &w[i * k..(i + 1) * k];
+        let scale = |i: usize| f32::from_bits((scales[i] as u32) << 16);
+        let bias = |i: usize| bias.map_or(0.0, |b| b[i]);
+        let mut sums = [0i32; MAX_ROWS];
+        for i in lo..hi {
+            dots(level, self, row(i), &mut sums[..self.rows]);
+            for (r, &sum) in sums.iter().enumerate().take(self.rows) {
+                put(i, r, self.finish(r, sum, row(i), scale(i), bias(i)));
+            }
+        }
+    }
+
+    /// Input row `r`'s output for weight row `w` (scale `scale`) from their integer `sum`:
+    /// scaled, plus `bias`, rounded to bf16, then the outlier columns added in f32 and rounded
+    /// again.
+    #[inline]
+    fn finish(&self, r: usize, sum: i32, w: &[i8], scale: f32, bias: f32) -> u16 {
+        let y = bf16::from_f32(sum as f32 * (self.step[r] * scale) + bias);
+        if self.cols.is_empty() {
+            return y.to_bits();
+        }
+        let xs = &self.outliers[r * self.cols.len()..(r + 1) * self.cols.len()];
+        let mut acc = y.to_f32();
+        for (&c, &xv) in self.cols.iter().zip(xs) {
+            acc += xv * bf16::from_f32(w[c] as f32 * scale).to_f32();
+        }
+        bf16::from_f32(acc).to_bits()
+    }
+}
+
+/// `v` (|v| < 2^22) rounded to the nearest integer, ties to even, as `round_ties_even` (a libm
+/// call without SSE4.1, too slow for every input of every product): adding and subtracting
+/// 1.5 * 2^23 leaves the f32 rounding to do it.
+#[inline(always)]
+pub(super) fn round_small(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
+}
+
+/// `sums[r]` = the exact integer dot product of row `r`'s int8 values with `w`.
+fn dots(level: Level, x: &Int8Input, w: &[i8], sums: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if matches!(level, Level::Avx512 | Level::Avx512Bf16) && vnni() {
+            // SAFETY: the CPU has AVX-512F/BW and VNNI; the lengths are the input's.
+            unsafe { simd::dots_vnni(&x.u, x.rows, w, sums) };
+            return;
+        }
+        if level >= Level::Avx2 {
+            // SAFETY: the CPU has AVX2 (the level is at most the detected one).
+            unsafe { simd::dots_avx2(&x.q, x.rows, w, sums) };
+            return;
+        }
+    }
+    let _ = level;
+    for (s, row) in sums.iter_mut().zip(x.q.chunks_exact(x.k)) {
+        *s = row.iter().zip(w).map(|(&a, &b)| a as i32 * b as i32).sum();
+    }
+}
+
+/// Whether the CPU has AVX-512F/BW/DQ/VL and VNNI (the integer kernels' best level).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn vnni() -> bool {
+    simd::vnni()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod simd {
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    pub fn vnni() -> bool {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+        })
+    }
+
+    /// [`dots_vnni_m`] for one input row: four chunks of 64 per step into separate
+    /// accumulators (independent chains), the weights read in order.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    unsafe fn dots_vnni_1(u: &[u8], w: &[i8], sums: &mut [i32]) {
+        let k = w.len();
+        let mut acc = [_mm512_setzero_si512(); 4];
+        let mut wsum = [_mm512_setzero_si512(); 4];
+        let ones = _mm512_set1_epi8(1);
+        let mut j = 0;
+        while j + 256 <= k {
+            for t in 0..4 {
+                let wv = _mm512_loadu_si512(w.as_ptr().add(j + 64 * t).cast());
+                let xv = _mm512_loadu_si512(u.as_ptr().add(j + 64 * t).cast());
+                acc[t] = _mm512_dpbusd_epi32(acc[t], xv, wv);
+                wsum[t] = _mm512_dpbusd_epi32(wsum[t], ones, wv);
+            }
+            j += 256;
+        }
+        while j < k {
+            let m: __mmask64 = if k - j >= 64 {
+                !0
+            } else {
+                (1u64 << (k - j)) - 1
+            };
+            let wv = _mm512_maskz_loadu_epi8(m, w.as_ptr().add(j));
+            let xv = _mm512_maskz_loadu_epi8(m, u.as_ptr().add(j).cast());
+            acc[0] = _mm512_dpbusd_epi32(acc[0], xv, wv);
+            wsum[0] = _mm512_dpbusd_epi32(wsum[0], ones, wv);
+            j += 64;
+        }
+        let a = _mm512_add_epi32(
+            _mm512_add_epi32(acc[0], acc[1]),
+            _mm512_add_epi32(acc[2], acc[3]),
+        );
+        let ws = _mm512_add_epi32(
+            _mm512_add_epi32(wsum[0], wsum[1]),
+            _mm512_add_epi32(wsum[2], wsum[3]),
+        );
+        let ws = _mm512_reduce_add_epi32(ws);
+        sums[0] = _mm512_reduce_add_epi32(a).wrapping_sub(ws.wrapping_mul(128));
+    }
+
+    /// `vpdpbusd` multiplies unsigned bytes by signed ones: the inputs go in as `q + 128`, and
+    /// `128 * sum(w)` (the weights against a vector of ones, once for every row) comes off at
+    /// the end. A masked load takes the tail. The i32 lanes cannot overflow: the sum is at
+    /// most 255 * 127 * k in magnitude.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    unsafe fn dots_vnni_m<const M: usize>(u: &[u8], w: &[i8], sums: &mut [i32]) {
+        let k = w.len();
+        let mut acc = [_mm512_setzero_si512(); M];
+        let mut wsum = _mm512_setzero_si512();
+        let ones = _mm512_set1_epi8(1);
+        let mut j = 0;
+        while j < k {
+            let m: __mmask64 = if k - j >= 64 {
+                !0
+            } else {
+                (1u64 << (k - j)) - 1
+            };
+            let wv = _mm512_maskz_loadu_epi8(m, w.as_ptr().add(j));
+            wsum = _mm512_dpbusd_epi32(wsum, ones, wv);
+            for r in 0..M {
+                let xv = _mm512_maskz_loadu_epi8(m, u.as_ptr().add(r * k + j).cast());
+                acc[r] = _mm512_dpbusd_epi32(acc[r], xv, wv);
+            }
+            j += 64;
+        }
+        let ws = _mm512_reduce_add_epi32(wsum);
+        for r in 0..M {
+            sums[r] = _mm512_reduce_add_epi32(acc[r]).wrapping_sub(ws.wrapping_mul(128));
+        }
+    }
+
+    /// [`dots_vnni_m`] for `rows` (1..=8) rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW/DQ/VL and AVX512-VNNI; `u` holds `rows * w.len()` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    pub unsafe fn dots_vnni(u: &[u8], rows: usize, w: &[i8], sums: &mut [i32]) {
+        debug_assert!(u.len() >= rows * w.len() && sums.len() >= rows);
+        match rows {
+            1 => dots_vnni_1(u, w, sums),
+            2 => dots_vnni_m::<2>(u, w, sums),
+            3 => dots_vnni_m::<3>(u, w, sums),
+            4 => dots_vnni_m::<4>(u, w, sums),
+            5 => dots_vnni_m::<5>(u, w, sums),
+            6 => dots_vnni_m::<6>(u, w, sums),
+            7 => dots_vnni_m::<7>(u, w, sums),
+            _ => dots_vnni_m::<8>(u, w, sums),
+        }
+    }
+
+    /// `vpmaddubsw` multiplies unsigned bytes by signed ones into saturating i16 pairs: the
+    /// weights go in as |w| and the inputs take their signs (`vpsignb`), so each pair is at most
+    /// 2 * 127 * 127 and never saturates; `vpmaddwd` by ones widens the pairs to i32.
+    #[target_feature(enable = "avx2")]
+    unsafe fn dots_avx2_m<const M: usize>(q: &[i8], w: &[i8], sums: &mut [i32]) {
+        let k = w.len();
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_si256(); M];
+        let mut j = 0;
+        while j + 32 <= k {
+            let wv = _mm256_loadu_si256(w.as_ptr().add(j).cast());
+            let aw = _mm256_abs_epi8(wv);
+            for r in 0..M {
+                let xv = _mm256_loadu_si256(q.as_ptr().add(r * k + j).cast());
+                let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
+                acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p, ones));
+            }
+            j += 32;
+        }
+        for r in 0..M {
+            let h = _mm_add_epi32(
+                _mm256_castsi256_si128(acc[r]),
+                _mm256_extracti128_si256::<1>(acc[r]),
+            );
+            let h = _mm_add_epi32(h, _mm_shuffle_epi32::<0b01_00_11_10>(h));
+            let h = _mm_add_epi32(h, _mm_shuffle_epi32::<0b10_11_00_01>(h));
+            let mut s = _mm_cvtsi128_si32(h);
+            for t in j..k {
+                s += q[r * k + t] as i32 * w[t] as i32;
+            }
+            sums[r] = s;
+        }
+    }
+
+    /// [`dots_avx2_m`] for `rows` (1..=8) rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `q` holds `rows * w.len()` values.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dots_avx2(q: &[i8], rows: usize, w: &[i8], sums: &mut [i32]) {
+        debug_assert!(q.len() >= rows * w.len() && sums.len() >= rows);
+        match rows {
+            1 => dots_avx2_m::<1>(q, w, sums),
+            2 => dots_avx2_m::<2>(q, w, sums),
+            3 => dots_avx2_m::<3>(q, w, sums),
+            4 => dots_avx2_m::<4>(q, w, sums),
+            5 => dots_avx2_m::<5>(q, w, sums),
+            6 => dots_avx2_m::<6>(q, w, sums),
+            7 => dots_avx2_m::<7>(q, w, sums),
+            _ => dots_avx2_m::<8>(q, w, sums),
+        }
+    }
+}

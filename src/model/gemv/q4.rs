@@ -1,0 +1,289 @@
+//! `--load-4bit` products in integers, as llama.cpp's Q4_0 weights meet its Q8_0 inputs: each
+//! input row is quantized in groups of [`Q4_GROUP`] (the weights' groups) to int8, with the
+//! group's largest magnitude / 127 as its scale `d` and `round(x * (127 / absmax))` (ties to
+//! even) as the values. A weight row's dot product is then, over its groups,
+//! `scale_w * d * sum(q_w * q_x)`, the inner sums exact in integers and the outer sum in f32.
+//!
+//! The weights are stored as `q_w + 8` (0..=15, see [`Q4_GROUP`]): unsigned bytes, which is what
+//! VNNI's `vpdpbusd` (unsigned times signed) and AVX2's `vpmaddubsw` want; the `+ 8` comes off as
+//! `-8 * sum(q_x)` per group, a term of the inputs alone (computed once per call) that starts
+//! each group's integer sum.
+//!
+//! The quantized inputs are laid out for the packed weights, so that no kernel shuffles
+//! weights: in blocks of 4 groups, the first 16 inputs of each of the 4 groups (which meet the
+//! low nibbles of the groups' 64 packed bytes), then their last 16 (the high nibbles). Every
+//! 16 bytes (4 i32 lanes of a sum) then belong to one group.
+//!
+//! Kernel levels differ only in the order of the f32 sum over groups.
+use super::{Level, MAX_ROWS, Q4_GROUP, Q4_GROUP_BYTES};
+
+/// Groups in one block of the inputs' layout.
+const BLOCK: usize = 4;
+/// i32 / f32 lanes of one group in [`Q8Input::d`] and [`Q8Input::start`].
+const LANES: usize = 4;
+
+/// The input rows of one product, quantized in groups (see the module's doc).
+pub struct Q8Input {
+    rows: usize,
+    groups: usize,
+    /// Groups per row in the arrays below: `groups` rounded up to whole blocks, the extra ones
+    /// zero.
+    stride: usize,
+    /// The int8 values [rows, stride * 32] in blocks (see the module's doc); a partial last
+    /// group is padded with 0.
+    q: Vec<i8>,
+    /// Each group's scale, absmax / 127 (0 for a group of zeros), 4 times: [rows, stride, 4].
+    d: Vec<f32>,
+    /// `-8 * sum(q)` of each group in the first of its 4 lanes, 0 in the others:
+    /// [rows, stride, 4]. Added to the integer sums of `q_w + 8` it leaves the exact sum of
+    /// `q_w * q_x`.
+    start: Vec<i32>,
+}
+
+/// Where input `j` (0..32) of group `g` of a row goes in the row's blocked layout.
+fn position(g: usize, j: usize) -> usize {
+    let half = j / Q4_GROUP_BYTES;
+    (g / BLOCK) * BLOCK * Q4_GROUP
+        + half * BLOCK * Q4_GROUP_BYTES
+        + (g % BLOCK) * Q4_GROUP_BYTES
+        + j % Q4_GROUP_BYTES
+}
+
+impl Q8Input {
+    /// Quantizes `x` [rows, k] (bf16 bits).
+    pub fn new(x: &[u16], rows: usize) -> Self {
+        debug_assert!((1..=MAX_ROWS).contains(&rows) && x.len().is_multiple_of(rows));
+        let k = x.len() / rows;
+        let groups = k.div_ceil(Q4_GROUP);
+        let stride = groups.next_multiple_of(BLOCK);
+        let f = |v: u16| f32::from_bits((v as u32) << 16);
+        let mut q = vec![0i8; rows * stride * Q4_GROUP];
+        let mut d = vec![0f32; rows * stride * LANES];
+        let mut start = vec![0i32; rows * stride * LANES];
+        for (r, row) in x.chunks_exact(k).enumerate() {
+            let qr = &mut q[r * stride * Q4_GROUP..(r + 1) * stride * Q4_GROUP];
+            for (g, xs) in row.chunks(Q4_GROUP).enumerate() {
+                let at = r * stride + g;
+                // (a NaN wins, and poisons the group as it would any product)
+                let absmax = xs.iter().map(|&v| f(v).abs()).fold(0f32, |m, a| {
+                    if a > m || a.is_nan() {
+                        a
+                    } else {
+                        m
+                    }
+                });
+                if absmax == 0.0 || !absmax.is_finite() {
+                    // zeros stay 0; a non-finite scale makes the group's products NaN
+                    let dg = if absmax == 0.0 { 0.0 } else { f32::NAN };
+                    d[at * LANES..(at + 1) * LANES].fill(dg);
+                    continue;
+                }
+                let factor = 127.0 / absmax;
+                let mut sum = 0i32;
+                for (j, &v) in xs.iter().enumerate() {
+                    let qv = super::int8::round_small(f(v) * factor) as i8;
+                    qr[position(g, j)] = qv;
+                    sum += qv as i32;
+                }
+                d[at * LANES..(at + 1) * LANES].fill(absmax / 127.0);
+                start[at * LANES] = -8 * sum;
+            }
+        }
+        Q8Input {
+            rows,
+            groups,
+            stride,
+            q,
+            d,
+            start,
+        }
+    }
+
+    /// `dots[r]` for every row against one packed weight row (`w`: its groups' bytes,
+    /// `scales`: one bf16 scale per group).
+    pub fn dots(&self, level: Level, w: &[u8], scales: &[u16], dots: &mut [f32]) {
+        debug_assert!(w.len() == self.groups * Q4_GROUP_BYTES && scales.len() == self.groups);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if matches!(level, Level::Avx512 | Level::Avx512Bf16) && super::int8::vnni() {
+                // SAFETY: the CPU has AVX-512F/BW/DQ/VL and VNNI; the lengths were checked.
+                unsafe { simd::dots_vnni(self, w, scales, dots) };
+                return;
+            }
+            if level >= Level::Avx2 {
+                // SAFETY: the CPU has AVX2 and FMA (the level is at most the detected one).
+                unsafe { simd::dots_avx2(self, w, scales, dots) };
+                return;
+            }
+        }
+        let _ = level;
+        for (r, dot) in dots.iter_mut().enumerate().take(self.rows) {
+            let qr = &self.q[r * self.stride * Q4_GROUP..];
+            let mut acc = 0f32;
+            for (g, (bytes, &s)) in w.chunks_exact(Q4_GROUP_BYTES).zip(scales).enumerate() {
+                let at = r * self.stride + g;
+                let mut sum = self.start[at * LANES];
+                for (j, &b) in bytes.iter().enumerate() {
+                    sum += (b & 0x0f) as i32 * qr[position(g, j)] as i32;
+                    sum += (b >> 4) as i32 * qr[position(g, j + Q4_GROUP_BYTES)] as i32;
+                }
+                let sw = f32::from_bits((s as u32) << 16);
+                acc += sum as f32 * (sw * self.d[at * LANES]);
+            }
+            *dot = acc;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod simd {
+    use super::{Q8Input, BLOCK, LANES};
+    use crate::model::gemv::{Q4_GROUP, Q4_GROUP_BYTES};
+    use std::arch::x86_64::*;
+
+    /// One block of 4 groups at a time: their 64 packed bytes give the low nibbles (the
+    /// groups' first 16 inputs) and the high ones (the last 16), each of which meets 64 bytes
+    /// of the blocked inputs in one `vpdpbusd`, started from the inputs' `-8 * sum(q)` terms:
+    /// 4 exact partial sums of each group, scaled by `scale_w * d` of their group into the f32
+    /// accumulator. Masked loads take a partial last block's bytes and scales.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    unsafe fn dots_vnni_m<const M: usize, const U: usize>(
+        x: &Q8Input,
+        w: &[u8],
+        scales: &[u16],
+        dots: &mut [f32],
+    ) {
+        let groups = x.groups;
+        let low = _mm512_set1_epi8(0x0f);
+        // lanes 4i..4i+4 take group i's scale
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        // U accumulators per row, blocks in turn: independent chains for few rows
+        let mut acc = [[_mm512_setzero_ps(); U]; M];
+        let mut g = 0;
+        while g < groups {
+            let u = (g / BLOCK) % U;
+            let n = (groups - g).min(BLOCK);
+            let mb: __mmask64 = if n == BLOCK {
+                !0
+            } else {
+                (1u64 << (n * Q4_GROUP_BYTES)) - 1
+            };
+            let b = _mm512_maskz_loadu_epi8(mb, w.as_ptr().add(g * Q4_GROUP_BYTES).cast());
+            let lo = _mm512_and_si512(b, low);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(b), low);
+            let s4 = _mm_maskz_loadu_epi16((1u8 << n) - 1, scales.as_ptr().add(g).cast());
+            let s4 = _mm_castsi128_ps(_mm_slli_epi32::<16>(_mm_cvtepu16_epi32(s4)));
+            let sv = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s4));
+            for r in 0..M {
+                let at = r * x.stride + g;
+                let xp = x.q.as_ptr().add(at * Q4_GROUP);
+                let init = _mm512_loadu_si512(x.start.as_ptr().add(at * LANES).cast());
+                let sums = _mm512_dpbusd_epi32(init, lo, _mm512_loadu_si512(xp.cast()));
+                let sums = _mm512_dpbusd_epi32(sums, hi, _mm512_loadu_si512(xp.add(64).cast()));
+                let dv = _mm512_loadu_ps(x.d.as_ptr().add(at * LANES));
+                acc[r][u] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(sv, dv), acc[r][u]);
+            }
+            g += BLOCK;
+        }
+        for r in 0..M {
+            let mut sum = acc[r][0];
+            for u in 1..U {
+                sum = _mm512_add_ps(sum, acc[r][u]);
+            }
+            dots[r] = _mm512_reduce_add_ps(sum);
+        }
+    }
+
+    /// [`dots_vnni_m`] for the input's rows (1..=8).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW/DQ/VL and AVX512-VNNI; `w` and `scales` hold the input's groups.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    pub unsafe fn dots_vnni(x: &Q8Input, w: &[u8], scales: &[u16], dots: &mut [f32]) {
+        match x.rows {
+            1 => dots_vnni_m::<1, 4>(x, w, scales, dots),
+            2 => dots_vnni_m::<2, 2>(x, w, scales, dots),
+            3 => dots_vnni_m::<3, 2>(x, w, scales, dots),
+            4 => dots_vnni_m::<4, 1>(x, w, scales, dots),
+            5 => dots_vnni_m::<5, 1>(x, w, scales, dots),
+            6 => dots_vnni_m::<6, 1>(x, w, scales, dots),
+            7 => dots_vnni_m::<7, 1>(x, w, scales, dots),
+            _ => dots_vnni_m::<8, 1>(x, w, scales, dots),
+        }
+    }
+
+    /// Two groups at a time on AVX2 (half a block: their 32 inputs of each nibble half are
+    /// adjacent in the layout): `vpmaddubsw` (unsigned weights times signed inputs: at most
+    /// 2 * 15 * 127, no saturation) on the low and the high nibbles, added, `vpmaddwd` by ones,
+    /// plus the `-8 * sum(q)` terms: 4 partial sums of each group, scaled by `scale_w * d` into
+    /// f32. An odd last group reads its own 16 bytes alone.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dots_avx2_m<const M: usize>(x: &Q8Input, w: &[u8], scales: &[u16], dots: &mut [f32]) {
+        let low = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); M];
+        let mut g = 0;
+        while g < x.groups {
+            let two = x.groups - g >= 2;
+            let wp = w.as_ptr().add(g * Q4_GROUP_BYTES);
+            let b = if two {
+                _mm256_loadu_si256(wp.cast())
+            } else {
+                _mm256_castsi128_si256(_mm_loadu_si128(wp.cast()))
+            };
+            let lo = _mm256_and_si256(b, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(b), low);
+            let s0 = f32::from_bits((scales[g] as u32) << 16);
+            let s1 = if two {
+                f32::from_bits((scales[g + 1] as u32) << 16)
+            } else {
+                0.0
+            };
+            let sv = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
+            // where this pair sits in its block's halves
+            let off = (g % BLOCK) * Q4_GROUP_BYTES;
+            for r in 0..M {
+                let at = r * x.stride + g;
+                let bp =
+                    x.q.as_ptr()
+                        .add((r * x.stride + g / BLOCK * BLOCK) * Q4_GROUP);
+                let xl = _mm256_loadu_si256(bp.add(off).cast());
+                let xh = _mm256_loadu_si256(bp.add(BLOCK * Q4_GROUP_BYTES + off).cast());
+                let pairs =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                let init = _mm256_loadu_si256(x.start.as_ptr().add(at * LANES).cast());
+                let sums = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), init);
+                let dv = _mm256_loadu_ps(x.d.as_ptr().add(at * LANES));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(sv, dv), acc[r]);
+            }
+            g += 2;
+        }
+        for r in 0..M {
+            let v = acc[r];
+            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_add_ss(h, _mm_shuffle_ps::<1>(h, h));
+            dots[r] = _mm_cvtss_f32(h);
+        }
+    }
+
+    /// [`dots_avx2_m`] for the input's rows (1..=8).
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `w` and `scales` hold the input's groups.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dots_avx2(x: &Q8Input, w: &[u8], scales: &[u16], dots: &mut [f32]) {
+        match x.rows {
+            1 => dots_avx2_m::<1>(x, w, scales, dots),
+            2 => dots_avx2_m::<2>(x, w, scales, dots),
+            3 => dots_avx2_m::<3>(x, w, scales, dots),
+            4 => dots_avx2_m::<4>(x, w, scales, dots),
+            5 => dots_avx2_m::<5>(x, w, scales, dots),
+            6 => dots_avx2_m::<6>(x, w, scales, dots),
+            7 => dots_avx2_m::<7>(x, w, scales, dots),
+            _ => dots_avx2_m::<8>(x, w, scales, dots),
+        }
+    }
+}
