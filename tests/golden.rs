@@ -468,7 +468,8 @@ fn bf16_first_step() {
 
 /// Decoding in bf16 and with `--load-8bit` goes through the project's own matrix-vector
 /// products (src/model/gemv.rs). Fed the same tokens, every decoding step's logits stay with
-/// those of libtorch's `linear` (cosine >= 0.99995 in bf16, >= 0.9995 in int8) and have the same
+/// those of libtorch's `linear` (cosine >= 0.99995 in bf16; >= 0.9995 in int8, where ours
+/// multiplies int8-quantized inputs as LLM.int8() does and libtorch's kernel bf16 ones) and have the same
 /// top-1 wherever libtorch's margin is above 0.5 (the fixtures' bf16 bar), over 24 steps of
 /// each tiny model.
 #[test]
@@ -514,8 +515,8 @@ fn decoding_steps_match_libtorch_linear() {
                 let margin = top.double_value(&[0]) - top.double_value(&[1]);
                 let next = la.argmax(0, false).int64_value(&[]);
                 let label = format!("{model} {} step {s}", quant.name());
-                // bf16 rounding noise only: measured >= 0.99998 (bf16), >= 0.9998 (int8, whose
-                // products libtorch computes with another kernel)
+                // bf16 rounding noise only: measured >= 0.99998 (bf16); int8: the inputs'
+                // quantization too (LLM.int8() against libtorch's weight-only kernel)
                 let bar = if quant == Quantize::OFF {
                     0.99995
                 } else {
@@ -930,8 +931,15 @@ fn native_decoding_step_matches_libtorch_layers() {
                         let cos = Tensor::cosine_similarity(&a, &c, 0, 1e-8).double_value(&[]);
                         worst_cos = worst_cos.min(cos);
                         // rounding apart (reductions summed in another order, ATen's
-                        // approximate exp): measured >= 0.99988 on these 32-wide models
-                        assert!(cos >= 0.9998, "{label} row {r}: cosine {cos}");
+                        // approximate exp): measured >= 0.99985 on these 32-wide models in
+                        // bf16; with int8 or 4-bit products the inputs are quantized, and a
+                        // rounding apart moves a quantized value by a whole step: >= 0.99963
+                        let bar = if quant == Quantize::OFF {
+                            0.9998
+                        } else {
+                            0.9995
+                        };
+                        assert!(cos >= bar, "{label} row {r}: cosine {cos}");
                         let top = c.topk(2, 0, true, true).0;
                         let margin = top.double_value(&[0]) - top.double_value(&[1]);
                         if margin > 0.1 {
@@ -949,8 +957,14 @@ fn native_decoding_step_matches_libtorch_layers() {
                     "{model} {quant:?} rows {b}: {differing} of {total} logits differ, by {worst_diff:.4} at most, cosine >= {worst_cos:.7}; to f32: native >= {cos_native:.6}, libtorch >= {cos_torch:.6}"
                 ));
                 // no farther from the f32 model than libtorch's bf16 layers are, rounding apart
+                // (the quantized inputs' steps, where the products are quantized)
+                let (times, plus) = if quant == Quantize::OFF {
+                    (1.5, 2e-5)
+                } else {
+                    (2.5, 1e-4)
+                };
                 assert!(
-                    1.0 - cos_native <= 1.5 * (1.0 - cos_torch) + 2e-5,
+                    1.0 - cos_native <= times * (1.0 - cos_torch) + plus,
                     "{model} {quant:?} rows {b}: to f32, native {cos_native} against libtorch {cos_torch}"
                 );
             }

@@ -1227,7 +1227,8 @@ mod tests {
     ) -> (Tensor, Tensor) {
         let xf = x.to_kind(Kind::Float);
         let outlier = xf.abs().ge(INT8_THRESHOLD as f64);
-        let cols = outlier.any_dim(0, true);
+        // each row's own outlier columns (see int8::Int8Input::new)
+        let cols = outlier.copy();
         let kept = xf.masked_fill(&outlier, 0.0);
         let absmax = kept.abs().amax([1].as_slice(), true);
         let factor = (absmax.ones_like() * 127.0) / &absmax;
@@ -1255,9 +1256,10 @@ mod tests {
     /// int8 weights multiply int8-quantized inputs (LLM.int8()): at every level, on lengths
     /// with and without tails of each kernel's blocks, for every row count. The integer sums are
     /// exact, so every level gives the same bits; without outliers that equals the reference bit
-    /// for bit, and with outlier columns (inputs of magnitude >= 6, in one row only) it is within
+    /// for bit, and with outliers (inputs of magnitude >= 6, in one row only) it is within
     /// one bf16 ulp of the reference's f64 sum (the outlier products are added in f32). A zero
-    /// row and a row of nothing but outliers are covered.
+    /// row and a row of nothing but outliers are covered, and every row of a batch equals that
+    /// row alone.
     #[test]
     fn int8_products_are_llm_int8_at_every_level() {
         let mut rng = Rng(6);
@@ -1270,8 +1272,8 @@ mod tests {
                 for outliers in [false, true] {
                     let x = rng.randn(&[rows, k]).clamp(-5.9, 5.9);
                     if outliers {
-                        // large inputs in row 0 (their columns are outlier columns for every
-                        // row), a zero last row
+                        // large inputs in row 0 (outlier columns of that row only), a zero
+                        // last row
                         let idx = Tensor::from_slice(&[0i64, k / 2, k - 1]);
                         let big = Tensor::from_slice(&[7.5f32, -19.0, 6.0]);
                         let _ = x.get(0).index_put_(&[Some(idx)], &big, false);
@@ -1293,6 +1295,12 @@ mod tests {
                             assert!(ulps <= 1, "{label}: {ulps} ulps");
                         } else {
                             assert!(got.equal(&int_part), "{label}");
+                        }
+                        // each row as it is alone, whatever the rows beside it
+                        for r in 0..rows {
+                            let alone =
+                                linear_at(level, &x.narrow(0, r, 1), &q, Some(&scale), Some(&b));
+                            assert!(got.narrow(0, r, 1).equal(&alone), "{label}: row {r} alone");
                         }
                         match &first {
                             None => first = Some(got),

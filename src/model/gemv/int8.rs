@@ -3,8 +3,8 @@
 //!
 //! The input rows are quantized as bitsandbytes' `int8_vectorwise_quant` does with the default
 //! `llm_int8_threshold` of 6: an element whose magnitude is at least [`THRESHOLD`] is an
-//! outlier, and a column holding an outlier in any row is an outlier column; each row's scale is
-//! the largest magnitude among its other elements (its "row stat"), and its values are
+//! outlier (its column is an outlier column of its row, see [`Int8Input::new`]); each row's
+//! scale is the largest magnitude among its other elements (its "row stat"), and its values are
 //! `round(x * (127 / absmax))` (ties to even) with the outlier columns set to 0. The int8 weights
 //! (one scale per output row, [`crate::model::nn::quantize_rows`]) multiply those values in
 //! integers (exact i32 sums: VNNI's `vpdpbusd` on AVX-512, `vpmaddubsw` on AVX2, a plain loop
@@ -34,47 +34,51 @@ pub struct Int8Input {
     u: Vec<u8>,
     /// Each row's absmax / 127 (0 for a row with no value below the threshold).
     step: [f32; MAX_ROWS],
-    /// The outlier columns, ascending.
+    /// Each row's outlier columns, ascending: row `r`'s are `cols[ends[r]..ends[r + 1]]`.
     cols: Vec<usize>,
-    /// The rows' inputs in those columns, [rows, cols.len()].
+    ends: [usize; MAX_ROWS + 1],
+    /// The inputs in those columns, in the same order.
     outliers: Vec<f32>,
 }
 
 impl Int8Input {
     /// Quantizes `x` [rows, k] (bf16 bits).
+    ///
+    /// Each row takes its own outlier columns: bitsandbytes takes, for every row, the columns
+    /// where any row of the batch has an outlier, so that a row's result would depend on the
+    /// rows decoded beside it; for one row (a decoding step of one conversation) the two rules
+    /// are the same.
     pub fn new(x: &[u16], rows: usize) -> Self {
         debug_assert!((1..=MAX_ROWS).contains(&rows) && x.len().is_multiple_of(rows));
         let k = x.len() / rows;
         let f = |v: u16| f32::from_bits((v as u32) << 16);
-        let mut outlier = vec![false; k];
-        for row in x.chunks_exact(k) {
-            for (o, &v) in outlier.iter_mut().zip(row) {
-                // (a NaN too: it stays in the f32 part, where it propagates)
-                *o |= f(v).abs().partial_cmp(&THRESHOLD) != Some(std::cmp::Ordering::Less);
-            }
-        }
-        let cols: Vec<usize> = (0..k).filter(|&j| outlier[j]).collect();
+        // (a NaN is an outlier too: it stays in the f32 part, where it propagates)
+        let outlier = |v: u16| f(v).abs().partial_cmp(&THRESHOLD) != Some(std::cmp::Ordering::Less);
         let mut q = vec![0i8; rows * k];
         let mut step = [0f32; MAX_ROWS];
-        let mut outliers = Vec::with_capacity(rows * cols.len());
+        let mut cols = Vec::new();
+        let mut outliers = Vec::new();
+        let mut ends = [0usize; MAX_ROWS + 1];
         for (r, row) in x.chunks_exact(k).enumerate() {
-            // the row stat leaves out the outlier elements, not the whole outlier columns
             let absmax = row
                 .iter()
+                .filter(|&&v| !outlier(v))
                 .map(|&v| f(v).abs())
-                .filter(|a| *a < THRESHOLD)
                 .fold(0f32, f32::max);
-            if absmax > 0.0 {
-                let factor = 127.0 / absmax;
-                for (j, (qv, &v)) in q[r * k..(r + 1) * k].iter_mut().zip(row).enumerate() {
-                    if !outlier[j] {
-                        // within ±127: |v| <= absmax outside the outlier columns
-                        *qv = round_small(f(v) * factor) as i8;
-                    }
+            let factor = 127.0 / absmax;
+            for (j, (qv, &v)) in q[r * k..(r + 1) * k].iter_mut().zip(row).enumerate() {
+                if outlier(v) {
+                    cols.push(j);
+                    outliers.push(f(v));
+                } else if absmax > 0.0 {
+                    // within ±127: |v| <= absmax
+                    *qv = round_small(f(v) * factor) as i8;
                 }
+            }
+            if absmax > 0.0 {
                 step[r] = absmax / 127.0;
             }
-            outliers.extend(cols.iter().map(|&c| f(row[c])));
+            ends[r + 1] = cols.len();
         }
         let u = q.iter().map(|&v| (v as u8) ^ 0x80).collect();
         Int8Input {
@@ -84,6 +88,7 @@ impl Int8Input {
             u,
             step,
             cols,
+            ends,
             outliers,
         }
     }
@@ -120,12 +125,12 @@ impl Int8Input {
     #[inline]
     fn finish(&self, r: usize, sum: i32, w: &[i8], scale: f32, bias: f32) -> u16 {
         let y = bf16::from_f32(sum as f32 * (self.step[r] * scale) + bias);
-        if self.cols.is_empty() {
+        let (from, to) = (self.ends[r], self.ends[r + 1]);
+        if from == to {
             return y.to_bits();
         }
-        let xs = &self.outliers[r * self.cols.len()..(r + 1) * self.cols.len()];
         let mut acc = y.to_f32();
-        for (&c, &xv) in self.cols.iter().zip(xs) {
+        for (&c, &xv) in self.cols[from..to].iter().zip(&self.outliers[from..to]) {
             acc += xv * bf16::from_f32(w[c] as f32 * scale).to_f32();
         }
         bf16::from_f32(acc).to_bits()
