@@ -17,6 +17,10 @@ use crate::engine::protocol::{
 use crate::engine::scheduler::Job;
 use crate::engine::worker::{serve_requests, Backend, Failed};
 use crate::engine::EngineHandle;
+use crate::openai_wire::{
+    ChatCompletionChunk, ChatCompletionRequest, Content, ContentPart, ImageUrl, Message, ModelList,
+    RequestOptions, Stop, StreamOptions,
+};
 use crate::prompt::thinking::{R1_SYSTEM_PROMPT, THINK_CLOSE, THINK_OPEN};
 use base64::Engine as _;
 use crossbeam_channel::{unbounded, Receiver, Select, Sender, TryRecvError};
@@ -182,31 +186,23 @@ fn connect(agent: &ureq::Agent, cfg: &RemoteConfig) -> Result<(String, usize), S
     if status != 200 {
         return Err(format!("{url}: {}", error_message(status, &body)));
     }
-    let v: Value =
+    let list: ModelList =
         serde_json::from_str(&body).map_err(|e| format!("{url}: not an OpenAI model list: {e}"))?;
-    let models: Vec<&Value> = v["data"]
-        .as_array()
-        .map(|a| a.iter().collect())
-        .unwrap_or_default();
-    let ids: Vec<&str> = models.iter().filter_map(|m| m["id"].as_str()).collect();
+    let ids: Vec<&str> = list.data.iter().map(|m| m.id.as_str()).collect();
     let pick = match &cfg.model {
-        Some(want) => models
-            .iter()
-            .find(|m| m["id"].as_str() == Some(want))
-            .ok_or_else(|| {
-                format!(
-                    "{url}: no model {want:?} (the server has {})",
-                    ids.join(", ")
-                )
-            })?,
-        None => models
+        Some(want) => list.data.iter().find(|m| &m.id == want).ok_or_else(|| {
+            format!(
+                "{url}: no model {want:?} (the server has {})",
+                ids.join(", ")
+            )
+        })?,
+        None => list
+            .data
             .first()
             .ok_or_else(|| format!("{url}: the server lists no models"))?,
     };
-    let id = pick["id"].as_str().unwrap_or_default().to_string();
-    let context = pick["max_model_len"]
-        .as_u64()
-        .map_or(usize::MAX, |n| n as usize);
+    let id = pick.id.clone();
+    let context = pick.max_model_len.map_or(usize::MAX, |n| n as usize);
     Ok((id, context))
 }
 
@@ -227,9 +223,9 @@ fn slots(atts: &[Attachment]) -> Vec<(&Attachment, usize)> {
 
 /// A user message: the pictures as `image_url` parts (with LMDeploy's `max_dynamic_patch` for
 /// a tile limit), then the text.
-fn user_message(text: &str, atts: &[Attachment]) -> Result<Value, String> {
+fn user_message(text: &str, atts: &[Attachment]) -> Result<Message, String> {
     if atts.is_empty() {
-        return Ok(json!({"role": "user", "content": text}));
+        return Ok(Message::text("user", text));
     }
     let mut parts = Vec::new();
     for a in atts {
@@ -239,14 +235,18 @@ fn user_message(text: &str, atts: &[Attachment]) -> Result<Value, String> {
                 a.path().display()
             ));
         };
-        let mut image = json!({ "url": data_url(path)? });
-        if let Some(n) = max_tiles {
-            image["max_dynamic_patch"] = json!(n);
-        }
-        parts.push(json!({"type": "image_url", "image_url": image}));
+        parts.push(ContentPart::ImageUrl {
+            image_url: ImageUrl {
+                url: data_url(path)?,
+                max_dynamic_patch: *max_tiles,
+            },
+        });
     }
-    parts.push(json!({"type": "text", "text": text}));
-    Ok(json!({"role": "user", "content": parts}))
+    parts.push(ContentPart::Text { text: text.into() });
+    Ok(Message {
+        role: "user".into(),
+        content: Some(Content::Parts(parts)),
+    })
 }
 
 /// A history question without the placeholders the program put in front of it (the server
@@ -275,41 +275,41 @@ pub fn request_body(model: &str, req: &GenerateRequest) -> Result<Value, String>
     }
     let mut messages = Vec::new();
     if let Some(s) = &req.system {
-        messages.push(json!({"role": "system", "content": s}));
+        messages.push(Message::text("system", s.as_str()));
     }
     for t in &req.history {
         messages.push(user_message(
             typed_question(&t.question, &t.attachments),
             &t.attachments,
         )?);
-        messages.push(json!({"role": "assistant", "content": t.answer}));
+        messages.push(Message::text("assistant", t.answer.as_str()));
     }
     messages.push(user_message(&req.question, &req.attachments)?);
     let p = &req.params;
-    let mut body = json!({
-        "model": model,
-        "messages": messages,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-        "max_tokens": p.max_new_tokens,
-        "temperature": if p.is_greedy() { 0.0 } else { p.temperature },
-        "top_p": p.top_p,
-        "top_k": if p.top_k == 0 { -1 } else { p.top_k as i64 },
-        "repetition_penalty": p.repetition_penalty,
-        "seed": p.seed,
-    });
-    if p.min_new_tokens > 0 {
-        body["min_tokens"] = json!(p.min_new_tokens);
-    }
-    if !req.stop.is_empty() {
-        body["stop"] = json!(req.stop);
-    }
-    if req.system.as_deref() == Some(R1_SYSTEM_PROMPT) {
-        // the system message makes InternVL3.5 think; templates that switch thinking (Qwen3's
-        // on vLLM and LMDeploy, this program's serve) read this, others ignore it
-        body["chat_template_kwargs"] = json!({"enable_thinking": true});
-    }
-    Ok(body)
+    let body = ChatCompletionRequest {
+        model: Some(model.into()),
+        messages,
+        options: RequestOptions {
+            stream: Some(true),
+            stream_options: Some(StreamOptions {
+                include_usage: true,
+            }),
+            max_tokens: Some(p.max_new_tokens),
+            temperature: Some(if p.is_greedy() { 0.0 } else { p.temperature }),
+            top_p: Some(p.top_p),
+            top_k: Some(if p.top_k == 0 { -1 } else { p.top_k as i64 }),
+            repetition_penalty: Some(p.repetition_penalty),
+            seed: Some(p.seed),
+            min_tokens: (p.min_new_tokens > 0).then_some(p.min_new_tokens),
+            stop: (!req.stop.is_empty()).then(|| Stop::Many(req.stop.clone())),
+            // the system message makes InternVL3.5 think; templates that switch thinking
+            // (Qwen3's on vLLM and LMDeploy, this program's serve) read this, others ignore it
+            chat_template_kwargs: (req.system.as_deref() == Some(R1_SYSTEM_PROMPT))
+                .then(|| json!({"enable_thinking": true})),
+            ..RequestOptions::default()
+        },
+    };
+    serde_json::to_value(&body).map_err(|e| format!("cannot write the request: {e}"))
 }
 
 /// A server's thinking (`reasoning_content`, or vLLM's newer `reasoning`) put back into the
@@ -683,44 +683,51 @@ impl Backend for Remote {
 
 /// Takes in one stream chunk: text, finish reason, usage, or an error.
 fn chunk(data: &str, answer: &mut Answer, tx: &Sender<EngineEvent>) -> Result<(), Failure> {
-    let v: Value = serde_json::from_str(data).map_err(|e| {
+    let not_json = |e: serde_json::Error| {
         (
             format!("the server sent a chunk that is not JSON ({e}): {data:.80}"),
             Fault::Engine,
         )
-    })?;
+    };
+    let v: Value = serde_json::from_str(data).map_err(not_json)?;
     if !v["error"].is_null() {
         return Err((error_message(500, data), Fault::Engine));
     }
-    let choice = &v["choices"][0];
-    let delta = &choice["delta"];
-    if let Some(r) = [&delta["reasoning_content"], &delta["reasoning"]]
-        .into_iter()
-        .find_map(Value::as_str)
-        .filter(|t| !t.is_empty())
-    {
-        let text = answer.thinking.reasoning(r);
-        answer.emit(text, tx);
-        answer.pieces += 1;
+    let c: ChatCompletionChunk = serde_json::from_value(v).map_err(|e| {
+        (
+            format!(
+                "the server sent a chunk that is not a chat.completion.chunk ({e}): {data:.80}"
+            ),
+            Fault::Engine,
+        )
+    })?;
+    if let Some(choice) = c.choices.first() {
+        let delta = &choice.delta;
+        if let Some(r) = [&delta.reasoning_content, &delta.reasoning]
+            .into_iter()
+            .flatten()
+            .find(|t| !t.is_empty())
+        {
+            let text = answer.thinking.reasoning(r);
+            answer.emit(text, tx);
+            answer.pieces += 1;
+        }
+        if let Some(c) = delta.content.as_deref().filter(|t| !t.is_empty()) {
+            let text = answer.thinking.content(c);
+            answer.emit(text, tx);
+            answer.pieces += 1;
+        }
+        if let Some(reason) = &choice.finish_reason {
+            answer.finish = Some(if reason == "length" {
+                Finish::Length
+            } else {
+                Finish::Stop
+            });
+        }
     }
-    if let Some(c) = delta["content"].as_str().filter(|t| !t.is_empty()) {
-        let text = answer.thinking.content(c);
-        answer.emit(text, tx);
-        answer.pieces += 1;
-    }
-    if let Some(reason) = choice["finish_reason"].as_str() {
-        answer.finish = Some(if reason == "length" {
-            Finish::Length
-        } else {
-            Finish::Stop
-        });
-    }
-    let usage = &v["usage"];
-    if let Some(n) = usage["prompt_tokens"].as_u64() {
-        answer.prompt_tokens = Some(n as usize);
-    }
-    if let Some(n) = usage["completion_tokens"].as_u64() {
-        answer.completion_tokens = Some(n as usize);
+    if let Some(u) = c.usage {
+        answer.prompt_tokens = Some(u.prompt_tokens);
+        answer.completion_tokens = Some(u.completion_tokens);
     }
     Ok(())
 }
