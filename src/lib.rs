@@ -9,6 +9,7 @@ pub mod files;
 pub mod hub;
 pub mod logging;
 pub mod model;
+pub mod openai_wire;
 pub mod plan;
 pub mod preprocess;
 pub mod prompt;

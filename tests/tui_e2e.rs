@@ -163,23 +163,31 @@ impl Recorded {
     }
 }
 
-/// The base64 payload of kitty image `id`'s transmission, chunks joined.
-fn kitty_payload(out: &str, id: &str) -> String {
-    let first = format!("\x1b_Ga=t,t=d,f=100,i={id},q=2,m=");
+/// kitty's graphics commands inside tmux's passthrough: `ESC P tmux; ESC ESC _G`.
+const TMUX_KITTY: &str = "\x1bPtmux;\x1b\x1b_G";
+/// The end of one: the command's ST with its escape doubled, then the passthrough's ST.
+const TMUX_KITTY_END: &str = "\x1b\x1b\\\x1b\\";
+
+/// The keys and the base64 payload of kitty image `id`'s transmission, chunks joined.
+fn kitty_transmission(out: &str, id: &str) -> (String, String) {
+    let first = format!("{TMUX_KITTY}q=2,i={id},a=T,");
     let start = out.find(&first).expect("the image is transmitted");
+    let mut keys = String::new();
     let mut payload = String::new();
-    for cmd in out[start..].split("\x1b_G").skip(1) {
-        let body = cmd.split("\x1b\\").next().unwrap();
-        let (keys, data) = body.split_once(';').unwrap_or((body, ""));
-        if !(keys.starts_with("a=t,") || keys.starts_with("m=")) {
+    for cmd in out[start..].split(TMUX_KITTY).skip(1) {
+        let body = cmd.split(TMUX_KITTY_END).next().unwrap();
+        let (k, data) = body.split_once(';').unwrap_or((body, ""));
+        if keys.is_empty() {
+            keys = k.to_string();
+        } else if !k.starts_with("q=2,m=") {
             break;
         }
         payload.push_str(data);
-        if keys.contains("m=0") {
+        if k.ends_with("m=0") {
             break;
         }
     }
-    payload
+    (keys, payload)
 }
 
 #[test]
@@ -203,58 +211,76 @@ fn forced_kitty_graphics_are_written_and_tmux_alone_gets_half_blocks() {
         ]
     };
 
-    // kitty forced under a fake kitty TERM inside tmux: tmux drops the images, but the bytes
-    // the program writes are all recorded
+    // kitty forced under a fake kitty TERM inside tmux: written through tmux's passthrough
+    // (which this tmux does not pass on), every byte recorded
     let r = Recorded::start("ivl-gfx-kitty", &home, "TERM=xterm-kitty", &args("kitty"));
-    let out = r.wait_for("\x1b_Ga=p,", 1, 60);
+    let out = r.wait_for(&format!("{TMUX_KITTY}q=2,i="), 1, 60);
     let id = out
-        .split("\x1b_Ga=t,t=d,f=100,i=")
+        .split(&format!("{TMUX_KITTY}q=2,i="))
         .nth(1)
         .and_then(|s| s.split(',').next())
         .expect("an image id")
         .to_string();
-    let placed = format!("\x1b_Ga=p,i={id},p=1,");
-    assert!(out.contains(&placed), "placed by id");
-    // placed in a box of cells, the payload a PNG covering exactly those cells (at the cell
-    // size tmux reports)
-    let keys = out[out.find(&placed).unwrap() + placed.len()..]
-        .split("\x1b\\")
-        .next()
-        .unwrap()
-        .to_string();
+    // the frame that transmits it also places it: unicode placeholders in its cells, the first
+    // of each row followed by diacritics (row, column, id)
+    let out = r.wait_for("\u{10EEEE}", 1, 30);
+    let frame_end = out[out.find(TMUX_KITTY).unwrap()..]
+        .find("\x1b[?2026l")
+        .expect("the frame ends");
+    let frame = &out[..out.find(TMUX_KITTY).unwrap() + frame_end];
+    let cells = frame.matches('\u{10EEEE}').count();
+    // a row's first cell: the placeholder, the row's diacritic, column 0's (U+0305), the id's
+    let chars: Vec<char> = frame.chars().collect();
+    let rows = chars
+        .windows(3)
+        .filter(|w| w[0] == '\u{10EEEE}' && w[2] == '\u{305}')
+        .count();
+    assert!(
+        rows >= 5 && cells.is_multiple_of(rows),
+        "{cells} cells in {rows} rows"
+    );
+    let cols = (cells / rows) as u32;
+    assert!(cols >= 20, "{cols} columns");
+    // the payload: RGBA covering exactly those cells (at the cell size tmux reports)
+    let (keys, payload) = kitty_transmission(&out, &id);
     let num = |k: &str| -> u32 {
         keys.split(',')
             .find_map(|kv| kv.strip_prefix(k))
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("{k} in {keys}"))
     };
-    let (cols, rows) = (num("c="), num("r="));
-    assert!(cols >= 20 && rows >= 5, "{keys}");
-    let png = base64::engine::general_purpose::STANDARD
-        .decode(kitty_payload(&out, &id))
+    assert!(keys.contains(",U=1,f=32,t=d,"), "{keys}");
+    let (w, h) = (num("s="), num("v="));
+    let rgba = base64::engine::general_purpose::STANDARD
+        .decode(payload)
         .expect("base64");
-    let img = image::load_from_memory(&png).expect("a PNG").to_rgba8();
-    let (w, h) = img.dimensions();
+    assert_eq!(rgba.len() as u32, w * h * 4, "{keys}");
     assert!(
-        w % cols == 0 && h % rows == 0 && w / cols >= 2,
-        "{w}x{h} in {keys}"
+        w % cols == 0 && h % rows as u32 == 0 && w / cols >= 2,
+        "{w}x{h} in {cols}x{rows} cells"
     );
-    assert!(img.pixels().filter(|p| p.0[3] == 255).count() > (w * h / 2) as usize);
-    // the picture's cells are left blank: no half blocks on screen
+    let opaque = rgba.chunks(4).filter(|p| p[3] == 255).count();
+    assert!(opaque > (w * h / 2) as usize, "{opaque} of {w}x{h}");
+    // the picture's cells are no half blocks on screen
     let screen = r
         .tmux
         .wait("the staged image", 30, |s| s.contains("image1.jpg"));
     assert!(!screen.contains('▀'), "{screen}");
-    // the help overlay takes the image away (by id), Esc brings it back without a new copy
+    // the help overlay covers it; Esc brings it back, placed without a new copy
+    let before = r.wait_for("\u{10EEEE}", 1, 5).matches('\u{10EEEE}').count();
     r.tmux.keys(&["F1"]);
-    r.wait_for(&format!("\x1b_Ga=d,d=i,i={id},"), 1, 30);
+    r.tmux.wait("the help", 30, |s| s.contains("Keys"));
     r.tmux.keys(&["Escape"]);
-    let out = r.wait_for(&placed, 2, 30);
-    assert_eq!(out.matches("\x1b_Ga=t,").count(), 1, "transmitted once");
+    let out = r.wait_for("\u{10EEEE}", before + cells, 30);
+    assert_eq!(out.matches(",a=T,").count(), 1, "transmitted once");
     // leaving frees it
     r.tmux.text("/quit");
     r.tmux.keys(&["Enter"]);
-    r.wait_for(&format!("\x1b_Ga=d,d=I,i={id},"), 1, 30);
+    r.wait_for(
+        &format!("{TMUX_KITTY}a=d,d=I,i={id},q=2{TMUX_KITTY_END}"),
+        1,
+        30,
+    );
     drop(r);
 
     // auto inside tmux, even with kitty's variables leaking in: half blocks, no query

@@ -145,13 +145,19 @@ pub fn run(handle: EngineHandle, opts: AppOptions) -> anyhow::Result<()> {
         tui.terminal.clear().context("cannot clear the terminal")?;
     }
     app.graphics = detected.graphics;
-    let mut layer = detected.graphics.map(|g| graphics::Layer::new(g.protocol));
+    let mut images = detected.graphics.map(graphics::Images::new);
     let late = graphics::LateReplyFilter::new(detected.late_replies);
     let result = event_loop(
-        &mut tui, &mut app, &handle, opts.probe, startup, &mut layer, late,
+        &mut tui,
+        &mut app,
+        &handle,
+        opts.probe,
+        startup,
+        &mut images,
+        late,
     );
-    if let Some(layer) = layer.as_mut() {
-        let _ = layer.clear(tui.terminal.backend_mut());
+    if let Some(images) = images.as_mut() {
+        let _ = images.clear(tui.terminal.backend_mut());
     }
     // a request still running was cancelled when the event loop ended
     let _ = handle.tx.send(EngineCmd::Shutdown);
@@ -187,7 +193,7 @@ fn event_loop(
     handle: &EngineHandle,
     probe: Probe,
     startup: Vec<Command>,
-    layer: &mut Option<graphics::Layer>,
+    images: &mut Option<graphics::Images>,
     late: graphics::LateReplyFilter,
 ) -> anyhow::Result<()> {
     let (tx, rx) = crossbeam_channel::unbounded::<Msg>();
@@ -203,7 +209,7 @@ fn event_loop(
     let mut dirty = true;
     while !quit {
         if dirty {
-            draw(&mut tui.terminal, app, layer.as_mut()).context("cannot draw to the terminal")?;
+            draw(&mut tui.terminal, app, images.as_mut()).context("cannot draw to the terminal")?;
             dirty = false;
         }
         if queue.is_empty() {
@@ -244,6 +250,9 @@ fn event_loop(
                 if let Some(cell) = graphics::detect::window_cell() {
                     g.cell = cell;
                 }
+                if let Some(images) = images.as_mut() {
+                    images.set_graphics(*g);
+                }
             }
             let tick = matches!(msg, Msg::Tick { .. });
             let moving = app.animating();
@@ -276,12 +285,12 @@ fn event_loop(
     Ok(())
 }
 
-/// Draws a frame; with a graphics protocol, then the pictures over it (the terminal shows
-/// both at once where it knows synchronized output).
+/// Draws a frame; with a graphics protocol, the pictures in it (the terminal shows the cells
+/// and the images at once where it knows synchronized output).
 fn draw<B>(
     terminal: &mut ratatui::Terminal<B>,
     app: &App,
-    layer: Option<&mut graphics::Layer>,
+    images: Option<&mut graphics::Images>,
 ) -> std::io::Result<()>
 where
     B: ratatui::backend::Backend<Error = std::io::Error> + std::io::Write,
@@ -292,7 +301,7 @@ where
             f.set_cursor_position(p);
         }
     };
-    let Some(layer) = layer else {
+    let Some(images) = images else {
         terminal.draw(render)?;
         return Ok(());
     };
@@ -300,13 +309,13 @@ where
         terminal.backend_mut(),
         crossterm::terminal::BeginSynchronizedUpdate
     )?;
-    let frame = terminal.draw(render)?;
-    let area = frame.area;
-    let wanted = app.pictures(area);
-    let plan = layer.plan(area, &wanted);
-    let repaint = graphics::cells(&plan.repaint, frame.buffer);
+    terminal.draw(|f| {
+        render(f);
+        let wanted = app.pictures(f.area());
+        images.render(&wanted, f.buffer_mut());
+    })?;
     let out = terminal.backend_mut();
-    layer.apply(area, &wanted, &plan, &repaint, out)?;
+    images.flush_evicted(out)?;
     crossterm::execute!(out, crossterm::terminal::EndSynchronizedUpdate)
 }
 
@@ -681,10 +690,12 @@ mod tests {
             id: probes(&cmds)[0],
             result: Ok(info("harbour.jpg")),
         });
-        app.graphics = Some(graphics::Graphics {
+        let g = graphics::Graphics {
             protocol: graphics::Protocol::Kitty,
             cell: graphics::CellSize { w: 10, h: 20 },
-        });
+            tmux: false,
+        };
+        app.graphics = Some(g);
         let tape = Tape::default();
         let mut t = Terminal::with_options(
             CrosstermBackend::new(tape.clone()),
@@ -693,35 +704,40 @@ mod tests {
             },
         )
         .unwrap();
-        let mut layer = Some(graphics::Layer::new(graphics::Protocol::Kitty));
-        draw(&mut t, &app, layer.as_mut()).unwrap();
+        let mut images = Some(graphics::Images::new(g));
+        draw(&mut t, &app, images.as_mut()).unwrap();
         let first = tape.take();
         assert!(first.starts_with("\x1b[?2026h") && first.ends_with("\x1b[?2026l"));
         assert!(first.contains("harbour.jpg"), "the cells are drawn");
         assert!(!first.contains('▀'), "no half blocks under the image");
-        let transmit = first.find("\x1b_Ga=t,t=d,f=100,").expect("transmitted");
-        let place = first.find("\x1b_Ga=p,").expect("placed");
-        assert!(transmit < place && first.rfind("harbour.jpg").unwrap() < transmit);
+        let transmit = first.find("\x1b_Gq=2,i=").expect("transmitted");
+        assert!(first[transmit..].contains(",a=T,U=1,f=32,"));
+        let placeholders = first.matches('\u{10EEEE}').count();
+        assert!(placeholders >= 30 * 5, "{placeholders} placeholder cells");
         // a frame with nothing new writes no graphics
-        draw(&mut t, &app, layer.as_mut()).unwrap();
-        assert!(!tape.take().contains("\x1b_G"));
-        // the help overlay: the placement is deleted (the image stays in the terminal)
+        draw(&mut t, &app, images.as_mut()).unwrap();
+        let again = tape.take();
+        assert!(!again.contains("\x1b_G"), "transmitted once");
+        assert!(
+            again.matches('\u{10EEEE}').count() <= 1,
+            "only the first cell, without it"
+        );
+        // the help overlay: text over the placeholders, the image kept in the terminal
         key(&mut app, crossterm::event::KeyCode::F(1));
-        draw(&mut t, &app, layer.as_mut()).unwrap();
+        draw(&mut t, &app, images.as_mut()).unwrap();
         let help = tape.take();
-        assert!(help.contains("\x1b_Ga=d,d=i,"), "{help:?}");
-        assert!(!help.contains("a=p,") && !help.contains("a=t,"));
+        assert!(
+            help.contains("Keys") && !help.contains("\x1b_G"),
+            "{help:?}"
+        );
+        assert!(!help.contains('\u{10EEEE}'));
         // closed: placed again, not transmitted again
         key(&mut app, crossterm::event::KeyCode::Esc);
-        draw(&mut t, &app, layer.as_mut()).unwrap();
+        draw(&mut t, &app, images.as_mut()).unwrap();
         let back = tape.take();
-        assert!(back.contains("\x1b_Ga=p,") && !back.contains("a=t,"));
-        // F2 hides the preview: deleted again
-        key(&mut app, crossterm::event::KeyCode::F(2));
-        draw(&mut t, &app, layer.as_mut()).unwrap();
-        assert!(tape.take().contains("\x1b_Ga=d,d=i,"));
+        assert!(back.contains('\u{10EEEE}') && !back.contains("\x1b_G"));
         // leaving frees the image
-        layer.as_mut().unwrap().clear(t.backend_mut()).unwrap();
+        images.as_mut().unwrap().clear(t.backend_mut()).unwrap();
         assert!(tape.take().contains("\x1b_Ga=d,d=I,"));
     }
 

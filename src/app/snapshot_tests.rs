@@ -281,12 +281,13 @@ fn a_graphics_protocol_reserves_blank_cells_for_the_picture() {
     app.graphics = Some(Graphics {
         protocol: Protocol::Kitty,
         cell: CellSize { w: 10, h: 20 },
+        tmux: false,
     });
     let t = drawn(&app, 90, 24);
     assert_snapshot!(t.backend().to_string());
     let buf = t.backend().buffer();
     assert!(!buf.content().iter().any(|c| c.symbol() == "▀"));
-    // the layer gets one picture, with the turn's boxes, over cells left blank
+    // one picture for the graphics protocol, with the turn's boxes, over cells left blank
     let pics = app.pictures(buf.area);
     assert_eq!(pics.len(), 1);
     assert_eq!(pics[0].groundings.len(), 2);
@@ -319,6 +320,7 @@ fn sixel_pictures_fit_whole_bands_in_their_cells() {
     app.graphics = Some(Graphics {
         protocol: Protocol::Sixel,
         cell,
+        tmux: false,
     });
     for (w, h) in [(90, 24), (61, 9), (200, 60)] {
         let t = drawn(&app, w, h);

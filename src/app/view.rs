@@ -710,7 +710,7 @@ impl App {
         self.graphics.filter(|_| self.mode == Mode::Chat)
     }
 
-    /// The pictures the graphics layer is to draw over a frame of `area` (none with half
+    /// The pictures [`graphics::Images`] is to draw in a frame of `area` (none with half
     /// blocks).
     pub fn pictures(&self, area: Rect) -> Vec<Picture<'_>> {
         let Some(g) = self.graphics_in_use() else {

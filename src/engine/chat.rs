@@ -1,8 +1,10 @@
 //! `model.chat` end to end: attachments -> tiles -> query -> ids -> generation -> answer, with the
 //! conversation's KV cache kept between turns so a follow-up only prefills its new tokens.
 use super::features::{self, FeatureCache};
+use super::fit::{smallest_cut, Cut, Room};
 use super::generate::{generate, Flow, GenInput, GenOutput};
 use super::protocol::{Attachment, Finish, Turn};
+use super::reuse::{self, Cached, Reuse};
 use super::stream::AnswerStream;
 use crate::model::config::Layout;
 use crate::model::llm::kv_cache::KvCache;
@@ -342,32 +344,20 @@ impl Engine {
             })?;
             Ok(self.encode(&e.query)?.len())
         };
-        let fits = |n: usize| n + fit.max_new_tokens <= context;
-        let all = tokens(0)?;
-        let drop = if fits(all) {
-            0
-        } else {
-            // fewer turns, fewer tokens: the smallest cut that fits, by bisection
-            let max_drop = droppable_turns(&turns);
-            let least = tokens(max_drop)?;
-            if !fits(least) {
+        let room = Room {
+            context,
+            max_new_tokens: fit.max_new_tokens,
+        };
+        let drop = match smallest_cut(droppable_turns(&turns), room, tokens)? {
+            Cut::Drop(d) => d,
+            Cut::TooLong { prompt, dropped } => {
                 return Err(ChatError::TooLongAlone {
-                    prompt: least,
+                    prompt,
                     max_new: fit.max_new_tokens,
                     context,
-                    dropped: max_drop,
-                });
+                    dropped,
+                })
             }
-            let (mut lo, mut hi) = (0, max_drop); // !fits(lo), fits(hi)
-            while hi - lo > 1 {
-                let mid = lo + (hi - lo) / 2;
-                if fits(tokens(mid)?) {
-                    hi = mid;
-                } else {
-                    lo = mid;
-                }
-            }
-            hi
         };
         let history = input.history[drop..]
             .iter()
@@ -378,7 +368,7 @@ impl Engine {
             ..*input
         };
         let p = self.assemble(&kept, history, new, drop)?;
-        if !fits(p.ids.len()) {
+        if !room.fits(p.ids.len()) {
             return Err(too_long(p.ids.len()));
         }
         Ok(p)
@@ -561,29 +551,23 @@ impl Engine {
         (self.features.hits, self.features.misses)
     }
 
-    /// What of the conversation's KV cache `p` can keep: its pictures' fingerprints, the
-    /// positions reused ([`reusable_prefix`]) and the tiles whose features lie in them.
-    fn reuse_for(&self, p: &Prepared) -> (Vec<Vec<features::Key>>, usize, usize) {
-        let runs = image_runs(&p.ids, self.img_context_id);
+    /// What of the conversation's KV cache `p` can keep ([`reuse::plan`]), with the
+    /// fingerprints of `p`'s pictures.
+    fn reuse_for(&self, p: &Prepared) -> (Vec<Vec<features::Key>>, Reuse) {
         let fingerprints = Self::image_fingerprints(p);
-        debug_assert_eq!(runs.len(), fingerprints.len(), "one run per placeholder");
         let rope = &self.model.llm.rope;
-        let reuse = reusable_prefix(
+        let r = reuse::plan(
             &Cached {
                 ids: &self.cached_ids,
                 images: &self.cached_images,
             },
             &p.ids,
-            &runs,
+            self.img_context_id,
             &fingerprints,
+            self.tiles.tokens_per_tile,
             rope.dynamic_flavor().map(|_| rope.max_positions()),
         );
-        let cached_tiles: usize = runs
-            .iter()
-            .filter(|r| r.1 <= reuse)
-            .map(|r| (r.1 - r.0) / self.tiles.tokens_per_tile)
-            .sum();
-        (fingerprints, reuse, cached_tiles)
+        (fingerprints, r)
     }
 
     /// One fingerprint per `<IMG_CONTEXT>` run: the content keys of its placeholder's tiles
@@ -617,7 +601,13 @@ impl Engine {
             });
         }
         let _guard = tch::no_grad_guard();
-        let (fingerprints, reuse, cached_tiles) = self.reuse_for(p);
+        let (
+            fingerprints,
+            Reuse {
+                positions: reuse,
+                cached_tiles,
+            },
+        ) = self.reuse_for(p);
         self.cache.truncate(reuse as i64);
         self.cached_ids.truncate(reuse);
         let keys: Vec<features::Key> = fingerprints.iter().flatten().copied().collect();
@@ -679,11 +669,14 @@ impl Engine {
         &mut self,
         p: &Prepared,
     ) -> (KvCache, Vec<Vec<features::Key>>, Option<Tensor>) {
-        let (fingerprints, reuse, cached_tiles) = self.reuse_for(p);
-        // only to the conversation's continuation (keeping at least half of it): a request that
-        // shares no more than the system message with it computes that again in its own cache,
-        // and leaves the conversation to its next turn
-        let cache = if reuse > 0 && 2 * reuse >= self.cached_ids.len() {
+        let (
+            fingerprints,
+            Reuse {
+                positions: reuse,
+                cached_tiles,
+            },
+        ) = self.reuse_for(p);
+        let cache = if reuse::lends_conversation(reuse, self.cached_ids.len()) {
             let fresh = self.new_cache();
             let mut cache = std::mem::replace(&mut self.cache, fresh);
             self.cached_ids.clear();
@@ -874,134 +867,4 @@ fn hf_tokens(
     }
     stop.dedup();
     Ok((id, stop))
-}
-
-/// What a conversation's KV cache holds, for [`reusable_prefix`].
-struct Cached<'a, K> {
-    /// The ids whose keys and values are cached.
-    ids: &'a [i64],
-    /// The fingerprint of the picture behind each of their `<IMG_CONTEXT>` runs.
-    images: &'a [K],
-}
-
-/// How many leading positions of a cached conversation a new prompt `ids` can keep: the
-/// longest common prefix, short of the whole prompt (its last position must run to give
-/// logits), cut back to the start of the first picture whose run is not the cached picture's
-/// (equal ids do not mean equal pictures) and never through a picture's run. With a dynamic rope
-/// (`dynamic_max_positions`: its `max_position_embeddings`) nothing is kept once the prompt or
-/// the cached sequence (which only grows between cuts, so its length is the most it held) went
-/// past that length: the reference rotates a longer prompt's keys with a base grown for its
-/// length, and keys decoded past it with one grown per step.
-fn reusable_prefix<K: PartialEq>(
-    cached: &Cached<'_, K>,
-    ids: &[i64],
-    runs: &[(usize, usize)],
-    fingerprints: &[K],
-    dynamic_max_positions: Option<i64>,
-) -> usize {
-    if let Some(max) = dynamic_max_positions {
-        if ids.len() as i64 > max || cached.ids.len() as i64 > max {
-            return 0;
-        }
-    }
-    let mut reuse = cached
-        .ids
-        .iter()
-        .zip(ids)
-        .take_while(|(a, b)| a == b)
-        .count()
-        .min(ids.len().saturating_sub(1));
-    if let Some(r) = runs
-        .iter()
-        .zip(fingerprints)
-        .enumerate()
-        .find(|(k, (r, f))| r.0 < reuse && cached.images.get(*k) != Some(f))
-        .map(|(_, (r, _))| r)
-    {
-        reuse = r.0;
-    }
-    if let Some(r) = runs.iter().find(|r| r.0 < reuse && r.1 > reuse) {
-        reuse = r.0;
-    }
-    reuse
-}
-
-/// [start, end) of each run of `<IMG_CONTEXT>` tokens.
-fn image_runs(ids: &[i64], ctx: i64) -> Vec<(usize, usize)> {
-    let mut runs = Vec::new();
-    let mut i = 0;
-    while i < ids.len() {
-        if ids[i] == ctx {
-            let s = i;
-            while i < ids.len() && ids[i] == ctx {
-                i += 1;
-            }
-            runs.push((s, i));
-        } else {
-            i += 1;
-        }
-    }
-    runs
-}
-
-#[cfg(test)]
-mod reuse_tests {
-    use super::*;
-
-    const C: i64 = 9; // the <IMG_CONTEXT> id in these tests
-
-    fn reuse(
-        cached: &[i64],
-        images: &[&str],
-        ids: &[i64],
-        fps: &[&str],
-        dynamic: Option<i64>,
-    ) -> usize {
-        let runs = image_runs(ids, C);
-        reusable_prefix(
-            &Cached {
-                ids: cached,
-                images,
-            },
-            ids,
-            &runs,
-            fps,
-            dynamic,
-        )
-    }
-
-    #[test]
-    fn the_common_prefix_short_of_the_last_position() {
-        assert_eq!(reuse(&[1, 2, 3, 4], &[], &[1, 2, 3, 5, 6], &[], None), 3);
-        // the whole prompt cached: its last position still runs
-        assert_eq!(reuse(&[1, 2, 3, 4], &[], &[1, 2, 3], &[], None), 2);
-        assert_eq!(reuse(&[], &[], &[1, 2], &[], None), 0);
-    }
-
-    #[test]
-    fn pictures_are_kept_only_when_they_are_the_same_and_whole() {
-        let cached = [1, C, C, 2, 3];
-        // same picture: kept, up to the divergence
-        assert_eq!(reuse(&cached, &["a"], &[1, C, C, 2, 4], &["a"], None), 4);
-        // another picture with the same ids: cut back to its start
-        assert_eq!(reuse(&cached, &["a"], &[1, C, C, 2, 4], &["b"], None), 1);
-        // the common prefix ends inside a run: cut back to its start
-        assert_eq!(
-            reuse(&[1, C, C, 2], &["a"], &[1, C, C, C, 2], &["a"], None),
-            1
-        );
-    }
-
-    #[test]
-    fn a_dynamic_rope_past_its_length_keeps_nothing() {
-        let cached = [1, 2, 3, 4, 5];
-        let ids = [1, 2, 3, 4, 5, 6];
-        assert_eq!(reuse(&cached, &[], &ids, &[], Some(6)), 5);
-        // the new prompt goes past max positions
-        assert_eq!(reuse(&cached, &[], &ids, &[], Some(5)), 0);
-        // the cache went past it while decoding, even if the new prompt fits
-        assert_eq!(reuse(&[1, 2, 3, 4, 5, 6, 7, 8], &[], &ids, &[], Some(6)), 0);
-        // no dynamic rope: lengths do not matter
-        assert_eq!(reuse(&[1, 2, 3, 4, 5, 6, 7, 8], &[], &ids, &[], None), 5);
-    }
 }

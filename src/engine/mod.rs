@@ -1,8 +1,10 @@
 //! The worker side: everything that touches the model.
 pub mod chat;
 pub mod features;
+pub mod fit;
 pub mod generate;
 pub mod protocol;
+pub mod reuse;
 pub mod stream;
 pub mod worker;
 

@@ -43,7 +43,8 @@ pub fn spawn(cfg: WorkerConfig) -> (EngineHandle, std::thread::JoinHandle<()>) {
     )
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+/// The first line of a panic's message.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = p.downcast_ref::<String>() {
@@ -90,13 +91,33 @@ fn run(cfg: WorkerConfig, rx: Receiver<EngineCmd>, tx: Sender<EngineEvent>) {
     serve_requests(&mut scheduler, &rx, cfg.max_batch);
 }
 
-/// What the request loop needs of a model: the scheduler, or a stand-in in tests.
+/// A request that failed: one line, and whose fault it was.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failed {
+    pub message: String,
+    pub fault: Fault,
+}
+
+impl From<ChatError> for Failed {
+    fn from(e: ChatError) -> Self {
+        Self {
+            message: e.to_string(),
+            fault: fault_of(&e),
+        }
+    }
+}
+
+/// What the request loop needs of a back end: the local model's scheduler, the remote server
+/// (`remote::Remote`), or a stand-in in tests. [`serve_requests`] guards every call: a panic
+/// becomes an `Error` event for the requests it touched and the loop goes on.
 pub trait Backend {
     /// Takes a request into the running batch, sending `Started` (and, when it ends at once,
     /// its `Done`); `Err` is the message of a failed request, which then holds no row.
-    fn start(&mut self, job: &Job) -> Result<(), ChatError>;
-    /// One decoding step of the running requests.
-    fn step(&mut self) -> Result<(), ChatError>;
+    fn start(&mut self, job: &Job) -> Result<(), Failed>;
+    /// One step of the running requests (a decoding step; for the remote back end, what the
+    /// server sent since the last one, waiting a little for it). It sends their events and
+    /// drops the requests that end.
+    fn step(&mut self) -> Result<(), Failed>;
     /// Requests running.
     fn running(&self) -> usize;
     /// Drops the running requests after the first `n` (those of a start that failed).
@@ -108,12 +129,12 @@ pub trait Backend {
 }
 
 impl Backend for Scheduler {
-    fn start(&mut self, job: &Job) -> Result<(), ChatError> {
-        Scheduler::start(self, job)
+    fn start(&mut self, job: &Job) -> Result<(), Failed> {
+        Ok(Scheduler::start(self, job)?)
     }
 
-    fn step(&mut self) -> Result<(), ChatError> {
-        Scheduler::step(self)
+    fn step(&mut self) -> Result<(), Failed> {
+        Ok(Scheduler::step(self)?)
     }
 
     fn running(&self) -> usize {
@@ -146,12 +167,12 @@ fn take(cmd: EngineCmd, backend: &mut dyn Backend, waiting: &mut VecDeque<Job>) 
 /// The failure of a request as its message and fault; after a panic (libtorch's errors
 /// surface as panics from tch) the cached conversation is dropped, as it may be half-written.
 fn failure(
-    r: std::thread::Result<Result<(), ChatError>>,
+    r: std::thread::Result<Result<(), Failed>>,
     backend: &mut dyn Backend,
 ) -> Option<(String, Fault)> {
     match r {
         Ok(Ok(())) => None,
-        Ok(Err(e)) => Some((e.to_string(), fault_of(&e))),
+        Ok(Err(e)) => Some((e.message, e.fault)),
         Err(p) => {
             backend.reset();
             Some((
@@ -271,7 +292,7 @@ mod tests {
     }
 
     impl Backend for Faulty {
-        fn start(&mut self, job: &Job) -> Result<(), ChatError> {
+        fn start(&mut self, job: &Job) -> Result<(), Failed> {
             let a = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
             let b = Tensor::ones([4, 5], (Kind::Float, Device::Cpu));
             match job.req.question.as_str() {
@@ -280,7 +301,9 @@ mod tests {
                     unreachable!("the shapes cannot be multiplied");
                 }
                 "torch" => {
-                    let _ = a.f_matmul(&b).map_err(ModelError::from)?;
+                    let _ = a
+                        .f_matmul(&b)
+                        .map_err(|e| ChatError::from(ModelError::from(e)))?;
                     unreachable!("the shapes cannot be multiplied");
                 }
                 q => {
@@ -296,7 +319,7 @@ mod tests {
             }
         }
 
-        fn step(&mut self) -> Result<(), ChatError> {
+        fn step(&mut self) -> Result<(), Failed> {
             Ok(())
         }
 
@@ -405,7 +428,7 @@ mod tests {
     }
 
     impl Backend for Counting {
-        fn start(&mut self, job: &Job) -> Result<(), ChatError> {
+        fn start(&mut self, job: &Job) -> Result<(), Failed> {
             self.started.push(job.req.id);
             let n = job.req.question.parse().unwrap();
             let job = Job {
@@ -417,7 +440,7 @@ mod tests {
             Ok(())
         }
 
-        fn step(&mut self) -> Result<(), ChatError> {
+        fn step(&mut self) -> Result<(), Failed> {
             self.widths.push(self.rows.len());
             for (job, left) in &mut self.rows {
                 let text = "x".to_string();

@@ -11,19 +11,27 @@ pub mod sse;
 
 use crate::engine::protocol::with_placeholders;
 use crate::engine::protocol::{
-    Attachment, Cancel, DoneStats, EngineCmd, EngineEvent, Fault, Finish, GenerateRequest,
-    ModelInfo, RequestId,
+    Attachment, DoneStats, EngineCmd, EngineEvent, Fault, Finish, GenerateRequest, ModelInfo,
+    RequestId,
 };
+use crate::engine::scheduler::Job;
+use crate::engine::worker::{serve_requests, Backend, Failed};
 use crate::engine::EngineHandle;
+use crate::openai_wire::{
+    ChatCompletionChunk, ChatCompletionRequest, Content, ContentPart, ImageUrl, Message, ModelList,
+    RequestOptions, Stop, StreamOptions,
+};
 use crate::prompt::thinking::{R1_SYSTEM_PROMPT, THINK_CLOSE, THINK_OPEN};
 use base64::Engine as _;
-use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{unbounded, Receiver, Select, Sender, TryRecvError};
 use serde_json::{json, Value};
 use std::io::{BufReader, Read};
 use std::time::{Duration, Instant};
 
 /// How often a waiting request looks at its cancel switch.
 const POLL: Duration = Duration::from_millis(50);
+/// Requests streamed at once: one, as the chat and one-shot ask (the loop takes more).
+const STREAMS: usize = 1;
 /// Largest error body read from the server.
 const MAX_ERROR_BODY: u64 = 1 << 20;
 
@@ -123,23 +131,8 @@ fn run(cfg: RemoteConfig, rx: Receiver<EngineCmd>, tx: Sender<EngineEvent>) {
         context_len,
         max_tiles: cfg.max_tiles,
     }));
-    while let Ok(cmd) = rx.recv() {
-        match cmd {
-            EngineCmd::Shutdown => break,
-            // the server keeps no conversation: nothing to forget
-            EngineCmd::Reset => {}
-            EngineCmd::Generate { req, reply, cancel } => {
-                if let Err((message, fault)) = generate(&agent, &cfg, &model, &req, &reply, &cancel)
-                {
-                    let _ = reply.send(EngineEvent::Error {
-                        id: req.id,
-                        message,
-                        fault,
-                    });
-                }
-            }
-        }
-    }
+    let mut remote = Remote::new(agent, cfg, model);
+    serve_requests(&mut remote, &rx, STREAMS);
 }
 
 /// The server's message from an error body (`{"error": {"message"}}`, LMDeploy's
@@ -193,31 +186,23 @@ fn connect(agent: &ureq::Agent, cfg: &RemoteConfig) -> Result<(String, usize), S
     if status != 200 {
         return Err(format!("{url}: {}", error_message(status, &body)));
     }
-    let v: Value =
+    let list: ModelList =
         serde_json::from_str(&body).map_err(|e| format!("{url}: not an OpenAI model list: {e}"))?;
-    let models: Vec<&Value> = v["data"]
-        .as_array()
-        .map(|a| a.iter().collect())
-        .unwrap_or_default();
-    let ids: Vec<&str> = models.iter().filter_map(|m| m["id"].as_str()).collect();
+    let ids: Vec<&str> = list.data.iter().map(|m| m.id.as_str()).collect();
     let pick = match &cfg.model {
-        Some(want) => models
-            .iter()
-            .find(|m| m["id"].as_str() == Some(want))
-            .ok_or_else(|| {
-                format!(
-                    "{url}: no model {want:?} (the server has {})",
-                    ids.join(", ")
-                )
-            })?,
-        None => models
+        Some(want) => list.data.iter().find(|m| &m.id == want).ok_or_else(|| {
+            format!(
+                "{url}: no model {want:?} (the server has {})",
+                ids.join(", ")
+            )
+        })?,
+        None => list
+            .data
             .first()
             .ok_or_else(|| format!("{url}: the server lists no models"))?,
     };
-    let id = pick["id"].as_str().unwrap_or_default().to_string();
-    let context = pick["max_model_len"]
-        .as_u64()
-        .map_or(usize::MAX, |n| n as usize);
+    let id = pick.id.clone();
+    let context = pick.max_model_len.map_or(usize::MAX, |n| n as usize);
     Ok((id, context))
 }
 
@@ -238,9 +223,9 @@ fn slots(atts: &[Attachment]) -> Vec<(&Attachment, usize)> {
 
 /// A user message: the pictures as `image_url` parts (with LMDeploy's `max_dynamic_patch` for
 /// a tile limit), then the text.
-fn user_message(text: &str, atts: &[Attachment]) -> Result<Value, String> {
+fn user_message(text: &str, atts: &[Attachment]) -> Result<Message, String> {
     if atts.is_empty() {
-        return Ok(json!({"role": "user", "content": text}));
+        return Ok(Message::text("user", text));
     }
     let mut parts = Vec::new();
     for a in atts {
@@ -250,14 +235,18 @@ fn user_message(text: &str, atts: &[Attachment]) -> Result<Value, String> {
                 a.path().display()
             ));
         };
-        let mut image = json!({ "url": data_url(path)? });
-        if let Some(n) = max_tiles {
-            image["max_dynamic_patch"] = json!(n);
-        }
-        parts.push(json!({"type": "image_url", "image_url": image}));
+        parts.push(ContentPart::ImageUrl {
+            image_url: ImageUrl {
+                url: data_url(path)?,
+                max_dynamic_patch: *max_tiles,
+            },
+        });
     }
-    parts.push(json!({"type": "text", "text": text}));
-    Ok(json!({"role": "user", "content": parts}))
+    parts.push(ContentPart::Text { text: text.into() });
+    Ok(Message {
+        role: "user".into(),
+        content: Some(Content::Parts(parts)),
+    })
 }
 
 /// A history question without the placeholders the program put in front of it (the server
@@ -286,41 +275,41 @@ pub fn request_body(model: &str, req: &GenerateRequest) -> Result<Value, String>
     }
     let mut messages = Vec::new();
     if let Some(s) = &req.system {
-        messages.push(json!({"role": "system", "content": s}));
+        messages.push(Message::text("system", s.as_str()));
     }
     for t in &req.history {
         messages.push(user_message(
             typed_question(&t.question, &t.attachments),
             &t.attachments,
         )?);
-        messages.push(json!({"role": "assistant", "content": t.answer}));
+        messages.push(Message::text("assistant", t.answer.as_str()));
     }
     messages.push(user_message(&req.question, &req.attachments)?);
     let p = &req.params;
-    let mut body = json!({
-        "model": model,
-        "messages": messages,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-        "max_tokens": p.max_new_tokens,
-        "temperature": if p.is_greedy() { 0.0 } else { p.temperature },
-        "top_p": p.top_p,
-        "top_k": if p.top_k == 0 { -1 } else { p.top_k as i64 },
-        "repetition_penalty": p.repetition_penalty,
-        "seed": p.seed,
-    });
-    if p.min_new_tokens > 0 {
-        body["min_tokens"] = json!(p.min_new_tokens);
-    }
-    if !req.stop.is_empty() {
-        body["stop"] = json!(req.stop);
-    }
-    if req.system.as_deref() == Some(R1_SYSTEM_PROMPT) {
-        // the system message makes InternVL3.5 think; templates that switch thinking (Qwen3's
-        // on vLLM and LMDeploy, this program's serve) read this, others ignore it
-        body["chat_template_kwargs"] = json!({"enable_thinking": true});
-    }
-    Ok(body)
+    let body = ChatCompletionRequest {
+        model: Some(model.into()),
+        messages,
+        options: RequestOptions {
+            stream: Some(true),
+            stream_options: Some(StreamOptions {
+                include_usage: true,
+            }),
+            max_tokens: Some(p.max_new_tokens),
+            temperature: Some(if p.is_greedy() { 0.0 } else { p.temperature }),
+            top_p: Some(p.top_p),
+            top_k: Some(if p.top_k == 0 { -1 } else { p.top_k as i64 }),
+            repetition_penalty: Some(p.repetition_penalty),
+            seed: Some(p.seed),
+            min_tokens: (p.min_new_tokens > 0).then_some(p.min_new_tokens),
+            stop: (!req.stop.is_empty()).then(|| Stop::Many(req.stop.clone())),
+            // the system message makes InternVL3.5 think; templates that switch thinking
+            // (Qwen3's on vLLM and LMDeploy, this program's serve) read this, others ignore it
+            chat_template_kwargs: (req.system.as_deref() == Some(R1_SYSTEM_PROMPT))
+                .then(|| json!({"enable_thinking": true})),
+            ..RequestOptions::default()
+        },
+    };
+    serde_json::to_value(&body).map_err(|e| format!("cannot write the request: {e}"))
 }
 
 /// A server's thinking (`reasoning_content`, or vLLM's newer `reasoning`) put back into the
@@ -505,39 +494,95 @@ impl Answer {
 
 type Failure = (String, Fault);
 
-/// One streamed answer; events go to `tx`. `Err` for a request that failed.
-fn generate(
-    agent: &ureq::Agent,
-    cfg: &RemoteConfig,
-    model: &str,
-    req: &GenerateRequest,
-    tx: &Sender<EngineEvent>,
-    cancel: &Cancel,
-) -> Result<(), Failure> {
-    let body = request_body(model, req).map_err(|e| (e, Fault::Request))?;
-    let question = with_placeholders(&req.question, &slots(&req.attachments), req.combine_images);
-    let mut answer = Answer::new(req.id);
-    let replies = post(agent.clone(), cfg, body.to_string());
-    loop {
-        if cancel.is_cancelled() || answer.gone {
-            // dropping `replies` ends the HTTP thread and its connection
-            let _ = tx.send(answer.done(Finish::Cancelled, tx));
-            return Ok(());
+/// The remote back end of the request loop ([`serve_requests`], the local model's loop, with
+/// its panic guard): each running request is one HTTP stream read on a thread of its own.
+pub struct Remote {
+    agent: ureq::Agent,
+    cfg: RemoteConfig,
+    model: String,
+    streams: Vec<Stream>,
+    /// Tests: a streamed text piece equal to this panics while it is taken in, to show that
+    /// a panic in the remote path reaches its request.
+    #[cfg(test)]
+    panic_on: Option<&'static str>,
+}
+
+/// A request being answered.
+struct Stream {
+    job: Job,
+    /// The question with its placeholders, as `Started` reports it.
+    question: String,
+    answer: Answer,
+    replies: Receiver<Reply>,
+}
+
+/// Where a stream is after a reply.
+enum Next {
+    More,
+    End(Finish),
+}
+
+impl Remote {
+    pub fn new(agent: ureq::Agent, cfg: RemoteConfig, model: String) -> Self {
+        Self {
+            agent,
+            cfg,
+            model,
+            streams: Vec::new(),
+            #[cfg(test)]
+            panic_on: None,
         }
-        let reply = match replies.recv_timeout(POLL) {
-            Ok(r) => r,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => Reply::End,
-        };
+    }
+}
+
+impl Stream {
+    /// Takes in what the stream sent so far; false once the request ended (its last event
+    /// sent). `panic_on`: see [`Remote`]'s, `None` outside tests.
+    fn advance(&mut self, panic_on: Option<&str>) -> bool {
+        let s = self;
+        let tx = &s.job.reply.clone();
+        loop {
+            if s.job.cancel.is_cancelled() || s.answer.gone {
+                // dropping `replies` ends the HTTP thread and its connection
+                let answer = std::mem::replace(&mut s.answer, Answer::new(s.job.req.id));
+                let _ = tx.send(answer.done(Finish::Cancelled, tx));
+                return false;
+            }
+            let reply = match s.replies.try_recv() {
+                Ok(r) => r,
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => Reply::End,
+            };
+            match s.take(reply, panic_on) {
+                Ok(Next::More) => {}
+                Ok(Next::End(finish)) => {
+                    let answer = std::mem::replace(&mut s.answer, Answer::new(s.job.req.id));
+                    let _ = tx.send(answer.done(finish, tx));
+                    return false;
+                }
+                Err((message, fault)) => {
+                    let id = s.job.req.id;
+                    let _ = tx.send(EngineEvent::Error { id, message, fault });
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// One reply of the HTTP thread.
+    fn take(&mut self, reply: Reply, panic_on: Option<&str>) -> Result<Next, Failure> {
+        let s = self;
+        let tx = &s.job.reply;
         match reply {
             Reply::Started => {
                 let _ = tx.send(EngineEvent::Started {
-                    id: req.id,
-                    question: question.clone(),
+                    id: s.job.req.id,
+                    question: s.question.clone(),
                     // known once the server reports usage at the end
                     prompt_tokens: 0,
                     dropped_turns: 0,
                 });
+                Ok(Next::More)
             }
             Reply::Refused { status, message } => {
                 let fault = if (400..500).contains(&status) {
@@ -545,69 +590,144 @@ fn generate(
                 } else {
                     Fault::Engine
                 };
-                return Err((message, fault));
+                Err((message, fault))
             }
-            Reply::Failed(e) => return Err((e, Fault::Engine)),
-            Reply::End => {
-                let Some(finish) = answer.finish else {
-                    return Err((
-                        "the server closed the stream before the answer ended".into(),
-                        Fault::Engine,
-                    ));
-                };
-                let _ = tx.send(answer.done(finish, tx));
-                return Ok(());
-            }
+            Reply::Failed(e) => Err((e, Fault::Engine)),
+            Reply::End => match s.answer.finish {
+                Some(finish) => Ok(Next::End(finish)),
+                None => Err((
+                    "the server closed the stream before the answer ended".into(),
+                    Fault::Engine,
+                )),
+            },
             Reply::Data(d) if d.trim() == "[DONE]" => {
-                let finish = answer.finish.unwrap_or(Finish::Stop);
-                let _ = tx.send(answer.done(finish, tx));
-                return Ok(());
+                Ok(Next::End(s.answer.finish.unwrap_or(Finish::Stop)))
             }
-            Reply::Data(d) => chunk(&d, &mut answer, tx)?,
+            Reply::Data(d) => {
+                if let Some(p) = panic_on.filter(|p| d.contains(p)) {
+                    panic!("injected: {p}");
+                }
+                chunk(&d, &mut s.answer, tx)?;
+                Ok(Next::More)
+            }
         }
     }
 }
 
+impl Backend for Remote {
+    fn start(&mut self, job: &Job) -> Result<(), Failed> {
+        let req = &job.req;
+        let body = request_body(&self.model, req).map_err(|message| Failed {
+            message,
+            fault: Fault::Request,
+        })?;
+        let question =
+            with_placeholders(&req.question, &slots(&req.attachments), req.combine_images);
+        let replies = post(self.agent.clone(), &self.cfg, body.to_string());
+        self.streams.push(Stream {
+            job: Job {
+                req: req.clone(),
+                reply: job.reply.clone(),
+                cancel: job.cancel.clone(),
+            },
+            question,
+            answer: Answer::new(req.id),
+            replies,
+        });
+        Ok(())
+    }
+
+    /// Waits up to [`POLL`] for any stream to send something (so that cancelling is seen that
+    /// soon), then takes in what came.
+    fn step(&mut self) -> Result<(), Failed> {
+        if self.streams.is_empty() {
+            return Ok(());
+        }
+        let mut ready = Select::new();
+        for s in &self.streams {
+            ready.recv(&s.replies);
+        }
+        let _ = ready.ready_timeout(POLL);
+        drop(ready);
+        #[cfg(test)]
+        let panic_on = self.panic_on;
+        #[cfg(not(test))]
+        let panic_on = None;
+        // retain_mut keeps the streams not yet taken in (and the one taken in) when a panic
+        // unwinds through it, so that the loop's guard can end them with an error
+        self.streams.retain_mut(|s| s.advance(panic_on));
+        Ok(())
+    }
+
+    fn running(&self) -> usize {
+        self.streams.len()
+    }
+
+    fn truncate(&mut self, n: usize) {
+        self.streams.truncate(n);
+    }
+
+    fn fail_all(&mut self, message: &str, fault: Fault) {
+        for s in self.streams.drain(..) {
+            let _ = s.job.reply.send(EngineEvent::Error {
+                id: s.job.req.id,
+                message: message.into(),
+                fault,
+            });
+        }
+    }
+
+    // the server keeps no conversation: nothing to forget
+    fn reset(&mut self) {}
+}
+
 /// Takes in one stream chunk: text, finish reason, usage, or an error.
 fn chunk(data: &str, answer: &mut Answer, tx: &Sender<EngineEvent>) -> Result<(), Failure> {
-    let v: Value = serde_json::from_str(data).map_err(|e| {
+    let not_json = |e: serde_json::Error| {
         (
             format!("the server sent a chunk that is not JSON ({e}): {data:.80}"),
             Fault::Engine,
         )
-    })?;
+    };
+    let v: Value = serde_json::from_str(data).map_err(not_json)?;
     if !v["error"].is_null() {
         return Err((error_message(500, data), Fault::Engine));
     }
-    let choice = &v["choices"][0];
-    let delta = &choice["delta"];
-    if let Some(r) = [&delta["reasoning_content"], &delta["reasoning"]]
-        .into_iter()
-        .find_map(Value::as_str)
-        .filter(|t| !t.is_empty())
-    {
-        let text = answer.thinking.reasoning(r);
-        answer.emit(text, tx);
-        answer.pieces += 1;
+    let c: ChatCompletionChunk = serde_json::from_value(v).map_err(|e| {
+        (
+            format!(
+                "the server sent a chunk that is not a chat.completion.chunk ({e}): {data:.80}"
+            ),
+            Fault::Engine,
+        )
+    })?;
+    if let Some(choice) = c.choices.first() {
+        let delta = &choice.delta;
+        if let Some(r) = [&delta.reasoning_content, &delta.reasoning]
+            .into_iter()
+            .flatten()
+            .find(|t| !t.is_empty())
+        {
+            let text = answer.thinking.reasoning(r);
+            answer.emit(text, tx);
+            answer.pieces += 1;
+        }
+        if let Some(c) = delta.content.as_deref().filter(|t| !t.is_empty()) {
+            let text = answer.thinking.content(c);
+            answer.emit(text, tx);
+            answer.pieces += 1;
+        }
+        if let Some(reason) = &choice.finish_reason {
+            answer.finish = Some(if reason == "length" {
+                Finish::Length
+            } else {
+                Finish::Stop
+            });
+        }
     }
-    if let Some(c) = delta["content"].as_str().filter(|t| !t.is_empty()) {
-        let text = answer.thinking.content(c);
-        answer.emit(text, tx);
-        answer.pieces += 1;
-    }
-    if let Some(reason) = choice["finish_reason"].as_str() {
-        answer.finish = Some(if reason == "length" {
-            Finish::Length
-        } else {
-            Finish::Stop
-        });
-    }
-    let usage = &v["usage"];
-    if let Some(n) = usage["prompt_tokens"].as_u64() {
-        answer.prompt_tokens = Some(n as usize);
-    }
-    if let Some(n) = usage["completion_tokens"].as_u64() {
-        answer.completion_tokens = Some(n as usize);
+    if let Some(u) = c.usage {
+        answer.prompt_tokens = Some(u.prompt_tokens);
+        answer.completion_tokens = Some(u.completion_tokens);
     }
     Ok(())
 }
@@ -615,7 +735,7 @@ fn chunk(data: &str, answer: &mut Answer, tx: &Sender<EngineEvent>) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::protocol::Turn;
+    use crate::engine::protocol::{Cancel, Turn};
     use crate::sampling::SamplingParams;
     use crate::testutil::fixture;
 
@@ -814,5 +934,96 @@ mod tests {
         for (body, want) in cases {
             assert_eq!(error_message(401, body), want);
         }
+    }
+
+    /// A one-connection-at-a-time server on loopback that streams each request's answer: the
+    /// text "boom" when the question asks for it, else "hi". Ends after `n` requests.
+    fn streaming_server(n: usize) -> (String, std::thread::JoinHandle<()>) {
+        use std::io::{BufRead, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let t = std::thread::spawn(move || {
+            for conn in listener.incoming().take(n) {
+                let mut conn = conn.unwrap();
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    r.read_line(&mut line).unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                let body = String::from_utf8(body).unwrap();
+                let text = if body.contains("boom") { "boom" } else { "hi" };
+                let chunk =
+                    json!({"choices": [{"delta": {"content": text}, "finish_reason": null}]});
+                let end = json!({"choices": [{"delta": {}, "finish_reason": "stop"}]});
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n\
+                     data: {chunk}\n\ndata: {end}\n\ndata: [DONE]\n\n"
+                );
+            }
+        });
+        (url, t)
+    }
+
+    #[test]
+    fn a_panic_in_the_remote_path_is_an_error_event_and_the_next_request_works() {
+        let (url, server) = streaming_server(2);
+        let cfg = RemoteConfig::new(&url, None, None, 12).unwrap();
+        let mut remote = Remote::new(agent(), cfg, "m".into());
+        remote.panic_on = Some("boom");
+        let (cmd_tx, cmd_rx) = unbounded();
+        let mut replies = Vec::new();
+        for (id, q) in [(1, "boom"), (2, "fine")] {
+            let (reply, events) = unbounded();
+            let req = request(Vec::new(), q, Vec::new());
+            let req = GenerateRequest { id, ..req };
+            cmd_tx
+                .send(EngineCmd::Generate {
+                    req,
+                    reply,
+                    cancel: Cancel::new(),
+                })
+                .unwrap();
+            replies.push(events);
+        }
+        cmd_tx.send(EngineCmd::Shutdown).unwrap();
+        serve_requests(&mut remote, &cmd_rx, STREAMS);
+        server.join().unwrap();
+        let first: Vec<EngineEvent> = replies[0].try_iter().collect();
+        let errors: Vec<&EngineEvent> = first
+            .iter()
+            .filter(|e| matches!(e, EngineEvent::Error { .. }))
+            .collect();
+        assert_eq!(errors.len(), 1, "one error: {first:?}");
+        assert!(
+            matches!(
+                first.last(),
+                Some(EngineEvent::Error { id: 1, message, fault: Fault::Engine })
+                    if message == "internal error: injected: boom"
+            ),
+            "{first:?}"
+        );
+        assert!(
+            !first.iter().any(|e| matches!(e, EngineEvent::Done { .. })),
+            "{first:?}"
+        );
+        let second: Vec<EngineEvent> = replies[1].try_iter().collect();
+        assert!(
+            matches!(
+                second.last(),
+                Some(EngineEvent::Done { id: 2, answer, stats }) if answer == "hi"
+                    && stats.finish == Finish::Stop
+            ),
+            "{second:?}"
+        );
     }
 }

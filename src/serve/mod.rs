@@ -17,13 +17,14 @@ use crate::engine::protocol::{
     Attachment, EngineEvent, Fault, Finish, GenerateRequest, RequestId, Turn,
 };
 use crate::engine::EngineHandle;
+use crate::openai_wire::{Delta, ModelList};
 use crate::prompt::thinking::{ThinkStream, R1_SYSTEM_PROMPT};
 use crate::sampling::SamplingParams;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use http::{Conn, ReadError, Request};
 use images::TempPicture;
 use openai::{ApiError, Envelope, Usage, UserMessage};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -308,13 +309,16 @@ fn handle(shared: &Shared, conn: &mut Conn, req: &Request, keep: bool) -> io::Re
         ("GET", "/v1/models") => send_json(
             conn,
             200,
-            &json!({"object": "list", "data": [card()]}),
+            &openai::wire(&ModelList {
+                object: "list".into(),
+                data: vec![card()],
+            }),
             keep,
         ),
         ("GET", p) if p.starts_with("/v1/models/") => {
             let id = &p["/v1/models/".len()..];
             if id == cfg.model {
-                send_json(conn, 200, &card(), keep)
+                send_json(conn, 200, &openai::wire(&card()), keep)
             } else {
                 send_error(conn, &unknown_model(id, &cfg.model), keep)
             }
@@ -593,10 +597,7 @@ fn whole_answer(
     loop {
         match ev {
             EngineEvent::Done { answer, stats, .. } => {
-                let usage = Usage {
-                    prompt_tokens: stats.prompt_tokens,
-                    completion_tokens: stats.completion_tokens,
-                };
+                let usage = Usage::new(stats.prompt_tokens, stats.completion_tokens);
                 log_done(env, stats.finish, usage, false);
                 let body = env.completion(&answer, thinks, finish_reason(stats.finish), usage);
                 return send_json(conn, 200, &body, keep);
@@ -629,17 +630,32 @@ fn stream_answer(
         abandon(events);
         return Err(gone());
     }
-    let role = env.chunk(json!({"role": "assistant", "content": ""}), None);
+    let role = env.chunk(
+        Delta {
+            role: Some("assistant".into()),
+            content: Some(String::new()),
+            ..Delta::default()
+        },
+        None,
+    );
     sse(conn, events, &role.to_string())?;
     // a think block goes out as `reasoning_content`, the rest as `content`
     let mut split = ThinkStream::new();
     let send = |conn: &mut Conn, d: crate::prompt::thinking::Delta| -> io::Result<()> {
         if !d.reasoning.is_empty() {
-            let chunk = env.chunk(json!({ "reasoning_content": d.reasoning }), None);
+            let delta = Delta {
+                reasoning_content: Some(d.reasoning),
+                ..Delta::default()
+            };
+            let chunk = env.chunk(delta, None);
             sse(conn, events, &chunk.to_string())?;
         }
         if !d.content.is_empty() {
-            let chunk = env.chunk(json!({ "content": d.content }), None);
+            let delta = Delta {
+                content: Some(d.content),
+                ..Delta::default()
+            };
+            let chunk = env.chunk(delta, None);
             sse(conn, events, &chunk.to_string())?;
         }
         Ok(())
@@ -649,12 +665,9 @@ fn stream_answer(
             EngineEvent::Token { text, .. } => send(conn, split.push(&text))?,
             EngineEvent::Done { stats, .. } => {
                 send(conn, split.finish())?;
-                let usage = Usage {
-                    prompt_tokens: stats.prompt_tokens,
-                    completion_tokens: stats.completion_tokens,
-                };
+                let usage = Usage::new(stats.prompt_tokens, stats.completion_tokens);
                 log_done(env, stats.finish, usage, true);
-                let last = env.chunk(json!({}), Some(finish_reason(stats.finish)));
+                let last = env.chunk(Delta::default(), Some(finish_reason(stats.finish)));
                 sse(conn, events, &last.to_string())?;
                 if include_usage {
                     sse(conn, events, &env.usage_chunk(usage).to_string())?;

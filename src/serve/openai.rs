@@ -1,9 +1,14 @@
 //! The OpenAI chat-completions format: a request body in, checked and mapped onto the same
 //! sampling settings the JSONL batch mode builds (the server's flags first, then the request's
-//! fields); completions, stream chunks and errors out.
+//! fields); completions, stream chunks and errors out. The shapes on the wire are
+//! [`crate::openai_wire`]'s, shared with `--remote`.
+pub use crate::openai_wire::Usage;
+use crate::openai_wire::{
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, ErrorBody,
+    ErrorDetail, ModelCard, RequestOptions,
+};
 use crate::sampling::{Overrides, SamplingParams, MAX_NEW_TOKENS_LIMIT};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// An error response: `{"error": {"message", "type", "code"}}` with its HTTP status.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,7 +40,13 @@ impl ApiError {
     }
 
     pub fn json(&self) -> Value {
-        json!({"error": {"message": self.message, "type": self.kind, "code": self.code}})
+        wire(&ErrorBody {
+            error: ErrorDetail {
+                message: self.message.clone(),
+                kind: self.kind.into(),
+                code: Some(self.code.into()),
+            },
+        })
     }
 }
 
@@ -74,52 +85,6 @@ pub struct ChatRequest {
     pub think: Option<(bool, &'static str)>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-/// The request's scalar fields (unknown fields are ignored, as OpenAI-compatible servers do;
-/// `messages` and `stop` are read by hand for precise errors). `top_k`, `repetition_penalty`
-/// and `min_tokens` are vLLM's and LMDeploy's extensions.
-#[derive(Debug, Default, Deserialize)]
-struct Fields {
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
-    #[serde(default)]
-    max_tokens: Option<usize>,
-    #[serde(default)]
-    max_completion_tokens: Option<usize>,
-    #[serde(default)]
-    min_tokens: Option<usize>,
-    #[serde(default)]
-    temperature: Option<f64>,
-    #[serde(default)]
-    top_p: Option<f64>,
-    /// -1 or 0: no top-k (vLLM's and our conventions).
-    #[serde(default)]
-    top_k: Option<i64>,
-    #[serde(default)]
-    repetition_penalty: Option<f64>,
-    #[serde(default)]
-    seed: Option<u64>,
-    #[serde(default)]
-    n: Option<u64>,
-    #[serde(default)]
-    logprobs: Option<bool>,
-    #[serde(default)]
-    presence_penalty: Option<f64>,
-    #[serde(default)]
-    frequency_penalty: Option<f64>,
-    #[serde(default)]
-    tools: Option<Vec<Value>>,
-}
-
 /// Parses and checks a request body over `base` (the server's sampling flags).
 pub fn parse_chat(body: &[u8], base: &SamplingParams) -> Result<ChatRequest, ApiError> {
     let v: Value = serde_json::from_slice(body)
@@ -127,18 +92,24 @@ pub fn parse_chat(body: &[u8], base: &SamplingParams) -> Result<ChatRequest, Api
     let Some(obj) = v.as_object() else {
         return Err(ApiError::invalid("the request body must be a JSON object"));
     };
-    // types of the scalar fields; the error names the field
-    let fields: Fields = serde_path_to_error::deserialize(&v).map_err(|e| {
+    // `stop` first by hand, for a precise message (the wire type takes any string array)
+    let stop = stop_strings(obj.get("stop"))?;
+    // types of the other fields; the error names the field
+    let fields: RequestOptions = serde_path_to_error::deserialize(&v).map_err(|e| {
         let path = e.path().to_string();
         ApiError::invalid(format!("{path}: {}", e.into_inner()))
     })?;
     unsupported(&fields)?;
     let (system, history, question) = messages(obj.get("messages"))?;
-    let stop = stop_strings(obj.get("stop"))?;
     let params = sampling(&fields, base)?;
     let think = thinking(obj)?;
+    let model = match obj.get("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(m)) => Some(m.clone()).filter(|m| !m.is_empty()),
+        Some(_) => return Err(ApiError::invalid("model: expected a string")),
+    };
     Ok(ChatRequest {
-        model: fields.model.filter(|m| !m.is_empty()),
+        model,
         stream: fields.stream.unwrap_or(false),
         include_usage: fields.stream_options.unwrap_or_default().include_usage,
         system,
@@ -211,7 +182,7 @@ fn thinking(
 }
 
 /// Features this server does not have are refused rather than silently ignored.
-fn unsupported(f: &Fields) -> Result<(), ApiError> {
+fn unsupported(f: &RequestOptions) -> Result<(), ApiError> {
     let refuse = |what: &str| Err(ApiError::invalid(format!("{what} is not supported")));
     if f.n.is_some_and(|n| n != 1) {
         return refuse("n other than 1");
@@ -232,7 +203,7 @@ fn unsupported(f: &Fields) -> Result<(), ApiError> {
 }
 
 /// The request's sampling fields over `base`, as batch mode maps its own.
-fn sampling(f: &Fields, base: &SamplingParams) -> Result<SamplingParams, ApiError> {
+fn sampling(f: &RequestOptions, base: &SamplingParams) -> Result<SamplingParams, ApiError> {
     let max = f.max_tokens.or(f.max_completion_tokens);
     let name = if f.max_tokens.is_some() {
         "max_tokens"
@@ -457,21 +428,9 @@ fn image_ref(v: Option<&Value>, at: &str) -> Result<ImageRef, ApiError> {
     })
 }
 
-/// Token counts of an answer.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Usage {
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-}
-
-impl Usage {
-    fn json(&self) -> Value {
-        json!({
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        })
-    }
+/// A wire type as JSON (they hold nothing that cannot be).
+pub fn wire<T: serde::Serialize>(t: &T) -> Value {
+    serde_json::to_value(t).unwrap_or(Value::Null)
 }
 
 /// What every response object of one completion shares.
@@ -488,63 +447,78 @@ impl Envelope {
     pub fn completion(&self, answer: &str, thinks: bool, finish: &str, usage: Usage) -> Value {
         let split = crate::prompt::thinking::split(answer);
         let message = if thinks || split.reasoning.is_some() {
-            json!({"role": "assistant", "content": split.content, "reasoning_content": split.reasoning})
+            AssistantMessage {
+                role: "assistant".into(),
+                content: Some(split.content.to_string()),
+                reasoning_content: Some(split.reasoning.map(str::to_string)),
+            }
         } else {
-            json!({"role": "assistant", "content": answer})
+            AssistantMessage {
+                role: "assistant".into(),
+                content: Some(answer.into()),
+                reasoning_content: None,
+            }
         };
-        json!({
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{
-                "index": 0,
-                "message": message,
-                "logprobs": null,
-                "finish_reason": finish,
+        wire(&ChatCompletion {
+            id: self.id.clone(),
+            object: "chat.completion".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![Choice {
+                index: 0,
+                message,
+                logprobs: None,
+                finish_reason: Some(finish.into()),
             }],
-            "usage": usage.json(),
+            usage: Some(usage),
         })
     }
 
     /// A stream chunk with `delta`, and the finish reason on the last one.
-    pub fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
-        json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+    pub fn chunk(&self, delta: Delta, finish: Option<&str>) -> Value {
+        wire(&ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta,
+                logprobs: None,
+                finish_reason: finish.map(str::to_string),
+            }],
+            usage: None,
         })
     }
 
     /// The chunk after the last one when the client asked for usage.
     pub fn usage_chunk(&self, usage: Usage) -> Value {
-        json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": usage.json(),
+        wire(&ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices: Vec::new(),
+            usage: Some(usage),
         })
     }
 }
 
 /// The `/v1/models` entry of the served model.
-pub fn model_card(id: &str, created: u64, max_model_len: usize) -> Value {
-    json!({
-        "id": id,
-        "object": "model",
-        "created": created,
-        "owned_by": "internvl-chat",
-        "max_model_len": max_model_len,
-    })
+pub fn model_card(id: &str, created: u64, max_model_len: usize) -> ModelCard {
+    ModelCard {
+        id: id.into(),
+        object: "model".into(),
+        created,
+        owned_by: "internvl-chat".into(),
+        max_model_len: Some(max_model_len as u64),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn parse(body: Value) -> Result<ChatRequest, ApiError> {
         parse_chat(body.to_string().as_bytes(), &SamplingParams::default())
@@ -808,10 +782,7 @@ mod tests {
             created: 0,
             model: "m".into(),
         };
-        let usage = Usage {
-            prompt_tokens: 1,
-            completion_tokens: 2,
-        };
+        let usage = Usage::new(1, 2);
         let m = |answer: &str, thinks: bool| {
             env.completion(answer, thinks, "stop", usage)["choices"][0]["message"].clone()
         };

@@ -1,7 +1,8 @@
 //! Which graphics protocol the terminal speaks, decided once at start-up, before the input
 //! thread reads the terminal (so nothing races for the answers):
 //! 1. `--graphics` / `graphics =` forcing a protocol or half blocks wins;
-//! 2. inside tmux or screen: half blocks (they do not pass graphics through);
+//! 2. inside tmux or screen: half blocks (they pass graphics on only with passthrough turned on,
+//!    which cannot be asked); a forced protocol inside tmux goes through its passthrough;
 //! 3. the environment: kitty (`KITTY_WINDOW_ID`, `TERM=xterm-kitty`), Ghostty (kitty's
 //!    protocol), iTerm2 / WezTerm / mintty (`TERM_PROGRAM`, `LC_TERMINAL`: iTerm2's inline
 //!    images), foot and mlterm (sixel); `TERM=linux` or `dumb`: half blocks;
@@ -35,6 +36,8 @@ pub struct Env {
     pub kitty_window: bool,
     pub wezterm: bool,
     pub multiplexer: bool,
+    /// Inside tmux (whose passthrough can carry images).
+    pub tmux: bool,
 }
 
 impl Env {
@@ -51,6 +54,7 @@ impl Env {
             kitty_window: set("KITTY_WINDOW_ID"),
             wezterm: set("WEZTERM_EXECUTABLE"),
             multiplexer: set("TMUX") || set("STY"),
+            tmux: set("TMUX"),
         }
     }
 }
@@ -268,6 +272,7 @@ pub fn decide(
     d.graphics = Some(Graphics {
         protocol,
         cell: cell.unwrap_or(CellSize::DEFAULT),
+        tmux: env.tmux,
     });
     d
 }
@@ -565,7 +570,8 @@ mod tests {
             d.graphics,
             Some(Graphics {
                 protocol: Protocol::Kitty,
-                cell: CELL
+                cell: CELL,
+                tmux: false,
             })
         );
         assert!(d.queried && !d.late_replies);
@@ -608,8 +614,10 @@ mod tests {
             d.graphics,
             Some(Graphics {
                 protocol: Protocol::Kitty,
-                cell: CELL
-            })
+                cell: CELL,
+                tmux: true,
+            }),
+            "forced inside tmux: through its passthrough"
         );
         assert!(log.borrow().is_empty(), "nothing to ask");
         let (q, log) = asked(Some(b"\x1b[?62c"));
@@ -618,9 +626,15 @@ mod tests {
             d.graphics,
             Some(Graphics {
                 protocol: Protocol::Sixel,
-                cell: CellSize::DEFAULT
+                cell: CellSize::DEFAULT,
+                tmux: true,
             })
         );
+        // screen has no passthrough ratatui-image speaks
+        let screen = env(&[("TERM", "screen"), ("STY", "1.pts-0")]);
+        let (q, _) = asked(None);
+        let d = decide(GraphicsMode::Kitty, &screen, Some(CELL), q);
+        assert_eq!(d.graphics.map(|g| g.tmux), Some(false));
         assert_eq!(log.borrow().as_slice(), [[CELL_QUERY, DA1].concat()]);
         assert!(!d.late_replies, "no kitty query went out");
         // environment says kitty: no query when the window has pixels

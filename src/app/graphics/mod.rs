@@ -1,28 +1,25 @@
-//! Pictures through terminal graphics protocols: kitty, sixel and iTerm2, with half blocks
-//! (preview.rs) as the fallback.
+//! Pictures through terminal graphics protocols: kitty, sixel and iTerm2 (inside tmux through
+//! its passthrough), encoded by the `ratatui-image` crate, with half blocks (preview.rs) as the
+//! fallback.
 //!
-//! ratatui only knows cells, so a picture lives beside the cell grid:
 //! - the view reserves the picture's cells as blanks ([`place`] decides which, from the cell
-//!   size in pixels), so ratatui never draws under it;
-//! - after each frame, [`Layer`] compares the pictures wanted with those on screen and writes
-//!   the difference as escape sequences into the cell rectangles: kitty places a transmitted
-//!   image by id and deletes the placement when it goes; sixel and iTerm2 images become part
-//!   of the cells they cover, so when one goes, its cells are repainted from the frame just
-//!   drawn (ratatui's diff cannot know they changed);
+//!   size in pixels);
+//! - in the same frame, [`Images`] renders the pictures wanted into those cells: each one
+//!   scaled into its canvas with the grounding boxes drawn ([`raster`]), encoded once by
+//!   ratatui-image and kept while it is shown; ratatui writes it with the frame's other cells;
 //! - an overlay (help, sessions) hides the pictures: while one is open the preview falls back
 //!   to half blocks under it, and the images come back when it closes.
 //!
 //! Which protocol, if any, is decided once at start-up ([`detect`]): the environment, then a
-//! short query of the terminal before the input thread starts.
+//! short query of the terminal before the input thread starts. ratatui-image's own query
+//! (`Picker::from_query_stdio`) is not used: it waits up to 2 s for a silent terminal and
+//! leaves its late answers to the input; ours waits 150 ms and filters them.
 pub mod detect;
-mod iterm2;
-mod kitty;
-mod layer;
+mod images;
 mod raster;
-mod sixel;
 
 pub use detect::{detect, Detected, LateReplyFilter};
-pub use layer::{cells, Layer};
+pub use images::Images;
 
 use super::grounding::Grounding;
 use image::RgbImage;
@@ -119,6 +116,8 @@ impl CellSize {
 pub struct Graphics {
     pub protocol: Protocol,
     pub cell: CellSize,
+    /// Inside tmux: every sequence goes through its passthrough (`allow-passthrough on`).
+    pub tmux: bool,
 }
 
 /// Largest canvas side in pixels (bounds memory and encoding time on huge terminals).
@@ -209,6 +208,7 @@ mod tests {
     const KITTY: Graphics = Graphics {
         protocol: Protocol::Kitty,
         cell: CellSize { w: 10, h: 20 },
+        tmux: false,
     };
 
     #[test]
@@ -255,6 +255,7 @@ mod tests {
         let g = Graphics {
             protocol: Protocol::Sixel,
             cell: CellSize { w: 7, h: 15 },
+            tmux: false,
         };
         for (w, h, aw, ah) in [
             (400, 200, 30, 10),

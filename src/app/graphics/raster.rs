@@ -137,6 +137,7 @@ mod tests {
         let g = Graphics {
             protocol: Protocol::Kitty,
             cell: CellSize { w: 4, h: 8 },
+            tmux: false,
         };
         let place = super::super::place(20, 10, Rect::new(0, 0, 10, 3), g).unwrap();
         // 40x24 px available: 40x20 picture in a 40x24 canvas, 2 rows of padding above
