@@ -132,9 +132,11 @@ impl Request {
         if let Some(vid) = &self.video {
             v.push(Attachment::Video {
                 path: vid.path.clone(),
-                segments: vid.segments.unwrap_or(8),
+                segments: vid.segments.unwrap_or(crate::media::DEFAULT_SEGMENTS),
                 bound: vid.bound,
-                max_tiles: vid.max_tiles.unwrap_or(1),
+                max_tiles: vid
+                    .max_tiles
+                    .unwrap_or(crate::media::DEFAULT_VIDEO_MAX_TILES),
             });
         }
         v

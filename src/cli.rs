@@ -33,7 +33,8 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub video: Option<PathBuf>,
     /// Number of frames sampled from the video.
-    #[arg(long, default_value_t = 8, value_name = "N", value_parser = tile_count())]
+    #[arg(long, default_value_t = crate::media::DEFAULT_SEGMENTS, value_name = "N",
+          value_parser = tile_count())]
     pub segments: usize,
     /// Only sample the video between START and END seconds (0 <= START < END; decimals
     /// allowed, e.g. 1.5,9).
@@ -47,7 +48,8 @@ pub struct Cli {
     #[arg(long, value_enum, value_name = "HOW")]
     pub graphics: Option<Graphics>,
     /// Tiles per video frame.
-    #[arg(long, default_value_t = 1, value_name = "N", value_parser = tile_count())]
+    #[arg(long, default_value_t = crate::media::DEFAULT_VIDEO_MAX_TILES, value_name = "N",
+          value_parser = tile_count())]
     pub video_max_tiles: usize,
     /// Ask an OpenAI-compatible server (`internvl-chat serve`, LMDeploy, vLLM) instead of
     /// loading a model: http://HOST:PORT.

@@ -13,6 +13,12 @@ use std::str::FromStr;
 /// search (and a frame list) run out of time or memory before anything is refused.
 pub const MAX_TILES_LIMIT: usize = 128;
 
+/// Frames sampled from a video when not told (`--segments`, `/video`, batch, `config.toml`).
+pub const DEFAULT_SEGMENTS: usize = 8;
+
+/// Tiles per video frame when not told (`--video-max-tiles`, batch, `config.toml`).
+pub const DEFAULT_VIDEO_MAX_TILES: usize = 1;
+
 /// A file attached to a question.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -199,8 +205,9 @@ impl From<ImageArg> for Attachment {
     }
 }
 
-/// What staging an attachment shows before anything is sent, computed in one place
-/// (`preprocess::probe`) for the chat, the command line and the engine alike.
+/// What staging an attachment shows before anything is sent, computed in one place,
+/// `preprocess::probe` (for the chat, local or remote), with the tiling the engine counts a
+/// prompt with (`preprocess::placeholder_tiles`; a test holds the two equal).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttachmentInfo {
     /// The file's name.
