@@ -5,6 +5,7 @@ use crate::engine::generate::GenOutput;
 use crate::engine::protocol::{Attachment, Cancel, EngineEvent, Fault, GenerateRequest, Turn};
 use crate::engine::scheduler::{Job, Scheduler};
 use crate::files::MAX_JSONL_LINE_BYTES;
+use crate::media::TimeRange;
 use crate::prompt::thinking::{self, R1_SYSTEM_PROMPT};
 use crate::sampling::{Overrides, SamplingParams};
 use crossbeam_channel::{Receiver, TryRecvError};
@@ -29,8 +30,9 @@ pub struct VideoSpec {
     pub path: PathBuf,
     #[serde(default)]
     pub segments: Option<usize>,
+    /// `[START, END]` in seconds, checked as [`TimeRange`] says.
     #[serde(default)]
-    pub bound: Option<(f64, f64)>,
+    pub bound: Option<TimeRange>,
     #[serde(default)]
     pub max_tiles: Option<usize>,
 }
@@ -130,9 +132,11 @@ impl Request {
         if let Some(vid) = &self.video {
             v.push(Attachment::Video {
                 path: vid.path.clone(),
-                segments: vid.segments.unwrap_or(8),
+                segments: vid.segments.unwrap_or(crate::media::DEFAULT_SEGMENTS),
                 bound: vid.bound,
-                max_tiles: vid.max_tiles.unwrap_or(1),
+                max_tiles: vid
+                    .max_tiles
+                    .unwrap_or(crate::media::DEFAULT_VIDEO_MAX_TILES),
             });
         }
         v
@@ -536,6 +540,49 @@ mod tests {
         assert!(
             e.starts_with("invalid request: think: invalid type: string"),
             "{e}"
+        );
+    }
+
+    /// A video's bound is checked by `TimeRange`'s rule; the error names the line (see
+    /// `generate_request`) and the field.
+    #[test]
+    fn video_bounds_are_checked_when_the_line_is_read() {
+        let r = req(r#"{"question": "q", "video": {"path": "v.mp4", "bound": [1.5, 9]}}"#);
+        assert_eq!(
+            r.attachments()[0],
+            Attachment::Video {
+                path: "v.mp4".into(),
+                segments: 8,
+                bound: Some(TimeRange::new(1.5, 9.0).unwrap()),
+                max_tiles: 1
+            }
+        );
+        for (bound, want) in [
+            ("[9, 1]", "video.bound: START 9 is not before END 1"),
+            ("[2, 2]", "video.bound: START 2 is not before END 2"),
+            (
+                "[-1, 5]",
+                "video.bound: START -1 is negative (seconds count from the start of the video)",
+            ),
+            ("[1]", "video.bound: invalid length 1"),
+            ("[1, \"x\"]", "video.bound[1]: invalid type: string"),
+        ] {
+            let line = format!(
+                r#"{{"id": 7, "question": "q", "video": {{"path": "v.mp4", "bound": {bound}}}}}"#
+            );
+            let (id, e) = parse_line(&line).unwrap_err();
+            assert_eq!(id, json!(7));
+            assert!(
+                e.starts_with(&format!("invalid request: {want}")),
+                "{bound}: {e}"
+            );
+        }
+        let p = SamplingParams::default();
+        let line = r#"{"id": 7, "question": "q", "video": {"path": "v.mp4", "bound": [9, 1]}}"#;
+        let e = generate_request(line, 2, 0, &p, None, false, false).unwrap_err();
+        assert_eq!(
+            e,
+            json!({"id": 7, "error": "line 3: invalid request: video.bound: START 9 is not before END 1"})
         );
     }
 }

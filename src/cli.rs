@@ -1,4 +1,5 @@
 //! Command-line definitions (clap derive only; no logic here).
+use crate::media::{ImageArg, TimeRange};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -22,9 +23,9 @@ pub struct Cli {
     /// One-shot question; the answer streams to stdout.
     #[arg(short, long)]
     pub prompt: Option<String>,
-    /// Image to attach (repeatable), as PATH or PATH:MAX_TILES.
-    #[arg(long = "image", value_name = "PATH")]
-    pub images: Vec<String>,
+    /// Image to attach (repeatable), as PATH or PATH:N (at most N tiles, 1 to 128).
+    #[arg(long = "image", value_name = "PATH[:N]")]
+    pub images: Vec<ImageArg>,
     /// Give all images as one `<image>` (their tiles concatenated) instead of Image-1/Image-2.
     #[arg(long)]
     pub combine_images: bool,
@@ -32,11 +33,13 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub video: Option<PathBuf>,
     /// Number of frames sampled from the video.
-    #[arg(long, default_value_t = 8, value_name = "N", value_parser = tile_count())]
+    #[arg(long, default_value_t = crate::media::DEFAULT_SEGMENTS, value_name = "N",
+          value_parser = tile_count())]
     pub segments: usize,
-    /// Only sample the video between START and END seconds.
-    #[arg(long, value_name = "START,END")]
-    pub video_bound: Option<String>,
+    /// Only sample the video between START and END seconds (0 <= START < END; decimals
+    /// allowed, e.g. 1.5,9).
+    #[arg(long, value_name = "START,END", allow_hyphen_values = true)]
+    pub video_bound: Option<TimeRange>,
     /// Open a saved chat session (see /sessions in the chat).
     #[arg(long, value_name = "NAME")]
     pub session: Option<String>,
@@ -45,7 +48,8 @@ pub struct Cli {
     #[arg(long, value_enum, value_name = "HOW")]
     pub graphics: Option<Graphics>,
     /// Tiles per video frame.
-    #[arg(long, default_value_t = 1, value_name = "N", value_parser = tile_count())]
+    #[arg(long, default_value_t = crate::media::DEFAULT_VIDEO_MAX_TILES, value_name = "N",
+          value_parser = tile_count())]
     pub video_max_tiles: usize,
     /// Ask an OpenAI-compatible server (`internvl-chat serve`, LMDeploy, vLLM) instead of
     /// loading a model: http://HOST:PORT.
@@ -64,9 +68,9 @@ pub struct Cli {
     pub remote_model: Option<String>,
 }
 
-/// 1..=128: tiles of an image, frames of a video (see `preprocess::MAX_TILES_LIMIT`).
+/// 1..=128: tiles of an image, frames of a video (see `media::MAX_TILES_LIMIT`).
 fn tile_count() -> clap::builder::RangedU64ValueParser<usize> {
-    clap::builder::RangedU64ValueParser::new().range(1..=crate::preprocess::MAX_TILES_LIMIT as u64)
+    clap::builder::RangedU64ValueParser::new().range(1..=crate::media::MAX_TILES_LIMIT as u64)
 }
 
 #[derive(Debug, Subcommand)]

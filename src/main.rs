@@ -5,13 +5,13 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match internvl_chat::run::run(cli) {
+    match internvl_chat::cmd::run(cli) {
         Ok(code) => code,
         Err(e) => {
             // one line: the context chain joined, libtorch backtraces cut
             eprintln!(
                 "internvl-chat: error: {}",
-                internvl_chat::run::error_line(&e)
+                internvl_chat::cmd::error_line(&e)
             );
             ExitCode::from(1)
         }

@@ -142,16 +142,6 @@ fn every_bad_attachment_gives_one_line_naming_the_file() {
                 "lasts 10.333s".into(),
             ],
         ),
-        (
-            vec![
-                "--image".into(),
-                format!("{}:4294967297", media("images/image1.jpg")),
-            ],
-            vec![
-                "image1.jpg".into(),
-                "max tiles 4294967297 is more than 128".into(),
-            ],
-        ),
     ];
     for (args, want) in cases {
         let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -180,6 +170,53 @@ fn flags_out_of_range_are_usage_errors() {
         );
         assert_eq!(o.status.code(), Some(2), "{flag} {value}: {}", stderr(&o));
         assert!(stderr(&o).contains(flag), "{}", stderr(&o));
+    }
+    // typed values: clap names the flag and says what is wrong with the value
+    let img = media("images/image1.jpg");
+    for (flag, value, why) in [
+        (
+            "--image",
+            format!("{img}:4294967297"),
+            "the tile limit after ':' must be 1 to 128, got 4294967297",
+        ),
+        (
+            "--image",
+            format!("{img}:0"),
+            "the tile limit after ':' must be 1 to 128, got 0",
+        ),
+        ("--video-bound", "9,1".into(), "START 9 is not before END 1"),
+        (
+            "--video-bound",
+            "-1,5".into(),
+            "START -1 is negative (seconds count from the start of the video)",
+        ),
+        (
+            "--video-bound",
+            "1,inf".into(),
+            "END inf is not a finite number of seconds",
+        ),
+        (
+            "--video-bound",
+            "2".into(),
+            "expected START,END in seconds, got \"2\" (no comma)",
+        ),
+        (
+            "--video-bound",
+            "a,2".into(),
+            "START \"a\" is not a number of seconds",
+        ),
+    ] {
+        let o = run(
+            &["--model", &m, "--video", &v, flag, &value, "--prompt", "hi"],
+            None,
+        );
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}: {}", stderr(&o));
+        let first = stderr(&o).lines().next().unwrap_or("").to_string();
+        assert!(
+            first.starts_with(&format!("error: invalid value '{value}' for '{flag} ")),
+            "{first}"
+        );
+        assert!(first.ends_with(why), "{first}");
     }
     let o = run(
         &["--model", &m, "--max-new-tokens", "-1", "--prompt", "hi"],
@@ -512,6 +549,16 @@ fn bad_request_lines_name_the_field() {
         (
             json!({"id": 22, "question": "<image><image>", "images": [{"path": img}]}).to_string(),
             "2 <image> placeholders but 1 image",
+        ),
+        // the time range rule of --video-bound and /video, with the line and field named
+        (
+            json!({"id": 23, "question": "q", "video": {"path": vid, "bound": [9, 1]}}).to_string(),
+            "line 24: invalid request: video.bound: START 9 is not before END 1",
+        ),
+        (
+            json!({"id": 24, "question": "q", "video": {"path": vid, "bound": [-1, 1]}})
+                .to_string(),
+            "line 25: invalid request: video.bound: START -1 is negative",
         ),
     ];
     let input = d.path().join("in.jsonl");

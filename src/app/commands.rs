@@ -245,7 +245,7 @@ impl App {
         kind: MediaKind,
         max_tiles: Option<usize>,
         segments: Option<usize>,
-        bound: Option<(f64, f64)>,
+        bound: Option<crate::media::TimeRange>,
     ) -> Vec<Command> {
         let path = self.paths.resolve(raw);
         // a FIFO or a device is refused here, before anything tries to read it

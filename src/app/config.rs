@@ -70,8 +70,8 @@ impl Default for Settings {
         Self {
             params: SamplingParams::default(),
             max_tiles: None,
-            video_segments: 8,
-            video_max_tiles: 1,
+            video_segments: crate::media::DEFAULT_SEGMENTS,
+            video_max_tiles: crate::media::DEFAULT_VIDEO_MAX_TILES,
             combine_images: false,
             system: None,
             think: false,

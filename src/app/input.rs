@@ -1,5 +1,6 @@
 //! What the user types: slash commands, file paths in the prompt (typed, pasted or dropped:
 //! quoted, with escaped spaces, `~`, `file://`), and Tab completion of commands and paths.
+use crate::media::TimeRange;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -12,7 +13,7 @@ pub enum SlashCommand {
     Video {
         path: String,
         segments: Option<usize>,
-        bound: Option<(f64, f64)>,
+        bound: Option<TimeRange>,
     },
     /// `None`: all.
     Detach(Option<usize>),
@@ -166,7 +167,13 @@ pub fn parse_command(input: &str) -> Option<Result<SlashCommand, String>> {
         "/video" => match args.as_slice() {
             [path, more @ ..] if more.len() <= 2 => {
                 let segments = more.first().map(|s| number(s, "segments")).transpose();
-                let bound = more.get(1).map(|b| parse_bound(b)).transpose();
+                let bound = more
+                    .get(1)
+                    .map(|b| {
+                        b.parse::<TimeRange>()
+                            .map_err(|e| format!("time range: {e}"))
+                    })
+                    .transpose();
                 segments.and_then(|segments| {
                     bound.map(|bound| SlashCommand::Video {
                         path: path.clone(),
@@ -226,16 +233,6 @@ pub fn parse_command(input: &str) -> Option<Result<SlashCommand, String>> {
         other => Err(format!("unknown command {other} (/help lists them)")),
     };
     Some(cmd)
-}
-
-fn parse_bound(s: &str) -> Result<(f64, f64), String> {
-    let bad = || format!("the time range must be START,END in seconds, got \"{s}\"");
-    let (a, b) = s.split_once(',').ok_or_else(bad)?;
-    let a: f64 = a.trim().parse().map_err(|_| bad())?;
-    let b: f64 = b.trim().parse().map_err(|_| bad())?;
-    (a.is_finite() && b.is_finite() && 0.0 <= a && a < b)
-        .then_some((a, b))
-        .ok_or_else(bad)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -469,12 +466,23 @@ mod tests {
             Ok(Video {
                 path: "v.mp4".into(),
                 segments: Some(16),
-                bound: Some((1.5, 9.0))
+                bound: Some(TimeRange::new(1.5, 9.0).unwrap())
             })
         );
         assert_eq!(
             p("/video v.mp4 8 9,1"),
-            Err("the time range must be START,END in seconds, got \"9,1\"".into())
+            Err("time range: START 9 is not before END 1".into())
+        );
+        assert_eq!(
+            p("/video v.mp4 8 -1,5"),
+            Err(
+                "time range: START -1 is negative (seconds count from the start of the video)"
+                    .into()
+            )
+        );
+        assert_eq!(
+            p("/video v.mp4 8 1"),
+            Err("time range: expected START,END in seconds, got \"1\" (no comma)".into())
         );
         assert_eq!(
             p("/image a.png 0"),

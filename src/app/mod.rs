@@ -46,21 +46,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// What the chat knows of an attachment before sending it, from [`AppOptions::probe`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct AttachmentInfo {
-    pub name: String,
-    pub bytes: u64,
-    /// Tile grid (columns, rows).
-    pub grid: (u32, u32),
-    /// Tiles sent (with the thumbnail; for a video, over all frames).
-    pub tiles: usize,
-    /// Image tokens in the prompt.
-    pub tokens: usize,
-    /// A small picture, or a video's first frame.
-    pub preview: Option<image::RgbImage>,
-    /// Sampled video frames (small); may be empty.
-    pub frames: Vec<image::RgbImage>,
-}
+pub use crate::media::AttachmentInfo;
 
 /// Reads an attachment (decodes it, works out its tiling): `Err` carries the reason it cannot
 /// be used. Runs on its own thread.

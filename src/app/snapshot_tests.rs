@@ -355,6 +355,7 @@ fn video_frames_as_a_gallery() {
         .collect::<Vec<_>>();
     let mut video = info("clip.mp4");
     video.frames = frames;
+    video.duration = Some(10.333);
     video.tiles = 4;
     video.tokens = 1024;
     app.update(Msg::Probed {

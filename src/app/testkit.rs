@@ -155,6 +155,7 @@ pub fn info(name: &str) -> AttachmentInfo {
         grid: (3, 2),
         tiles: 7,
         tokens: 1792,
+        duration: None,
         preview: Some(picture(96, 64, [40, 120, 200], [200, 160, 40])),
         frames: Vec::new(),
     }

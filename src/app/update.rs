@@ -505,7 +505,7 @@ impl App {
         path: PathBuf,
         max_tiles: Option<usize>,
         segments: Option<usize>,
-        bound: Option<(f64, f64)>,
+        bound: Option<crate::media::TimeRange>,
     ) -> Attachment {
         match kind {
             MediaKind::Image => Attachment::Image {

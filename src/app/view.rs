@@ -888,8 +888,11 @@ fn cost(a: &Attachment, info: &AttachmentInfo) -> String {
             )
         }
         Attachment::Video { segments, .. } => {
+            let length = info
+                .duration
+                .map_or_else(String::new, |d| format!("{d:.1} s · "));
             format!(
-                "{size} · {segments} frames · {} tiles · {} tokens",
+                "{size} · {length}{segments} frames · {} tiles · {} tokens",
                 info.tiles, info.tokens
             )
         }

@@ -3,41 +3,13 @@
 use crate::sampling::SamplingParams;
 use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub type RequestId = u64;
 
-/// A file attached to a question.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum Attachment {
-    Image {
-        path: PathBuf,
-        /// Most tiles; `None`: the config's `max_dynamic_patch`.
-        #[serde(default)]
-        max_tiles: Option<usize>,
-    },
-    Video {
-        path: PathBuf,
-        segments: usize,
-        /// Only sample between these seconds.
-        #[serde(default)]
-        bound: Option<(f64, f64)>,
-        /// Tiles per frame.
-        max_tiles: usize,
-    },
-}
-
-impl Attachment {
-    pub fn path(&self) -> &std::path::Path {
-        match self {
-            Attachment::Image { path, .. } | Attachment::Video { path, .. } => path,
-        }
-    }
-}
+pub use crate::media::Attachment;
 
 /// The question with placeholders for its attachments when it has none of its own: images first
 /// (`<image>\n` for one image or combined images, `Image-1: <image>\n…` for several), then a

@@ -8,7 +8,7 @@
 //! decode it once: the second waits for the first. Entries are forgotten least recently used
 //! first beyond a budget of tile bytes.
 use super::{load_visual, TileConfig, Visual, VisualError};
-use crate::engine::protocol::Attachment;
+use crate::media::Attachment;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 

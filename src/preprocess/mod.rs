@@ -6,7 +6,7 @@ pub mod image;
 pub mod resize;
 pub mod video;
 
-use crate::engine::protocol::Attachment;
+use crate::media::{Attachment, AttachmentInfo};
 use ::image::RgbImage;
 pub use cache::{load_visual_shared, prefetch};
 
@@ -62,11 +62,7 @@ pub enum VisualError {
     },
 }
 
-/// Most tiles of one image or video frame, and most frames sampled from one video. 128 tiles
-/// of 256 tokens fill 32768 positions, the largest context window of the InternVL 2.5 family,
-/// so a larger limit could never be sent; unbounded, a limit of billions would make the tile
-/// search (and a frame list) run out of time or memory before anything is refused.
-pub const MAX_TILES_LIMIT: usize = 128;
+pub use crate::media::MAX_TILES_LIMIT;
 
 /// A video attachment's tile and segment counts: at least one tile, both within the limits.
 fn check_video_limits(
@@ -152,9 +148,10 @@ pub fn load_visual(att: &Attachment, cfg: &TileConfig) -> Result<Visual, VisualE
         } => {
             check_video_limits(path, *segments, *max_tiles)?;
             if let Some(p) = &cfg.hf {
-                return load_hf_video(path, *segments, *bound, p);
+                return load_hf_video(path, *segments, bound.map(|b| b.pair()), p);
             }
-            let (_meta, indices, frames) = video::load_video(path, *bound, *segments)?;
+            let (_meta, indices, frames) =
+                video::load_video(path, bound.map(|b| b.pair()), *segments)?;
             let mut grid = (1, 1);
             let placeholders = frames
                 .iter()
@@ -256,26 +253,18 @@ pub fn placeholder_tiles(att: &Attachment, cfg: &TileConfig) -> Result<Vec<usize
         } => {
             check_video_limits(path, *segments, *max_tiles)?;
             if let Some(p) = &cfg.hf {
-                let frames = hf_video_frames(path, *segments, *bound, p)?.1.len();
+                let frames = hf_video_frames(path, *segments, bound.map(|b| b.pair()), p)?
+                    .1
+                    .len();
                 return Ok(vec![1; frames]);
             }
             let meta = video::probe(path)?;
-            let frames = video::sample_indices(path, &meta, *bound, *segments)?.len();
+            let frames =
+                video::sample_indices(path, &meta, bound.map(|b| b.pair()), *segments)?.len();
             let per_frame = tiles_for(meta.width, meta.height, cfg, *max_tiles as u32).1;
             Ok(vec![per_frame; frames])
         }
     }
-}
-
-/// What staging an attachment shows before anything is sent: its tile grid and token cost,
-/// and small pictures (the image, or the sampled video frames).
-#[derive(Debug)]
-pub struct Probe {
-    pub grid: (u32, u32),
-    pub tiles: usize,
-    pub tokens: usize,
-    pub preview: Option<RgbImage>,
-    pub frames: Vec<RgbImage>,
 }
 
 fn thumbnail(img: &RgbImage, max_side: u32) -> RgbImage {
@@ -288,11 +277,16 @@ fn thumbnail(img: &RgbImage, max_side: u32) -> RgbImage {
     resize::resize_bicubic(img, tw, th)
 }
 
-/// Decodes an attachment (so an undecodable file is refused when staged) and computes its cost.
-pub fn probe(att: &Attachment, cfg: &TileConfig) -> Result<Probe, VisualError> {
+/// What staging `att` shows before anything is sent (see [`AttachmentInfo`]): decodes it, so an
+/// undecodable file is refused when staged, and computes its tiling and token cost as the
+/// engine will send it.
+pub fn probe(att: &Attachment, cfg: &TileConfig) -> Result<AttachmentInfo, VisualError> {
     // big enough for a sharp picture through a terminal graphics protocol (a preview pane is
     // up to 64 cells, ~600 px, wide); half blocks average it down
     let thumb_side = 512;
+    let path = att.path();
+    let name = AttachmentInfo::display_name(path);
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     match att {
         Attachment::Image { path, max_tiles } => {
             let max = image_max_tiles(path, *max_tiles, cfg)?;
@@ -300,26 +294,33 @@ pub fn probe(att: &Attachment, cfg: &TileConfig) -> Result<Probe, VisualError> {
             // tile it in the background now, so that sending finds the tiles ready
             prefetch(att, cfg);
             let (grid, tiles) = tiles_for(img.width(), img.height(), cfg, max);
-            Ok(Probe {
+            Ok(AttachmentInfo {
+                name,
+                bytes,
                 grid,
                 tiles,
                 tokens: tiles * cfg.tokens_per_tile,
+                duration: None,
                 preview: Some(thumbnail(&img, thumb_side)),
                 frames: Vec::new(),
             })
         }
-        Attachment::Video { .. } => {
+        Attachment::Video { path, .. } => {
             let v = load_visual_shared(att, cfg)?;
+            let meta = video::probe(path)?;
             let tiles = v.tiles();
             let frames: Vec<RgbImage> = v
                 .placeholders
                 .iter()
                 .filter_map(|p| p.last().map(|t| thumbnail(t, thumb_side / 2)))
                 .collect();
-            Ok(Probe {
+            Ok(AttachmentInfo {
+                name,
+                bytes,
                 grid: v.grid,
                 tiles,
                 tokens: tiles * cfg.tokens_per_tile,
+                duration: Some(meta.num_frames as f64 / meta.avg_fps),
                 preview: frames.first().cloned(),
                 frames,
             })
@@ -330,6 +331,7 @@ pub fn probe(att: &Attachment, cfg: &TileConfig) -> Result<Probe, VisualError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::media::TimeRange;
     use crate::testutil::fixture;
 
     fn cfg() -> TileConfig {
@@ -357,7 +359,12 @@ mod tests {
         for (v, segments, bound, max_tiles) in [
             ("video_90.mov", 4, None, 1),
             ("video_90.mov", 2, None, 3),
-            ("flipping_a_pancake.mkv", 8, Some((1.0, 3.0)), 2),
+            (
+                "flipping_a_pancake.mkv",
+                8,
+                Some(TimeRange::new(1.0, 3.0).unwrap()),
+                2,
+            ),
             ("unordered.mov", 3, None, 1),
         ] {
             atts.push(Attachment::Video {
@@ -408,7 +415,7 @@ mod tests {
             .iter()
             .all(|p| p.len() == 1 && p[0].dimensions() == (448, 448)));
         assert_eq!(placeholder_tiles(&video(8, None), &hf).unwrap(), [1; 8]);
-        let e = load_visual(&video(8, Some((1.0, 2.0))), &hf)
+        let e = load_visual(&video(8, Some(TimeRange::new(1.0, 2.0).unwrap())), &hf)
             .unwrap_err()
             .to_string();
         assert!(
@@ -483,5 +490,42 @@ mod tests {
             assert!(matches!(e, VisualError::OverLimit { .. }), "{e}");
             assert!(e.to_string().contains("video_90.mov"), "{e}");
         }
+    }
+
+    /// The probe shows what the engine sends: the tiles `placeholder_tiles` counts, their
+    /// tokens, the file's name and size, and a video's length.
+    #[test]
+    fn probes_show_the_cost_the_engine_counts() {
+        let image = Attachment::Image {
+            path: fixture("media/images/image1.jpg"),
+            max_tiles: Some(6),
+        };
+        let video = Attachment::Video {
+            path: fixture("media/videos/flipping_a_pancake.mkv"),
+            segments: 4,
+            bound: Some(TimeRange::new(1.0, 3.0).unwrap()),
+            max_tiles: 2,
+        };
+        for a in [&image, &video] {
+            let info = probe(a, &cfg()).unwrap();
+            let tiles: usize = placeholder_tiles(a, &cfg()).unwrap().iter().sum();
+            assert_eq!((info.tiles, info.tokens), (tiles, tiles * 256), "{a:?}");
+            assert_eq!(info.bytes, std::fs::metadata(a.path()).unwrap().len());
+            assert!(info.preview.is_some());
+        }
+        let i = probe(&image, &cfg()).unwrap();
+        assert_eq!(
+            (i.name.as_str(), i.duration, i.frames.len()),
+            ("image1.jpg", None, 0)
+        );
+        let v = probe(&video, &cfg()).unwrap();
+        let meta = video::probe(video.path()).unwrap();
+        assert_eq!(v.name, "flipping_a_pancake.mkv");
+        assert_eq!(v.frames.len(), 4);
+        let d = v.duration.unwrap();
+        assert!(
+            d > 3.0 && (d - meta.num_frames as f64 / meta.avg_fps).abs() < 1e-9,
+            "{d}"
+        );
     }
 }
