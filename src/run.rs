@@ -421,6 +421,7 @@ fn serve(cli: &Cli, s: &ServeArgs) -> Result<ExitCode> {
         opts,
         dtype_name: dtype_name(cli.model.dtype).into(),
         max_batch: s.max_batch,
+        tile_cache: Default::default(),
     });
     let info = wait_ready(&handle)?;
     let model = s.served_model_name.clone().unwrap_or(info.name);
@@ -490,6 +491,8 @@ fn tui(cli: &Cli) -> Result<ExitCode> {
     use crate::app::{self, AppOptions, AttachmentInfo, Overrides};
     use crate::engine::worker::{self, WorkerConfig};
     let attachments = attachments_from(cli)?;
+    // one cache for the attachment probe and the engine: a staged picture is tiled once
+    let tile_cache = std::sync::Arc::new(crate::preprocess::TileCache::default());
     let (handle, join, tiles) = match &cli.remote {
         Some(url) => {
             let worker = remote_worker(cli, url)?;
@@ -530,6 +533,7 @@ fn tui(cli: &Cli) -> Result<ExitCode> {
                 dtype_name: dtype_name(cli.model.dtype).into(),
                 // the chat sends one request at a time
                 max_batch: 1,
+                tile_cache: tile_cache.clone(),
             });
             (handle, join, tiles)
         }
@@ -539,7 +543,7 @@ fn tui(cli: &Cli) -> Result<ExitCode> {
         if remote && matches!(a, Attachment::Video { .. }) {
             return Err("remote mode sends pictures only; videos are not supported".into());
         }
-        let p = crate::preprocess::probe(a, &tiles).map_err(|e| e.to_string())?;
+        let p = crate::preprocess::probe(a, &tiles, &tile_cache).map_err(|e| e.to_string())?;
         let path = a.path();
         Ok(AttachmentInfo {
             name: path
