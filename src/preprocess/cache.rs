@@ -33,6 +33,18 @@ impl TileKey {
             .duration_since(std::time::UNIX_EPOCH)
             .ok()?
             .as_nanos();
+        // the config's tile limit shapes only an image without one of its own (a video's
+        // frames take the attachment's): left out otherwise, so that the chat's probe (its
+        // config carrying --max-tiles) and the engine agree on the key
+        let cfg = match att {
+            Attachment::Image {
+                max_tiles: None, ..
+            } => *cfg,
+            _ => TileConfig {
+                max_tiles: 0,
+                ..*cfg
+            },
+        };
         // the attachment (path, tile limit, video segments and time range) and the tiling
         // settings, including the -hf processor's (`hf: Some(..)`) or the model card's (`None`)
         Some(TileKey(format!("{att:?}|{}|{mtime}|{cfg:?}", meta.len())))
@@ -262,6 +274,17 @@ mod tests {
             }
         }
         assert_eq!(TileKey::of(&img(&p, None), &cfg()), Some(keys[0].clone()));
+        // the config's tile limit counts only where the attachment has none
+        let max12 = TileConfig {
+            max_tiles: 12,
+            ..cfg()
+        };
+        assert_ne!(TileKey::of(&img(&p, None), &max12), Some(keys[0].clone()));
+        assert_eq!(
+            TileKey::of(&img(&p, Some(2)), &max12),
+            Some(keys[2].clone())
+        );
+        assert_eq!(TileKey::of(&vid(8, None), &max12), Some(keys[5].clone()));
         // the same path with other contents: another size, or the same size written later
         std::fs::write(&p, b"123456").unwrap();
         let grown = TileKey::of(&img(&p, None), &cfg()).unwrap();
