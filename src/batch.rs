@@ -318,8 +318,9 @@ pub fn run_batch(
     let mut written = 0usize;
     let mut live: Vec<Live> = Vec::new();
     // A reader thread runs ahead of the model by up to two batches, decoding and tiling their
-    // attachments on other threads (into the shared cache) while the model works.
+    // attachments (into the engine's tile cache) while the model works.
     let tiles = sched.engine.tiles;
+    let tile_cache = sched.engine.tile_cache().clone();
     let (tx, rx) = crossbeam_channel::bounded::<(usize, std::io::Result<Line>)>(2 * max_batch);
     std::thread::scope(|scope| -> anyhow::Result<()> {
         scope.spawn(move || {
@@ -330,15 +331,16 @@ pub fn run_batch(
                     Err(e) => Err(e),
                 };
                 let failed = line.is_err();
-                if let Ok(Line::Text(text)) = &line {
-                    if let Ok(req) = parse_line(text) {
-                        for a in req.attachments() {
-                            crate::preprocess::prefetch(&a, &tiles);
-                        }
-                    }
-                }
+                let ahead = match &line {
+                    Ok(Line::Text(text)) => parse_line(text).map_or(vec![], |r| r.attachments()),
+                    _ => vec![],
+                };
                 if tx.send((n, line)).is_err() || failed {
                     break;
+                }
+                // errors are left for the engine's own load to report
+                for a in ahead {
+                    let _ = tile_cache.load(&a, &tiles);
                 }
             }
         });

@@ -118,6 +118,38 @@ pub fn read_to_string(path: &Path, limit: u64, what: &'static str) -> io::Result
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.utf8_error()))
 }
 
+/// Why a percent-encoded text (a `file://` URL's path) does not decode.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadPercent {
+    #[error("malformed escape {0:?} (a % must be followed by two hex digits)")]
+    Escape(String),
+    #[error("the decoded bytes are not UTF-8")]
+    NotUtf8,
+}
+
+/// `%XX` escapes decoded, strictly: a `%` not followed by two hex digits (`%+f`, `%4`, `%zz`)
+/// and bytes that do not make UTF-8 are errors, where the `percent-encoding` crate (WHATWG's
+/// lenient decoding) would keep them as they are.
+pub fn percent_decode(s: &str) -> Result<String, BadPercent> {
+    let b = s.as_bytes();
+    for (i, _) in s.match_indices('%') {
+        let hex = b
+            .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+        if hex.is_none() {
+            let end = (i + 1..=(i + 3).min(s.len()))
+                .rev()
+                .find(|&e| s.is_char_boundary(e))
+                .unwrap_or(i + 1);
+            return Err(BadPercent::Escape(s[i..end].to_string()));
+        }
+    }
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .map_err(|_| BadPercent::NotUtf8)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +195,44 @@ mod tests {
         assert_eq!(
             read(&dir.path().join("none"), 9, "x").unwrap_err().kind(),
             io::ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn percent_decoding_is_strict() {
+        assert_eq!(percent_decode("/tmp/a%20b.png").unwrap(), "/tmp/a b.png");
+        assert_eq!(percent_decode("/tmp/plain.png").unwrap(), "/tmp/plain.png");
+        assert_eq!(percent_decode("%C3%A9t%c3%a9").unwrap(), "été");
+        assert_eq!(percent_decode("").unwrap(), "");
+        // u8::from_str_radix takes "+f" as 15: a sign is not a hex digit
+        assert_eq!(
+            percent_decode("/a%+f.png").unwrap_err(),
+            BadPercent::Escape("%+f".into())
+        );
+        assert_eq!(
+            percent_decode("/a%4").unwrap_err(),
+            BadPercent::Escape("%4".into())
+        );
+        assert_eq!(
+            percent_decode("/a%zz.png").unwrap_err(),
+            BadPercent::Escape("%zz".into())
+        );
+        assert_eq!(
+            percent_decode("%").unwrap_err(),
+            BadPercent::Escape("%".into())
+        );
+        assert_eq!(
+            percent_decode("%4é").unwrap_err(),
+            BadPercent::Escape("%4".into())
+        );
+        assert_eq!(
+            percent_decode("/a%FF.png").unwrap_err(),
+            BadPercent::NotUtf8
+        );
+        assert_eq!(percent_decode("%C3").unwrap_err(), BadPercent::NotUtf8);
+        assert_eq!(
+            percent_decode("/a%zz").unwrap_err().to_string(),
+            "malformed escape \"%zz\" (a % must be followed by two hex digits)"
         );
     }
 }

@@ -508,6 +508,11 @@ fn malformed_requests_get_a_json_error_naming_the_problem() {
             "invalid base64",
         ),
         (
+            post(&image("file:///tmp/a%zz.jpg")),
+            400,
+            "bad percent-encoding in \"file:///tmp/a%zz.jpg\": malformed escape \"%zz\"",
+        ),
+        (
             post(&image("file:///no/such/picture.jpg")),
             400,
             "/no/such/picture.jpg: no such file",

@@ -247,7 +247,13 @@ impl App {
         segments: Option<usize>,
         bound: Option<crate::media::TimeRange>,
     ) -> Vec<Command> {
-        let path = self.paths.resolve(raw);
+        let path = match self.paths.resolve(raw) {
+            Ok(path) => path,
+            Err(e) => {
+                self.notice(format!("Cannot attach {e}."), true);
+                return vec![];
+            }
+        };
         // a FIFO or a device is refused here, before anything tries to read it
         let problem = match crate::files::regular(&path) {
             Ok(_) => None,

@@ -1,365 +1,123 @@
-//! Keyword colouring for fenced code blocks: keywords, strings, numbers and comments (line
-//! comments and block comments spanning lines) for the languages models write most. A full
-//! grammar-based highlighter (syntect and its bundled grammars) would cost megabytes for little.
+//! Colouring for fenced code blocks: keywords, strings, numbers and comments, from the scopes
+//! of syntect's bundled Sublime Text grammars (about 75 languages, parsed with a pure-Rust
+//! regex engine) mapped onto the chat's [`Theme`], so code follows the chat's colours rather
+//! than a syntect theme. A language the grammars do not know is shown plain.
 use super::theme::Theme;
 use ratatui::style::Style;
 use ratatui::text::Span;
+use std::sync::OnceLock;
+use syntect::parsing::{ParseState, Scope, ScopeStack, SyntaxSet};
 
-struct Lang {
-    keywords: &'static [&'static str],
-    line_comment: &'static [&'static str],
-    block_comment: Option<(&'static str, &'static str)>,
-    quotes: &'static [char],
-    case_insensitive: bool,
+/// The bundled grammars, read once (about a millisecond; each grammar's regexes compile on
+/// first use).
+fn syntaxes() -> &'static SyntaxSet {
+    static SET: OnceLock<SyntaxSet> = OnceLock::new();
+    SET.get_or_init(SyntaxSet::load_defaults_newlines)
 }
 
-const C_BLOCK: Option<(&str, &str)> = Some(("/*", "*/"));
-
-fn lang(name: &str) -> Lang {
-    let l = |keywords, line_comment, block_comment, quotes| Lang {
-        keywords,
-        line_comment,
-        block_comment,
-        quotes,
-        case_insensitive: false,
-    };
-    match name.to_ascii_lowercase().as_str() {
-        "rust" | "rs" => l(
-            &[
-                "as", "async", "await", "break", "const", "continue", "crate", "dyn", "else",
-                "enum", "extern", "false", "fn", "for", "if", "impl", "in", "let", "loop", "match",
-                "mod", "move", "mut", "pub", "ref", "return", "self", "Self", "static", "struct",
-                "super", "trait", "true", "type", "unsafe", "use", "where", "while",
-            ],
-            &["//"],
-            C_BLOCK,
-            &['"'],
-        ),
-        "python" | "py" | "python3" => l(
-            &[
-                "and", "as", "assert", "async", "await", "break", "class", "continue", "def",
-                "del", "elif", "else", "except", "False", "finally", "for", "from", "global", "if",
-                "import", "in", "is", "lambda", "None", "nonlocal", "not", "or", "pass", "raise",
-                "return", "True", "try", "while", "with", "yield", "self",
-            ],
-            &["#"],
-            None,
-            &['"', '\''],
-        ),
-        "javascript" | "js" | "typescript" | "ts" | "jsx" | "tsx" => l(
-            &[
-                "async",
-                "await",
-                "break",
-                "case",
-                "catch",
-                "class",
-                "const",
-                "continue",
-                "default",
-                "delete",
-                "do",
-                "else",
-                "enum",
-                "export",
-                "extends",
-                "false",
-                "finally",
-                "for",
-                "from",
-                "function",
-                "if",
-                "implements",
-                "import",
-                "in",
-                "instanceof",
-                "interface",
-                "let",
-                "new",
-                "null",
-                "of",
-                "return",
-                "static",
-                "super",
-                "switch",
-                "this",
-                "throw",
-                "true",
-                "try",
-                "type",
-                "typeof",
-                "undefined",
-                "var",
-                "void",
-                "while",
-                "yield",
-            ],
-            &["//"],
-            C_BLOCK,
-            &['"', '\'', '`'],
-        ),
-        "c" | "h" | "cpp" | "c++" | "cc" | "hpp" | "cxx" | "cuda" => l(
-            &[
-                "auto",
-                "bool",
-                "break",
-                "case",
-                "char",
-                "class",
-                "const",
-                "constexpr",
-                "continue",
-                "default",
-                "delete",
-                "do",
-                "double",
-                "else",
-                "enum",
-                "extern",
-                "false",
-                "float",
-                "for",
-                "if",
-                "include",
-                "define",
-                "inline",
-                "int",
-                "long",
-                "namespace",
-                "new",
-                "nullptr",
-                "private",
-                "protected",
-                "public",
-                "return",
-                "short",
-                "signed",
-                "sizeof",
-                "static",
-                "struct",
-                "switch",
-                "template",
-                "this",
-                "true",
-                "typedef",
-                "typename",
-                "union",
-                "unsigned",
-                "using",
-                "virtual",
-                "void",
-                "volatile",
-                "while",
-            ],
-            &["//"],
-            C_BLOCK,
-            &['"', '\''],
-        ),
-        "java" | "kotlin" | "kt" | "c#" | "csharp" | "cs" => l(
-            &[
-                "abstract",
-                "boolean",
-                "break",
-                "byte",
-                "case",
-                "catch",
-                "char",
-                "class",
-                "continue",
-                "default",
-                "do",
-                "double",
-                "else",
-                "enum",
-                "extends",
-                "final",
-                "finally",
-                "float",
-                "for",
-                "fun",
-                "if",
-                "implements",
-                "import",
-                "instanceof",
-                "int",
-                "interface",
-                "long",
-                "namespace",
-                "new",
-                "null",
-                "override",
-                "package",
-                "private",
-                "protected",
-                "public",
-                "return",
-                "short",
-                "static",
-                "string",
-                "super",
-                "switch",
-                "this",
-                "throw",
-                "throws",
-                "true",
-                "false",
-                "try",
-                "val",
-                "var",
-                "void",
-                "while",
-            ],
-            &["//"],
-            C_BLOCK,
-            &['"', '\''],
-        ),
-        "go" | "golang" => l(
-            &[
-                "break",
-                "case",
-                "chan",
-                "const",
-                "continue",
-                "default",
-                "defer",
-                "else",
-                "fallthrough",
-                "false",
-                "for",
-                "func",
-                "go",
-                "goto",
-                "if",
-                "import",
-                "interface",
-                "map",
-                "nil",
-                "package",
-                "range",
-                "return",
-                "select",
-                "struct",
-                "switch",
-                "true",
-                "type",
-                "var",
-            ],
-            &["//"],
-            C_BLOCK,
-            &['"', '\'', '`'],
-        ),
-        "sh" | "bash" | "shell" | "zsh" | "console" => l(
-            &[
-                "case", "do", "done", "elif", "else", "esac", "exit", "export", "fi", "for",
-                "function", "if", "in", "local", "return", "then", "while",
-            ],
-            &["#"],
-            None,
-            &['"', '\''],
-        ),
-        "sql" => Lang {
-            case_insensitive: true,
-            ..l(
-                &[
-                    "and", "as", "by", "create", "delete", "desc", "drop", "from", "group",
-                    "having", "in", "inner", "insert", "into", "is", "join", "left", "limit",
-                    "not", "null", "on", "or", "order", "outer", "right", "select", "set", "table",
-                    "update", "values", "where",
-                ],
-                &["--"],
-                C_BLOCK,
-                &['\''],
-            )
-        },
-        "json" => l(&["true", "false", "null"], &[], None, &['"']),
-        "toml" | "yaml" | "yml" | "ini" => l(&["true", "false"], &["#"], None, &['"', '\'']),
-        _ => l(&[], &[], None, &['"']),
-    }
+#[derive(Clone, Copy, PartialEq)]
+enum Class {
+    Keyword,
+    String,
+    Number,
+    Comment,
 }
 
-/// One line of spans per line of `code`.
-pub fn highlight(lang_name: &str, code: &str, theme: &Theme) -> Vec<Vec<Span<'static>>> {
-    let lang = lang(lang_name);
-    let mut in_block = false;
-    code.lines()
-        .map(|line| highlight_line(&lang, line, theme, &mut in_block))
+/// Scope prefixes and what they show as; the innermost scope that has one decides.
+fn classes() -> &'static [(Scope, Class)] {
+    static CLASSES: OnceLock<Vec<(Scope, Class)>> = OnceLock::new();
+    CLASSES.get_or_init(|| {
+        [
+            ("comment", Class::Comment),
+            ("string", Class::String),
+            ("constant.numeric", Class::Number),
+            ("constant.language", Class::Keyword),
+            ("keyword", Class::Keyword),
+            ("storage.type", Class::Keyword),
+            ("storage.modifier", Class::Keyword),
+        ]
+        .into_iter()
+        .map(|(s, c)| (Scope::new(s).expect("a valid scope"), c))
         .collect()
+    })
 }
 
-fn highlight_line(
-    lang: &Lang,
-    line: &str,
-    theme: &Theme,
-    in_block: &mut bool,
-) -> Vec<Span<'static>> {
-    let mut out = Spans::default();
-    let mut i = 0;
-    while i < line.len() {
-        let rest = &line[i..];
-        if *in_block {
-            let end = lang.block_comment.map_or("", |(_, e)| e);
-            let len = rest.find(end).map_or(rest.len(), |p| {
-                *in_block = false;
-                p + end.len()
-            });
-            out.push(&rest[..len], theme.comment);
-            i += len;
-            continue;
+fn class_of(stack: &ScopeStack, text: &str) -> Option<Class> {
+    let keyword_operator = Scope::new("keyword.operator").expect("a valid scope");
+    stack.as_slice().iter().rev().find_map(|scope| {
+        let (_, class) = classes().iter().find(|(p, _)| p.is_prefix_of(*scope))?;
+        // `=`, `+`, `&&` are keyword.operator too: only worded ones (`and`, `in`) are keywords
+        if keyword_operator.is_prefix_of(*scope)
+            && !text.trim().chars().all(|c| c.is_alphanumeric() || c == '_')
+        {
+            return None;
         }
-        if lang.line_comment.iter().any(|m| rest.starts_with(m)) {
-            out.push(rest, theme.comment);
-            break;
-        }
-        if let Some((start, _)) = lang.block_comment.filter(|(s, _)| rest.starts_with(s)) {
-            *in_block = true;
-            out.push(start, theme.comment);
-            i += start.len();
-            continue;
-        }
-        let c = rest.chars().next().expect("i is inside the line");
-        let len = if lang.quotes.contains(&c) {
-            let len = string_len(rest, c);
-            out.push(&rest[..len], theme.string);
-            len
-        } else if c.is_ascii_digit() {
-            let len = rest
-                .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_' || ch == '.'))
-                .unwrap_or(rest.len());
-            out.push(&rest[..len], theme.number);
-            len
-        } else if c.is_alphabetic() || c == '_' {
-            let len = rest
-                .find(|ch: char| !(ch.is_alphanumeric() || ch == '_'))
-                .unwrap_or(rest.len());
-            let word = &rest[..len];
-            let keyword = if lang.case_insensitive {
-                lang.keywords.contains(&word.to_ascii_lowercase().as_str())
+        Some(*class)
+    })
+}
+
+fn style_of(class: Option<Class>, theme: &Theme) -> Style {
+    match class {
+        Some(Class::Keyword) => theme.keyword,
+        Some(Class::String) => theme.string,
+        Some(Class::Number) => theme.number,
+        Some(Class::Comment) => theme.comment,
+        None => Style::new(),
+    }
+}
+
+/// `code`'s lines as styled spans; `info` is the fence's info string (`rust`, `py`,
+/// `rust,ignore`, `python title="x"`), matched against the grammars' names and extensions.
+pub fn highlight(info: &str, code: &str, theme: &Theme) -> Vec<Vec<Span<'static>>> {
+    let set = syntaxes();
+    let token = info
+        .split(|c: char| c == ',' || c == '{' || c.is_whitespace())
+        .next()
+        .unwrap_or("");
+    let syntax = (!token.is_empty())
+        .then(|| set.find_syntax_by_token(token))
+        .flatten();
+    let Some(syntax) = syntax else {
+        return code
+            .lines()
+            .map(|l| vec![Span::raw(l.to_string())])
+            .collect();
+    };
+    let mut state = ParseState::new(syntax);
+    let mut stack = ScopeStack::new();
+    let mut failed = false;
+    code.lines()
+        .map(|line| {
+            let mut out = Spans::default();
+            // the grammars expect each line with its newline
+            let ops = if failed {
+                None
             } else {
-                lang.keywords.contains(&word)
+                state.parse_line(&format!("{line}\n"), set).ok()
             };
-            out.push(word, if keyword { theme.keyword } else { Style::new() });
-            len
-        } else {
-            out.push(&rest[..c.len_utf8()], Style::new());
-            c.len_utf8()
-        };
-        i += len;
-    }
-    out.0
-}
-
-/// Length of the string literal at the start of `s` (to the closing quote, else the line end).
-fn string_len(s: &str, quote: char) -> usize {
-    let mut escaped = false;
-    for (i, c) in s.char_indices().skip(1) {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' => escaped = true,
-            c if c == quote => return i + c.len_utf8(),
-            _ => {}
-        }
-    }
-    s.len()
+            let Some(ops) = ops else {
+                // a grammar that fails on a line: the rest of the block plain
+                failed = true;
+                out.push(line, Style::new());
+                return out.0;
+            };
+            let mut at = 0;
+            for (pos, op) in ops {
+                let pos = pos.min(line.len());
+                if pos > at {
+                    let text = &line[at..pos];
+                    out.push(text, style_of(class_of(&stack, text), theme));
+                    at = pos;
+                }
+                if stack.apply(&op).is_err() {
+                    failed = true;
+                }
+            }
+            let text = &line[at..];
+            out.push(text, style_of(class_of(&stack, text), theme));
+            out.0
+        })
+        .collect()
 }
 
 /// Spans that merge neighbours of the same style.
@@ -368,6 +126,9 @@ struct Spans(Vec<Span<'static>>);
 
 impl Spans {
     fn push(&mut self, text: &str, style: Style) {
+        if text.is_empty() {
+            return;
+        }
         match self.0.last_mut() {
             Some(last) if last.style == style => last.content.to_mut().push_str(text),
             _ => self.0.push(Span::styled(text.to_string(), style)),
@@ -442,10 +203,47 @@ mod tests {
         let got = classes("py", "def f(): # x");
         assert_eq!(got[0][0], pair("def", "kw"));
         assert_eq!(got[0].last().unwrap(), &pair("# x", "com"));
-        // unknown: no keywords, "#" is text
+        // a language no grammar knows: plain, and "#" is text
         let got = classes("brainfuck", "def # 1");
-        assert_eq!(got[0], vec![pair("def # ", ""), pair("1", "num")]);
+        assert_eq!(got[0], vec![pair("def # 1", "")]);
+        assert_eq!(classes("", "def # 1")[0], vec![pair("def # 1", "")]);
         // SQL keywords in any case
         assert_eq!(classes("sql", "SELECT 1")[0][0], pair("SELECT", "kw"));
+    }
+
+    #[test]
+    fn grammars_know_what_keyword_lists_did_not() {
+        // a Python docstring spans lines; `in` is a worded operator, `=` is not a keyword
+        let got = classes("python", "x = \"\"\"one\ntwo\"\"\" if a in b else 0x1F");
+        assert_eq!(got[0], vec![pair("x = ", ""), pair("\"\"\"one", "str")]);
+        assert_eq!(
+            got[1],
+            vec![
+                pair("two\"\"\"", "str"),
+                pair(" ", ""),
+                pair("if", "kw"),
+                pair(" a ", ""),
+                pair("in", "kw"),
+                pair(" b ", ""),
+                pair("else", "kw"),
+                pair(" ", ""),
+                pair("0x1F", "num"),
+            ]
+        );
+        // the fence's info string: the first word names the language
+        assert_eq!(classes("rust,ignore", "fn f() {}")[0][0], pair("fn", "kw"));
+        assert_eq!(
+            classes("python title=\"a.py\"", "pass")[0],
+            vec![pair("pass", "kw")]
+        );
+        // languages the keyword lists never had
+        assert_eq!(
+            classes("haskell", "-- note")[0],
+            vec![pair("-- note", "com")]
+        );
+        assert_eq!(
+            classes("yaml", "a: 'b' # c")[0].last().unwrap(),
+            &pair("# c", "com")
+        );
     }
 }

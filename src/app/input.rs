@@ -268,40 +268,21 @@ pub struct PathContext {
 
 impl PathContext {
     /// The absolute path a word names: `file://` URLs decoded, `~` expanded, relative to `cwd`.
-    pub fn resolve(&self, word: &str) -> PathBuf {
-        let word = word
-            .strip_prefix("file://")
-            .map_or_else(|| word.to_string(), percent_decode);
+    /// A `file://` URL with a malformed escape or bytes that are not UTF-8 is an error that
+    /// names the word.
+    pub fn resolve(&self, word: &str) -> Result<PathBuf, String> {
+        let word = match word.strip_prefix("file://") {
+            Some(url) => crate::files::percent_decode(url)
+                .map_err(|e| format!("{word}: bad percent-encoding: {e}"))?,
+            None => word.to_string(),
+        };
         let path = match (word.strip_prefix('~'), &self.home) {
             (Some(""), Some(home)) => home.clone(),
             (Some(rest), Some(home)) if rest.starts_with('/') => home.join(&rest[1..]),
             _ => PathBuf::from(&word),
         };
-        self.cwd.join(path)
+        Ok(self.cwd.join(path))
     }
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A word of the prompt naming an image or a video file.
@@ -316,21 +297,28 @@ pub struct MediaPath {
     pub explicit: bool,
 }
 
-pub fn media_paths(text: &str, ctx: &PathContext) -> Vec<MediaPath> {
-    split_words(text)
-        .into_iter()
-        .filter_map(|w| {
-            let path = ctx.resolve(&w.text);
-            let kind = media_kind(&path)?;
-            Some(MediaPath {
-                range: w.range,
-                exists: path.is_file(),
-                explicit: w.quoted || w.text.contains('/') || w.text.starts_with('~'),
-                path,
-                kind,
-            })
-        })
-        .collect()
+/// The words of `text` that name media files; an error (one line naming the word) when a
+/// `file://` URL with a media file's extension does not decode.
+pub fn media_paths(text: &str, ctx: &PathContext) -> Result<Vec<MediaPath>, String> {
+    let mut found = Vec::new();
+    for w in split_words(text) {
+        let path = match ctx.resolve(&w.text) {
+            Ok(path) => path,
+            Err(e) if media_kind(Path::new(&w.text)).is_some() => return Err(e),
+            Err(_) => continue,
+        };
+        let Some(kind) = media_kind(&path) else {
+            continue;
+        };
+        found.push(MediaPath {
+            range: w.range,
+            exists: path.is_file(),
+            explicit: w.quoted || w.text.contains('/') || w.text.starts_with('~'),
+            path,
+            kind,
+        });
+    }
+    Ok(found)
 }
 
 /// What Tab does: replace `range` with `replacement` (the longest common start, plus a space
@@ -363,7 +351,7 @@ pub fn complete(text: &str, cursor: usize, ctx: &PathContext) -> Option<Completi
     let dir = if dir_part.is_empty() {
         ctx.cwd.clone()
     } else {
-        ctx.resolve(dir_part)
+        ctx.resolve(dir_part).ok()?
     };
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .ok()?
@@ -523,13 +511,36 @@ mod tests {
             cwd: "/work".into(),
             home: Some("/home/me".into()),
         };
-        assert_eq!(ctx.resolve("~/a.png"), PathBuf::from("/home/me/a.png"));
-        assert_eq!(ctx.resolve("pics/a.png"), PathBuf::from("/work/pics/a.png"));
+        let ok = |w: &str| ctx.resolve(w).unwrap();
+        assert_eq!(ok("~/a.png"), PathBuf::from("/home/me/a.png"));
+        assert_eq!(ok("pics/a.png"), PathBuf::from("/work/pics/a.png"));
+        assert_eq!(ok("file:///tmp/a%20b.png"), PathBuf::from("/tmp/a b.png"));
+        assert_eq!(ok("/abs.png"), PathBuf::from("/abs.png"));
+        // malformed escapes are refused with the word, not kept as a literal '%'
         assert_eq!(
-            ctx.resolve("file:///tmp/a%20b.png"),
-            PathBuf::from("/tmp/a b.png")
+            ctx.resolve("file:///tmp/a%+f.png").unwrap_err(),
+            "file:///tmp/a%+f.png: bad percent-encoding: malformed escape \"%+f\" \
+             (a % must be followed by two hex digits)"
         );
-        assert_eq!(ctx.resolve("/abs.png"), PathBuf::from("/abs.png"));
+        assert_eq!(
+            ctx.resolve("file:///tmp/a%FF.png").unwrap_err(),
+            "file:///tmp/a%FF.png: bad percent-encoding: the decoded bytes are not UTF-8"
+        );
+    }
+
+    #[test]
+    fn a_bad_file_url_naming_a_picture_is_an_error() {
+        let ctx = PathContext {
+            cwd: "/work".into(),
+            home: None,
+        };
+        assert_eq!(
+            media_paths("what is file:///tmp/a%zz.png ?", &ctx).unwrap_err(),
+            "file:///tmp/a%zz.png: bad percent-encoding: malformed escape \"%zz\" \
+             (a % must be followed by two hex digits)"
+        );
+        // a URL that names no media file is only a word of the text
+        assert_eq!(media_paths("see file:///a%zz/notes", &ctx).unwrap(), []);
     }
 
     #[test]
@@ -542,7 +553,7 @@ mod tests {
             home: None,
         };
         let text = r"compare a\ b.png with ./clip.MP4 and gone.png or ./gone.jpg notes.txt";
-        let found = media_paths(text, &ctx);
+        let found = media_paths(text, &ctx).unwrap();
         let summary: Vec<_> = found
             .iter()
             .map(|m| (&text[m.range.clone()], m.kind, m.exists, m.explicit))

@@ -158,25 +158,35 @@ pub fn save(path: &Path, session: &Session, force: bool) -> Result<(), SessionEr
             });
         }
     }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(write_err)?;
+    let json = serde_json::to_vec_pretty(session).expect("sessions always serialise");
+    write_atomically(path, |f| f.write_all(&json)).map_err(write_err)
+}
+
+/// Replaces `path` with what `write` writes, or leaves it as it was: a temporary file in the
+/// same folder (so the rename stays on one file system; its name starts with a dot and does not
+/// end in `.json`, so [`list`] never shows it), synced, then renamed over `path`. A failure on
+/// the way removes the temporary file.
+fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(dir)?;
     let file_name = path
         .file_name()
         .map_or_else(|| "session".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let json = serde_json::to_vec_pretty(session).expect("sessions always serialise");
-    let written = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&json)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        // make the rename itself durable
-        fs::File::open(dir)?.sync_all()
-    })();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written.map_err(write_err)
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{file_name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    write(tmp.as_file_mut())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    // make the rename itself durable
+    fs::File::open(dir)?.sync_all()
 }
 
 /// The sessions in `dir`, newest first; unreadable files are listed with the reason.
@@ -317,6 +327,42 @@ mod tests {
         assert_eq!((list[0].turns, list[0].saved_at), (1, 1_700_000_010));
         assert_eq!(list[1].name, "broken");
         assert!(list[1].problem.as_ref().unwrap().contains("is corrupt"));
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_old_session_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = path_for(dir.path(), "one").unwrap();
+        let failing = |f: &mut fs::File| {
+            f.write_all(b"{\"version\": 1, \"id\": \"hal")?;
+            Err(std::io::Error::other("disk full"))
+        };
+        // no session yet: none appears, and no temporary file is left
+        let e = write_atomically(&path, failing).unwrap_err();
+        assert_eq!(e.to_string(), "disk full");
+        assert_eq!(names_in(dir.path()), Vec::<String>::new());
+        // an earlier save stays whole
+        let s = sample("id-1");
+        save(&path, &s, false).unwrap();
+        write_atomically(&path, failing).unwrap_err();
+        assert_eq!(load(&path).unwrap(), s);
+        assert_eq!(names_in(dir.path()), ["one.json"]);
+        // the rename itself failing (a folder where the file goes) leaves no temporary file
+        let blocked = dir.path().join("blocked.json");
+        fs::create_dir(&blocked).unwrap();
+        fs::write(blocked.join("x"), "x").unwrap();
+        let e = save(&blocked, &s, true).unwrap_err();
+        assert!(matches!(e, SessionError::Write { .. }), "{e}");
+        assert_eq!(names_in(dir.path()), ["blocked.json", "one.json"]);
     }
 
     #[test]

@@ -330,7 +330,13 @@ impl App {
             self.set_flash(why, true);
             return vec![];
         }
-        let found = input::media_paths(text, &self.paths);
+        let found = match input::media_paths(text, &self.paths) {
+            Ok(found) => found,
+            Err(e) => {
+                self.notice(format!("Cannot attach {e}; nothing was sent."), true);
+                return vec![];
+            }
+        };
         if let Some(m) = found.iter().find(|m| m.explicit && !m.exists) {
             let msg = format!(
                 "Cannot attach {}: no such file; nothing was sent.",
@@ -572,7 +578,13 @@ impl App {
             return vec![];
         }
         let words = input::split_words(text);
-        let found = input::media_paths(text, &self.paths);
+        let found = match input::media_paths(text, &self.paths) {
+            Ok(found) => found,
+            Err(e) => {
+                self.notice(format!("Cannot attach {e}."), true);
+                return vec![];
+            }
+        };
         if !found.is_empty() && found.len() == words.len() {
             if found.iter().all(|m| m.exists) {
                 return found
@@ -914,6 +926,24 @@ mod tests {
             .ends_with("no such file; nothing was sent."));
         assert_eq!(app.editor.text(), "look at ./gone.png");
         app.editor.take();
+        // a file:// URL with a malformed escape: one line naming it, nothing sent
+        assert!(submit(&mut app, "look at file:///tmp/a%+f.png").is_empty());
+        assert_eq!(
+            last_notice(&app),
+            (
+                "Cannot attach file:///tmp/a%+f.png: bad percent-encoding: malformed escape \
+                 \"%+f\" (a % must be followed by two hex digits); nothing was sent."
+                    .to_string(),
+                true
+            )
+        );
+        assert_eq!(app.editor.text(), "look at file:///tmp/a%+f.png");
+        app.editor.take();
+        assert!(submit(&mut app, "/image file:///tmp/a%4.png").is_empty());
+        assert!(last_notice(&app).0.starts_with(
+            "Cannot attach file:///tmp/a%4.png: bad percent-encoding: malformed escape \"%4.\""
+        ));
+        assert!(app.staged.is_empty());
         // a file the probe cannot decode: dropped with the probe's reason; the message waiting
         // for it goes back to the prompt
         let ids = probes(&submit(&mut app, "/image broken.png"));

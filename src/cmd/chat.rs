@@ -23,6 +23,8 @@ fn graphics_mode(g: crate::cli::Graphics) -> crate::app::graphics::GraphicsMode 
 
 pub fn run(cli: &Cli) -> Result<ExitCode> {
     let attachments = attachments_from(cli);
+    // one cache for the attachment probe and the engine: a staged picture is tiled once
+    let tile_cache = std::sync::Arc::new(crate::preprocess::TileCache::default());
     let (handle, join, tiles) = match &cli.remote {
         Some(url) => {
             let worker = remote_worker(cli, url)?;
@@ -48,7 +50,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
             }
             crate::logging::init(cli.model.verbose);
             // the chat sends one request at a time
-            let (handle, join) = model.spawn_worker(1);
+            let (handle, join) = model.spawn_worker_with(1, tile_cache.clone());
             (handle, join, tiles)
         }
     };
@@ -57,7 +59,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         if remote && a.is_video() {
             return Err("remote mode sends pictures only; videos are not supported".into());
         }
-        crate::preprocess::probe(a, &tiles).map_err(|e| e.to_string())
+        crate::preprocess::probe(a, &tiles, &tile_cache).map_err(|e| e.to_string())
     });
     let g = &cli.gen;
     let mut options = AppOptions::new(probe);

@@ -201,12 +201,23 @@ impl ModelToLoad {
     /// The worker thread that loads the engine and answers requests, `max_batch` together
     /// (the chat, one-shot, serve).
     pub fn spawn_worker(self, max_batch: usize) -> (EngineHandle, std::thread::JoinHandle<()>) {
+        self.spawn_worker_with(max_batch, Default::default())
+    }
+
+    /// [`Self::spawn_worker`] with the engine's tile cache given (shared with the caller, e.g.
+    /// the chat's attachment probe).
+    pub fn spawn_worker_with(
+        self,
+        max_batch: usize,
+        tile_cache: std::sync::Arc<crate::preprocess::TileCache>,
+    ) -> (EngineHandle, std::thread::JoinHandle<()>) {
         worker::spawn(WorkerConfig {
             device_name: format!("{:?}", self.opts.first).to_lowercase(),
             dir: self.dir,
             opts: self.opts,
             dtype_name: dtype_name(self.dtype).into(),
             max_batch,
+            tile_cache,
         })
     }
 }

@@ -9,7 +9,7 @@ use super::stream::AnswerStream;
 use crate::model::config::Layout;
 use crate::model::llm::kv_cache::KvCache;
 use crate::model::{InternVL, LoadOptions, ModelError};
-use crate::preprocess::{self, TileConfig, Visual, VisualError};
+use crate::preprocess::{self, TileCache, TileConfig, TileKey, Visual, VisualError};
 use crate::prompt::conversation::{
     droppable_turns, expand, Conversation, Expanded, Media, PastTurn,
 };
@@ -127,16 +127,19 @@ pub struct Engine {
     cache: KvCache,
     /// Vision features by tile content; kept across conversations (see features.rs).
     features: FeatureCache,
+    /// Decoded attachments; the chat shares it with its attachment probe
+    /// ([`Engine::with_tile_cache`]).
+    tile_cache: Arc<TileCache>,
     /// The context window: prompt plus answer (`LoadOptions::context`, else the config's).
     context: usize,
     /// Tile counts of attachments already read, so that fitting a long history into the
     /// context does not decode every old picture again on every request. Keyed by the
     /// attachment, the tile limit and the file's size and modification time.
-    tile_counts: RefCell<HashMap<String, Vec<usize>>>,
+    tile_counts: RefCell<HashMap<TileKey, Vec<usize>>>,
 }
 
 /// Bytes of image features the engine keeps (about 570 tiles of InternVL2_5-1B, 64 of -78B).
-const FEATURE_CACHE_BYTES: usize = 256 << 20;
+const FEATURE_CACHE_BYTES: u64 = 256 << 20;
 
 /// Entries of [`Engine::tile_counts`] kept at most (a few bytes each).
 const TILE_COUNTS_KEPT: usize = 4096;
@@ -212,8 +215,21 @@ impl Engine {
             cache,
             context,
             features: FeatureCache::new(FEATURE_CACHE_BYTES),
+            tile_cache: Arc::default(),
             tile_counts: RefCell::default(),
         })
+    }
+
+    /// Decoded attachments go into `cache` instead of the engine's own: its owner (the chat)
+    /// fills it ahead of the engine when a picture is staged.
+    pub fn with_tile_cache(mut self, cache: Arc<TileCache>) -> Self {
+        self.tile_cache = cache;
+        self
+    }
+
+    /// The cache the engine reads decoded attachments from (a JSONL reader fills it ahead).
+    pub fn tile_cache(&self) -> &Arc<TileCache> {
+        &self.tile_cache
     }
 
     pub fn system_message(&self) -> String {
@@ -250,7 +266,7 @@ impl Engine {
     pub fn reset_cold(&mut self) {
         self.reset();
         self.features.clear();
-        crate::preprocess::cache::clear();
+        self.tile_cache.clear();
     }
 
     /// Loads attachments, adds placeholders, builds the query and its ids (the whole history,
@@ -376,10 +392,7 @@ impl Engine {
 
     /// [`preprocess::placeholder_tiles`], remembered while the file stays the same.
     fn placeholder_tiles(&self, a: &Attachment) -> Result<Vec<usize>, VisualError> {
-        let key = std::fs::metadata(a.path()).ok().map(|m| {
-            let modified = m.modified().ok();
-            format!("{a:?} {} {} {modified:?}", self.tiles.max_tiles, m.len())
-        });
+        let key = TileKey::of(a, &self.tiles);
         if let Some(hit) = key
             .as_ref()
             .and_then(|k| self.tile_counts.borrow().get(k).cloned())
@@ -441,7 +454,7 @@ impl Engine {
         attachments
             .iter()
             .map(|a| {
-                let v = preprocess::load_visual_shared(a, &self.tiles)?;
+                let v = self.tile_cache.load(a, &self.tiles)?;
                 let m = Media {
                     video: matches!(a, Attachment::Video { .. }),
                     tiles: v.placeholders.iter().map(Vec::len).collect(),

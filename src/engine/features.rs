@@ -3,29 +3,44 @@
 //! this conversation or a later one, costs no vision forward pass.
 //!
 //! Keys are the sha256 of a tile's RGB bytes (after tiling, so the same file at another tile
-//! limit is another set of keys). The cache holds at most `budget` bytes of features and forgets
-//! the least recently used tiles first.
+//! limit is another set of keys). The cache (quick_cache's, weighted by bytes) holds at most
+//! `budget` bytes of features; beyond it, tiles seen once go before tiles asked for again
+//! (S3-FIFO).
 use image::RgbImage;
 use sha2::{Digest, Sha256};
-use std::collections::{HashMap, VecDeque};
 use tch::Tensor;
 
 /// sha256 of a tile's size and RGB bytes.
 pub type Key = [u8; 32];
 
+/// A tile's features; cloning shares the tensor's storage.
+struct Features(Tensor);
+
+impl Clone for Features {
+    fn clone(&self) -> Self {
+        Features(self.0.shallow_clone())
+    }
+}
+
+#[derive(Clone)]
+struct ByBytes;
+
+impl quick_cache::Weighter<Key, Features> for ByBytes {
+    fn weight(&self, _key: &Key, f: &Features) -> u64 {
+        // a zero weight would never be evicted
+        tensor_bytes(&f.0).max(1)
+    }
+}
+
 pub struct FeatureCache {
-    map: HashMap<Key, Tensor>,
-    /// Least recently used first.
-    order: VecDeque<Key>,
-    bytes: usize,
-    budget: usize,
+    cache: quick_cache::unsync::Cache<Key, Features, ByBytes>,
     /// Tiles answered from the cache / computed, since load (for tests and the log).
     pub hits: usize,
     pub misses: usize,
 }
 
-fn tensor_bytes(t: &Tensor) -> usize {
-    t.numel() * t.kind().elt_size_in_bytes()
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.numel() * t.kind().elt_size_in_bytes()) as u64
 }
 
 /// The key of a tile: sha256 of its size and RGB bytes.
@@ -38,61 +53,35 @@ pub fn key(tile: &RgbImage) -> Key {
 }
 
 impl FeatureCache {
-    pub fn new(budget: usize) -> Self {
+    /// At most `budget` bytes of features.
+    pub fn new(budget: u64) -> Self {
         Self {
-            map: HashMap::new(),
-            order: VecDeque::new(),
-            bytes: 0,
-            budget,
+            cache: quick_cache::unsync::Cache::with_weighter(256, budget, ByBytes),
             hits: 0,
             misses: 0,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn clear(&mut self) {
-        self.map.clear();
-        self.order.clear();
-        self.bytes = 0;
+        self.cache.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.cache.is_empty()
     }
 
-    fn touch(&mut self, k: &Key) {
-        if let Some(i) = self.order.iter().position(|x| x == k) {
-            self.order.remove(i);
-        }
-        self.order.push_back(*k);
+    /// Bytes of features held.
+    pub fn bytes(&self) -> u64 {
+        self.cache.weight()
     }
 
-    fn insert(&mut self, k: Key, t: Tensor) {
-        let size = tensor_bytes(&t);
-        if size > self.budget {
-            return;
-        }
-        if let Some(old) = self.map.insert(k, t) {
-            self.bytes -= tensor_bytes(&old);
-        }
-        self.bytes += size;
-        self.touch(&k);
-        while self.bytes > self.budget {
-            let Some(old) = self.order.pop_front() else {
-                break;
-            };
-            if let Some(t) = self.map.remove(&old) {
-                self.bytes -= tensor_bytes(&t);
-            }
-        }
+    pub fn clear(&mut self) {
+        self.cache.clear();
     }
 
     /// Features [tiles, tokens, hidden] of `tiles` (whose [`key`]s are `keys`), computing only
-    /// the tiles not cached with
-    /// `compute` (which receives the missing tiles, in order, and returns their features).
+    /// the tiles not cached with `compute` (which receives the missing tiles, each distinct one
+    /// once, in order, and returns their features: one vision forward pass for all of them).
     pub fn features(
         &mut self,
         tiles: &[&RgbImage],
@@ -102,7 +91,7 @@ impl FeatureCache {
         debug_assert_eq!(tiles.len(), keys.len());
         let mut out: Vec<Option<Tensor>> = keys
             .iter()
-            .map(|k| self.map.get(k).map(Tensor::shallow_clone))
+            .map(|k| self.cache.get(k).map(|f| f.0.shallow_clone()))
             .collect();
         // each distinct missing tile once
         let mut missing: Vec<usize> = Vec::new();
@@ -123,12 +112,8 @@ impl FeatureCache {
                         *slot = Some(f.shallow_clone());
                     }
                 }
-                self.insert(keys[i], f);
-            }
-        }
-        for k in keys {
-            if self.map.contains_key(k) {
-                self.touch(k);
+                // one heavier than the whole budget is not kept
+                self.cache.insert(keys[i], Features(f));
             }
         }
         let out: Vec<Tensor> = out
@@ -211,6 +196,36 @@ mod tests {
             &mut seen,
         );
         assert_eq!(values(&f), [3.0, 0.0, 1.0, 2.0]);
-        assert!(cache.bytes <= 48);
+        assert!(cache.bytes() <= 48);
+    }
+
+    /// The weight is the bytes of the features still held: after evictions, and after a tile
+    /// asked for twice in one request or again later (kept once).
+    #[test]
+    fn bytes_are_the_sum_of_the_live_entries() {
+        let tiles: Vec<RgbImage> = (0..10).map(tile).collect();
+        // room for four tiles' features (24 bytes each)
+        let mut cache = FeatureCache::new(96);
+        let mut seen = Vec::new();
+        for round in 0..3 {
+            for w in tiles.windows(3) {
+                let _ = get(&mut cache, &[&w[0], &w[1], &w[0], &w[2]], &mut seen);
+                let live = tiles
+                    .iter()
+                    .filter(|t| cache.cache.peek(&key(t)).is_some())
+                    .count() as u64;
+                assert_eq!(cache.bytes(), 24 * live, "round {round}");
+                assert_eq!(cache.len() as u64, live);
+                assert!(cache.bytes() <= 96);
+            }
+        }
+        // a tile inserted again replaces its entry instead of adding its bytes twice
+        cache.clear();
+        let _ = get(&mut cache, &[&tiles[0]], &mut seen);
+        cache.cache.insert(
+            key(&tiles[0]),
+            Features(Tensor::zeros([2, 3], tch::kind::FLOAT_CPU)),
+        );
+        assert_eq!((cache.len(), cache.bytes()), (1, 24));
     }
 }

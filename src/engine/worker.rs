@@ -23,6 +23,8 @@ pub struct WorkerConfig {
     pub dtype_name: String,
     /// Most requests decoded together.
     pub max_batch: usize,
+    /// Where the engine keeps decoded attachments (the chat shares it with its probe).
+    pub tile_cache: std::sync::Arc<crate::preprocess::TileCache>,
 }
 
 /// Starts the worker; it loads the model and then serves commands until `Shutdown` or until
@@ -59,7 +61,9 @@ fn run(cfg: WorkerConfig, rx: Receiver<EngineCmd>, tx: Sender<EngineEvent>) {
         progress: 0.0,
         what: format!("loading {}", cfg.dir.display()),
     });
-    let loaded = catch_unwind(AssertUnwindSafe(|| Engine::load(&cfg.dir, &cfg.opts)));
+    let loaded = catch_unwind(AssertUnwindSafe(|| {
+        Engine::load(&cfg.dir, &cfg.opts).map(|e| e.with_tile_cache(cfg.tile_cache.clone()))
+    }));
     let engine = match loaded {
         Ok(Ok(e)) => e,
         Ok(Err(e)) => {

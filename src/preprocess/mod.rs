@@ -8,7 +8,7 @@ pub mod video;
 
 use crate::media::{Attachment, AttachmentInfo};
 use ::image::RgbImage;
-pub use cache::{load_visual_shared, prefetch};
+pub use cache::{TileCache, TileKey};
 
 /// Tiling settings from `config.json`.
 #[derive(Debug, Clone, Copy)]
@@ -127,18 +127,22 @@ fn tile_frame(img: &RgbImage, cfg: &TileConfig, max_tiles: u32) -> (Vec<RgbImage
     (t.tiles, t.grid)
 }
 
+/// A decoded picture's tiles.
+fn image_visual(img: &RgbImage, cfg: &TileConfig, max_tiles: u32) -> Visual {
+    let (tiles, grid) = tile_frame(img, cfg, max_tiles);
+    Visual {
+        placeholders: vec![tiles],
+        grid,
+        frame_indices: Vec::new(),
+    }
+}
+
 /// Decodes and tiles one attachment.
 pub fn load_visual(att: &Attachment, cfg: &TileConfig) -> Result<Visual, VisualError> {
     match att {
         Attachment::Image { path, max_tiles } => {
             let max = image_max_tiles(path, *max_tiles, cfg)?;
-            let img = image::load_rgb(path)?;
-            let (tiles, grid) = tile_frame(&img, cfg, max);
-            Ok(Visual {
-                placeholders: vec![tiles],
-                grid,
-                frame_indices: Vec::new(),
-            })
+            Ok(image_visual(&image::load_rgb(path)?, cfg, max))
         }
         Attachment::Video {
             path,
@@ -279,8 +283,13 @@ fn thumbnail(img: &RgbImage, max_side: u32) -> RgbImage {
 
 /// What staging `att` shows before anything is sent (see [`AttachmentInfo`]): decodes it, so an
 /// undecodable file is refused when staged, and computes its tiling and token cost as the
-/// engine will send it.
-pub fn probe(att: &Attachment, cfg: &TileConfig) -> Result<AttachmentInfo, VisualError> {
+/// engine will send it. Its tiles go into `cache`, so that sending finds them ready: a picture
+/// is tiled here, on the caller's thread, from the one decode the preview needs too.
+pub fn probe(
+    att: &Attachment,
+    cfg: &TileConfig,
+    cache: &TileCache,
+) -> Result<AttachmentInfo, VisualError> {
     // big enough for a sharp picture through a terminal graphics protocol (a preview pane is
     // up to 64 cells, ~600 px, wide); half blocks average it down
     let thumb_side = 512;
@@ -291,8 +300,9 @@ pub fn probe(att: &Attachment, cfg: &TileConfig) -> Result<AttachmentInfo, Visua
         Attachment::Image { path, max_tiles } => {
             let max = image_max_tiles(path, *max_tiles, cfg)?;
             let img = image::load_rgb(path)?;
-            // tile it in the background now, so that sending finds the tiles ready
-            prefetch(att, cfg);
+            if let Some(key) = TileKey::of(att, cfg) {
+                cache.get_or_load(key, || Ok::<_, VisualError>(image_visual(&img, cfg, max)))?;
+            }
             let (grid, tiles) = tiles_for(img.width(), img.height(), cfg, max);
             Ok(AttachmentInfo {
                 name,
@@ -306,7 +316,7 @@ pub fn probe(att: &Attachment, cfg: &TileConfig) -> Result<AttachmentInfo, Visua
             })
         }
         Attachment::Video { path, .. } => {
-            let v = load_visual_shared(att, cfg)?;
+            let v = cache.load(att, cfg)?;
             let meta = video::probe(path)?;
             let tiles = v.tiles();
             let frames: Vec<RgbImage> = v
@@ -446,6 +456,28 @@ mod tests {
         assert!(e.contains("video_preprocessor_config.json"), "{e}");
     }
 
+    /// Staging a picture tiles it into the cache it is given: the engine then finds exactly
+    /// the tiles [`load_visual`] makes, and the probe's counts agree with them.
+    #[test]
+    fn a_probe_leaves_the_tiles_in_the_cache() {
+        let a = Attachment::Image {
+            path: fixture("media/images/image1.jpg"),
+            max_tiles: Some(4),
+        };
+        let cache = TileCache::default();
+        let p = probe(&a, &cfg(), &cache).unwrap();
+        let key = TileKey::of(&a, &cfg()).unwrap();
+        assert!(cache.contains(&key));
+        let direct = load_visual(&a, &cfg()).unwrap();
+        let cached = cache
+            .get_or_load(key, || -> Result<Visual, VisualError> {
+                panic!("decoded again")
+            })
+            .unwrap();
+        assert_eq!(cached.placeholders, direct.placeholders);
+        assert_eq!((p.tiles, p.grid), (direct.tiles(), direct.grid));
+    }
+
     #[test]
     fn tile_and_frame_limits_are_refused_before_any_work() {
         let image = fixture("media/images/image1.jpg");
@@ -458,7 +490,7 @@ mod tests {
                 path: image.clone(),
                 max_tiles,
             };
-            let r = probe(&a, &cfg());
+            let r = probe(&a, &cfg(), &TileCache::default());
             assert_eq!(r.is_ok(), ok, "{max_tiles:?}: {r:?}");
             if !ok {
                 let e = r.unwrap_err().to_string();
@@ -507,18 +539,18 @@ mod tests {
             max_tiles: 2,
         };
         for a in [&image, &video] {
-            let info = probe(a, &cfg()).unwrap();
+            let info = probe(a, &cfg(), &TileCache::default()).unwrap();
             let tiles: usize = placeholder_tiles(a, &cfg()).unwrap().iter().sum();
             assert_eq!((info.tiles, info.tokens), (tiles, tiles * 256), "{a:?}");
             assert_eq!(info.bytes, std::fs::metadata(a.path()).unwrap().len());
             assert!(info.preview.is_some());
         }
-        let i = probe(&image, &cfg()).unwrap();
+        let i = probe(&image, &cfg(), &TileCache::default()).unwrap();
         assert_eq!(
             (i.name.as_str(), i.duration, i.frames.len()),
             ("image1.jpg", None, 0)
         );
-        let v = probe(&video, &cfg()).unwrap();
+        let v = probe(&video, &cfg(), &TileCache::default()).unwrap();
         let meta = video::probe(video.path()).unwrap();
         assert_eq!(v.name, "flipping_a_pancake.mkv");
         assert_eq!(v.frames.len(), 4);

@@ -161,8 +161,11 @@ fn file_url(url: &str, at: &str) -> Result<PathBuf, ApiError> {
             )))
         }
     };
-    let path = PathBuf::from(percent_decode(path).ok_or_else(|| {
-        ApiError::invalid(format!("{at}: bad percent-encoding in {:?}", short(url)))
+    let path = PathBuf::from(crate::files::percent_decode(path).map_err(|e| {
+        ApiError::invalid(format!(
+            "{at}: bad percent-encoding in {:?}: {e}",
+            short(url)
+        ))
     })?);
     match crate::files::regular_within(&path, crate::files::MAX_PICTURE_BYTES, "a picture") {
         Ok(_) => {}
@@ -180,24 +183,6 @@ fn file_url(url: &str, at: &str) -> Result<PathBuf, ApiError> {
         }
     }
     Ok(path)
-}
-
-/// `%XX` sequences decoded; `None` when they do not make UTF-8 or are malformed.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 fn download(url: &str, at: &str) -> Result<Vec<u8>, ApiError> {
@@ -314,6 +299,15 @@ mod tests {
         assert!(refused("data:image/png;base64,", false).contains("empty"));
         assert!(refused("ftp://x/a.png", false).contains("unsupported image URL"));
         assert!(refused("file://host/a.png", false).contains("local absolute path"));
+        // malformed escapes are refused, not read as a literal '%' or "+f" = 15
+        assert_eq!(
+            refused("file:///tmp/a%+f.png", false),
+            "messages[0].content[1]: bad percent-encoding in \"file:///tmp/a%+f.png\": \
+             malformed escape \"%+f\" (a % must be followed by two hex digits)"
+        );
+        assert!(refused("file:///tmp/a%zz.png", false)
+            .ends_with("malformed escape \"%zz\" (a % must be followed by two hex digits)"));
+        assert!(refused("file:///tmp/a%FF.png", false).ends_with("the decoded bytes are not UTF-8"));
         // a server that cannot be reached: a clear 400, not a hang or a panic
         assert!(refused("http://127.0.0.1:9/a.png", true).contains("cannot fetch"));
     }
