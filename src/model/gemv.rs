@@ -1,6 +1,7 @@
 //! Matrix-vector products for decoding on the CPU: `y = x W^T (+ b)` for a few rows of `x`
-//! against a bf16 weight (or an int8 one with a scale per output row), the shape of every linear
-//! layer while tokens are generated.
+//! against a bf16 weight, the shape of every linear layer while tokens are generated; int8
+//! weights (`int8.rs`: LLM.int8()) and 4-bit ones (`q4.rs`: Q4_0 x Q8_0) multiply quantized
+//! inputs in integers.
 //!
 //! Why our own: for one row, libtorch's bf16 `linear` goes through oneDNN's brgemm matmul, which
 //! repacks the whole weight into a scratch buffer on every call (`copy_b_chunk_in_buffer`), so

@@ -41,13 +41,15 @@ impl Place {
 /// `nn.Linear`: `weight` [out, in], optional `bias` [out].
 ///
 /// With `scale` set the weight is int8 (symmetric, one scale per output channel, in the
-/// activations' dtype): small batches of rows (decoding) run ATen's int8 weight-only kernel on
-/// CPU; larger ones (prefill) and CUDA dequantize the weight on the fly and use the dense GEMM,
-/// which is faster there.
+/// activations' dtype): small batches of bf16 rows (decoding) on CPU multiply int8-quantized
+/// inputs in integers (gemv's LLM.int8(), `gemv/int8.rs`); a few f16/f32 rows run ATen's int8
+/// weight-only kernel; larger ones (prefill) and CUDA dequantize the weight on the fly and use
+/// the dense GEMM, which is faster there.
 ///
 /// With `scale` set and a uint8 `weight` [out, groups * 16] the weight is 4-bit (`--load-4bit`):
 /// symmetric, one bf16 scale per group of 32 inputs (`scale` [out, groups]; layout at
-/// [`super::gemv::Q4_GROUP`]). Decoding on the CPU in bf16 runs gemv's 4-bit kernels; anything
+/// [`super::gemv::Q4_GROUP`]). Decoding on the CPU in bf16 runs gemv's 4-bit kernels (inputs
+/// quantized per group, `gemv/q4.rs`); anything
 /// else (prefill, f16/f32, CUDA) dequantizes the weight and uses the dense GEMM.
 pub struct Linear {
     pub weight: Tensor,
