@@ -592,7 +592,9 @@ fn a_model_that_does_not_fit_is_refused_before_loading() {
 }
 
 /// `--load-8bit`: the plan costs int8 weights (a 78B model that needs 86 GiB on a 56 GiB card
-/// in bf16 fits in 8 bits), and a one-shot answer runs with int8 decoder weights.
+/// in bf16 fits in 8 bits), `head` the output head's too (on the first device: vocab x hidden
+/// bytes and a bf16 scale per row, in place of two bytes a weight), and a one-shot answer runs
+/// with int8 decoder weights, and with the int8 head.
 #[test]
 fn load_8bit_plans_and_answers() {
     let cfg = fixtures().join("configs/InternVL2_5-78B.config.json");
@@ -617,6 +619,8 @@ fn load_8bit_plans_and_answers() {
     assert!(int8.status.success(), "{}", stderr(&int8));
     let all = plan(&["--load-8bit", "all"]);
     assert!(all.status.success(), "{}", stderr(&all));
+    let head = plan(&["--load-8bit", "head"]);
+    assert!(head.status.success(), "{}", stderr(&head));
     let bytes = |o: &Output, dev: &str| {
         let j: Value = serde_json::from_str(&stdout(o)).unwrap();
         j["devices"][dev]["weight_bytes"].as_u64().unwrap()
@@ -625,8 +629,19 @@ fn load_8bit_plans_and_answers() {
     let q = bytes(&int8, "cuda:1");
     // decoder layers only on cuda:1: just over half (norms stay bf16, one bf16 scale per row)
     assert!(q * 2 > b && (q as f64) < 0.501 * b as f64, "{q} vs {b}");
-    assert!(bytes(&all, "cuda:0") < bytes(&int8, "cuda:0"));
+    assert!(bytes(&all, "cuda:0") < bytes(&head, "cuda:0"));
     assert_eq!(bytes(&all, "cuda:1"), q);
+    assert_eq!(bytes(&head, "cuda:1"), q);
+    let l = &serde_json::from_str::<Value>(&std::fs::read_to_string(&cfg).unwrap()).unwrap()
+        ["llm_config"];
+    let (vocab, hidden) = (
+        l["vocab_size"].as_u64().unwrap(),
+        l["hidden_size"].as_u64().unwrap(),
+    );
+    assert_eq!(
+        bytes(&int8, "cuda:0") - bytes(&head, "cuda:0"),
+        2 * vocab * hidden - (vocab * hidden + 2 * vocab)
+    );
 
     let m = model("tiny-qwen2");
     let o = run(
@@ -634,6 +649,24 @@ fn load_8bit_plans_and_answers() {
             "--model",
             &m,
             "--load-8bit",
+            "--greedy",
+            "--max-new-tokens",
+            "8",
+            "--device",
+            "cpu",
+            "--prompt",
+            "Hello, who are you?",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).trim().is_empty());
+    let o = run(
+        &[
+            "--model",
+            &m,
+            "--load-8bit",
+            "head",
             "--greedy",
             "--max-new-tokens",
             "8",
