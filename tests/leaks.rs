@@ -10,14 +10,7 @@ use common::rss;
 /// the soak test found each read of a video leaking the whole file.)
 #[test]
 fn reading_a_video_again_and_again_keeps_memory_flat() {
-    let cfg = TileConfig {
-        image_size: 448,
-        min_tiles: 1,
-        max_tiles: 12,
-        use_thumbnail: true,
-        tokens_per_tile: 256,
-        hf: None,
-    };
+    let cfg = TileConfig::internvl_2_5();
     let video = fixture("media/videos/flipping_a_pancake.mkv");
     let size = std::fs::metadata(&video).unwrap().len();
     let att = Attachment::Video {

@@ -101,19 +101,6 @@ fn wait_ready(handle: &EngineHandle) -> Result<ModelInfo> {
     }
 }
 
-/// Tiling of InternVL 2.5 checkpoints (448-pixel tiles, up to 12 and a thumbnail, 256 tokens
-/// each), for showing what a picture costs when the model is on a server.
-fn internvl_2_5_tiles() -> TileConfig {
-    TileConfig {
-        image_size: 448,
-        min_tiles: 1,
-        max_tiles: 12,
-        use_thumbnail: true,
-        tokens_per_tile: 256,
-        hf: None,
-    }
-}
-
 /// The worker for `--remote`; `--model`, when given too, tells how pictures are tiled.
 fn remote_worker(
     cli: &Cli,
@@ -121,7 +108,8 @@ fn remote_worker(
 ) -> Result<(EngineHandle, std::thread::JoinHandle<()>, TileConfig)> {
     let mut tiles = match &cli.model.model {
         Some(dir) => InternVLConfig::load(dir)?.tile_config_in(dir)?,
-        None => internvl_2_5_tiles(),
+        // what a picture costs when the model is on a server: InternVL 2.5's tiling
+        None => TileConfig::internvl_2_5(),
     };
     if let Some(t) = cli.gen.max_tiles {
         tiles.max_tiles = t as u32;

@@ -411,6 +411,33 @@ impl Job<'_> {
             });
             return;
         }
+        if let (WeightRef::Q4(w, s), Some(x)) = (self.w, self.x_q8) {
+            // the dot products of a block of weight rows in one kernel call, then the outputs
+            const BLOCK_ROWS: usize = 64;
+            let gb = self.k.div_ceil(Q4_GROUP);
+            let mut dots = [0f32; BLOCK_ROWS * MAX_ROWS];
+            let mut i0 = lo;
+            while i0 < hi {
+                let i1 = (i0 + BLOCK_ROWS).min(hi);
+                let dots = &mut dots[..(i1 - i0) * self.rows];
+                x.dots(
+                    self.level,
+                    &w[i0 * gb * Q4_GROUP_BYTES..i1 * gb * Q4_GROUP_BYTES],
+                    &s[i0 * gb..i1 * gb],
+                    dots,
+                );
+                for i in i0..i1 {
+                    let b = self.bias.map_or(0.0, |b| b[i]);
+                    for r in 0..self.rows {
+                        let y = dots[(i - i0) * self.rows + r] + b;
+                        // SAFETY: as below.
+                        unsafe { *self.out.0.add(r * self.n + i) = bf16::from_f32(y).to_bits() };
+                    }
+                }
+                i0 = i1;
+            }
+            return;
+        }
         let mut dots = [0f32; MAX_ROWS];
         for i in lo..hi {
             let b = self.bias.map_or(0.0, |b| b[i]);
@@ -438,15 +465,7 @@ impl Job<'_> {
                     );
                 }
                 WeightRef::Int8(..) => unreachable!("int8 inputs are quantized above"),
-                WeightRef::Q4(w, s) => {
-                    let groups = self.k.div_ceil(Q4_GROUP);
-                    self.x_q8.expect("4-bit inputs are quantized").dots(
-                        self.level,
-                        &w[i * groups * Q4_GROUP_BYTES..(i + 1) * groups * Q4_GROUP_BYTES],
-                        &s[i * groups..(i + 1) * groups],
-                        dots,
-                    );
-                }
+                WeightRef::Q4(..) => unreachable!("4-bit inputs are quantized above"),
             }
             for (r, d) in dots.iter().enumerate() {
                 let y = d + b;

@@ -161,12 +161,8 @@ mod tests {
 
     fn cfg() -> TileConfig {
         TileConfig {
-            image_size: 448,
-            min_tiles: 1,
             max_tiles: 6,
-            use_thumbnail: true,
-            tokens_per_tile: 256,
-            hf: None,
+            ..TileConfig::internvl_2_5()
         }
     }
 

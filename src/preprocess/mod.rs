@@ -24,6 +24,20 @@ pub struct TileConfig {
     pub hf: Option<hf::HfProcessing>,
 }
 
+impl TileConfig {
+    /// InternVL 2.5's model card: 448-pixel tiles, up to 12 and a thumbnail, 256 tokens each.
+    pub fn internvl_2_5() -> Self {
+        TileConfig {
+            image_size: 448,
+            min_tiles: 1,
+            max_tiles: 12,
+            use_thumbnail: true,
+            tokens_per_tile: 256,
+            hf: None,
+        }
+    }
+}
+
 /// An attachment turned into the tiles of each `<image>` placeholder it fills: one entry for an
 /// image, one per sampled frame for a video.
 #[derive(Debug)]
@@ -345,14 +359,7 @@ mod tests {
     use crate::testutil::fixture;
 
     fn cfg() -> TileConfig {
-        TileConfig {
-            image_size: 448,
-            min_tiles: 1,
-            max_tiles: 12,
-            use_thumbnail: true,
-            tokens_per_tile: 256,
-            hf: None,
-        }
+        TileConfig::internvl_2_5()
     }
 
     #[test]

@@ -110,12 +110,20 @@ impl Int8Input {
         let row = |i: usize| &w[i * k..(i + 1) * k];
         let scale = |i: usize| f32::from_bits((scales[i] as u32) << 16);
         let bias = |i: usize| bias.map_or(0.0, |b| b[i]);
-        let mut sums = [0i32; MAX_ROWS];
-        for i in lo..hi {
-            dots(level, self, row(i), &mut sums[..self.rows]);
-            for (r, &sum) in sums.iter().enumerate().take(self.rows) {
-                put(i, r, self.finish(r, sum, row(i), scale(i), bias(i)));
+        // the sums of a block of weight rows in one kernel call, then their outputs
+        let mut sums = [0i32; BLOCK_ROWS * MAX_ROWS];
+        let mut i0 = lo;
+        while i0 < hi {
+            let i1 = (i0 + BLOCK_ROWS).min(hi);
+            let sums = &mut sums[..(i1 - i0) * self.rows];
+            dots(level, self, &w[i0 * k..i1 * k], sums);
+            for i in i0..i1 {
+                for r in 0..self.rows {
+                    let sum = sums[(i - i0) * self.rows + r];
+                    put(i, r, self.finish(r, sum, row(i), scale(i), bias(i)));
+                }
             }
+            i0 = i1;
         }
     }
 
@@ -146,24 +154,31 @@ pub(super) fn round_small(v: f32) -> f32 {
     (v + MAGIC) - MAGIC
 }
 
-/// `sums[r]` = the exact integer dot product of row `r`'s int8 values with `w`.
+/// Weight rows whose sums one kernel call computes (a stack buffer's worth).
+const BLOCK_ROWS: usize = 64;
+
+/// `sums[i * rows + r]` = the exact integer dot product of input row `r`'s int8 values with
+/// weight row `i` of `w` (whole rows of `k`).
 fn dots(level: Level, x: &Int8Input, w: &[i8], sums: &mut [i32]) {
+    debug_assert_eq!(sums.len(), w.len() / x.k * x.rows);
     #[cfg(target_arch = "x86_64")]
     {
         if matches!(level, Level::Avx512 | Level::Avx512Bf16) && vnni() {
-            // SAFETY: the CPU has AVX-512F/BW and VNNI; the lengths are the input's.
-            unsafe { simd::dots_vnni(&x.u, x.rows, w, sums) };
+            // SAFETY: the CPU has AVX-512F/BW/DQ/VL and VNNI; the lengths are the input's.
+            unsafe { simd::dots_vnni(&x.u, x.rows, x.k, w, sums) };
             return;
         }
         if level >= Level::Avx2 {
             // SAFETY: the CPU has AVX2 (the level is at most the detected one).
-            unsafe { simd::dots_avx2(&x.q, x.rows, w, sums) };
+            unsafe { simd::dots_avx2(&x.q, x.rows, x.k, w, sums) };
             return;
         }
     }
     let _ = level;
-    for (s, row) in sums.iter_mut().zip(x.q.chunks_exact(x.k)) {
-        *s = row.iter().zip(w).map(|(&a, &b)| a as i32 * b as i32).sum();
+    for (wr, out) in w.chunks_exact(x.k).zip(sums.chunks_exact_mut(x.rows)) {
+        for (s, row) in out.iter_mut().zip(x.q.chunks_exact(x.k)) {
+            *s = row.iter().zip(wr).map(|(&a, &b)| a as i32 * b as i32).sum();
+        }
     }
 }
 
@@ -263,22 +278,26 @@ mod simd {
         }
     }
 
-    /// [`dots_vnni_m`] for `rows` (1..=8) rows.
+    /// [`dots_vnni_m`] for `rows` (1..=8) input rows and each weight row of `w` (rows of
+    /// `k`), in one call: `sums[i * rows + r]`.
     ///
     /// # Safety
-    /// The CPU has AVX-512F/BW/DQ/VL and AVX512-VNNI; `u` holds `rows * w.len()` values.
+    /// The CPU has AVX-512F/BW/DQ/VL and AVX512-VNNI; `u` holds `rows * k` values, `sums`
+    /// `rows` for each weight row.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
-    pub unsafe fn dots_vnni(u: &[u8], rows: usize, w: &[i8], sums: &mut [i32]) {
-        debug_assert!(u.len() >= rows * w.len() && sums.len() >= rows);
-        match rows {
-            1 => dots_vnni_1(u, w, sums),
-            2 => dots_vnni_m::<2>(u, w, sums),
-            3 => dots_vnni_m::<3>(u, w, sums),
-            4 => dots_vnni_m::<4>(u, w, sums),
-            5 => dots_vnni_m::<5>(u, w, sums),
-            6 => dots_vnni_m::<6>(u, w, sums),
-            7 => dots_vnni_m::<7>(u, w, sums),
-            _ => dots_vnni_m::<8>(u, w, sums),
+    pub unsafe fn dots_vnni(u: &[u8], rows: usize, k: usize, w: &[i8], sums: &mut [i32]) {
+        debug_assert!(u.len() >= rows * k && sums.len() >= rows * (w.len() / k));
+        for (wr, s) in w.chunks_exact(k).zip(sums.chunks_exact_mut(rows)) {
+            match rows {
+                1 => dots_vnni_1(u, wr, s),
+                2 => dots_vnni_m::<2>(u, wr, s),
+                3 => dots_vnni_m::<3>(u, wr, s),
+                4 => dots_vnni_m::<4>(u, wr, s),
+                5 => dots_vnni_m::<5>(u, wr, s),
+                6 => dots_vnni_m::<6>(u, wr, s),
+                7 => dots_vnni_m::<7>(u, wr, s),
+                _ => dots_vnni_m::<8>(u, wr, s),
+            }
         }
     }
 
@@ -316,22 +335,25 @@ mod simd {
         }
     }
 
-    /// [`dots_avx2_m`] for `rows` (1..=8) rows.
+    /// [`dots_avx2_m`] for `rows` (1..=8) input rows and each weight row of `w` (rows of
+    /// `k`), in one call: `sums[i * rows + r]`.
     ///
     /// # Safety
-    /// The CPU has AVX2; `q` holds `rows * w.len()` values.
+    /// The CPU has AVX2; `q` holds `rows * k` values, `sums` `rows` for each weight row.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn dots_avx2(q: &[i8], rows: usize, w: &[i8], sums: &mut [i32]) {
-        debug_assert!(q.len() >= rows * w.len() && sums.len() >= rows);
-        match rows {
-            1 => dots_avx2_m::<1>(q, w, sums),
-            2 => dots_avx2_m::<2>(q, w, sums),
-            3 => dots_avx2_m::<3>(q, w, sums),
-            4 => dots_avx2_m::<4>(q, w, sums),
-            5 => dots_avx2_m::<5>(q, w, sums),
-            6 => dots_avx2_m::<6>(q, w, sums),
-            7 => dots_avx2_m::<7>(q, w, sums),
-            _ => dots_avx2_m::<8>(q, w, sums),
+    pub unsafe fn dots_avx2(q: &[i8], rows: usize, k: usize, w: &[i8], sums: &mut [i32]) {
+        debug_assert!(q.len() >= rows * k && sums.len() >= rows * (w.len() / k));
+        for (wr, s) in w.chunks_exact(k).zip(sums.chunks_exact_mut(rows)) {
+            match rows {
+                1 => dots_avx2_m::<1>(q, wr, s),
+                2 => dots_avx2_m::<2>(q, wr, s),
+                3 => dots_avx2_m::<3>(q, wr, s),
+                4 => dots_avx2_m::<4>(q, wr, s),
+                5 => dots_avx2_m::<5>(q, wr, s),
+                6 => dots_avx2_m::<6>(q, wr, s),
+                7 => dots_avx2_m::<7>(q, wr, s),
+                _ => dots_avx2_m::<8>(q, wr, s),
+            }
         }
     }
 }

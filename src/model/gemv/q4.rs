@@ -99,10 +99,11 @@ impl Q8Input {
         }
     }
 
-    /// `dots[r]` for every row against one packed weight row (`w`: its groups' bytes,
-    /// `scales`: one bf16 scale per group).
+    /// `dots[i * rows + r]` for every input row `r` against each packed weight row `i` of `w`
+    /// (its groups' bytes, whole rows) with `scales` (one bf16 scale per group), in one call.
     pub fn dots(&self, level: Level, w: &[u8], scales: &[u16], dots: &mut [f32]) {
-        debug_assert!(w.len() == self.groups * Q4_GROUP_BYTES && scales.len() == self.groups);
+        let nw = scales.len() / self.groups;
+        debug_assert!(w.len() == nw * self.groups * Q4_GROUP_BYTES && dots.len() == nw * self.rows);
         #[cfg(target_arch = "x86_64")]
         {
             if matches!(level, Level::Avx512 | Level::Avx512Bf16) && super::int8::vnni() {
@@ -117,6 +118,18 @@ impl Q8Input {
             }
         }
         let _ = level;
+        let wb = self.groups * Q4_GROUP_BYTES;
+        for ((w, scales), dots) in w
+            .chunks_exact(wb)
+            .zip(scales.chunks_exact(self.groups))
+            .zip(dots.chunks_exact_mut(self.rows))
+        {
+            self.dots_portable(w, scales, dots);
+        }
+    }
+
+    /// One weight row's `dots[r]`, portably.
+    fn dots_portable(&self, w: &[u8], scales: &[u16], dots: &mut [f32]) {
         for (r, dot) in dots.iter_mut().enumerate().take(self.rows) {
             let qr = &self.q[r * self.stride * Q4_GROUP..];
             let mut acc = 0f32;
@@ -157,11 +170,40 @@ mod simd {
         let groups = x.groups;
         let low = _mm512_set1_epi8(0x0f);
         // lanes 4i..4i+4 take group i's scale
-        let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        // lanes 4i..4i+4 take group i's scale, of the 4 groups of block j among 16 scales
+        let spread = |j: i32| {
+            _mm512_setr_epi32(
+                4 * j,
+                4 * j,
+                4 * j,
+                4 * j,
+                4 * j + 1,
+                4 * j + 1,
+                4 * j + 1,
+                4 * j + 1,
+                4 * j + 2,
+                4 * j + 2,
+                4 * j + 2,
+                4 * j + 2,
+                4 * j + 3,
+                4 * j + 3,
+                4 * j + 3,
+                4 * j + 3,
+            )
+        };
+        let spreads = [spread(0), spread(1), spread(2), spread(3)];
         // U accumulators per row, blocks in turn: independent chains for few rows
         let mut acc = [[_mm512_setzero_ps(); U]; M];
+        // the scales of 16 groups (4 blocks) as f32, loaded once for the 4 blocks
+        let mut s16 = _mm512_setzero_ps();
         let mut g = 0;
         while g < groups {
+            if g % 16 == 0 {
+                let left = (groups - g).min(16);
+                let m: __mmask16 = if left == 16 { !0 } else { (1u16 << left) - 1 };
+                let s = _mm256_maskz_loadu_epi16(m, scales.as_ptr().add(g).cast());
+                s16 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(s)));
+            }
             let u = (g / BLOCK) % U;
             let n = (groups - g).min(BLOCK);
             let mb: __mmask64 = if n == BLOCK {
@@ -172,9 +214,7 @@ mod simd {
             let b = _mm512_maskz_loadu_epi8(mb, w.as_ptr().add(g * Q4_GROUP_BYTES).cast());
             let lo = _mm512_and_si512(b, low);
             let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(b), low);
-            let s4 = _mm_maskz_loadu_epi16((1u8 << n) - 1, scales.as_ptr().add(g).cast());
-            let s4 = _mm_castsi128_ps(_mm_slli_epi32::<16>(_mm_cvtepu16_epi32(s4)));
-            let sv = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s4));
+            let sv = _mm512_permutexvar_ps(spreads[(g % 16) / BLOCK], s16);
             for r in 0..M {
                 let at = r * x.stride + g;
                 let xp = x.q.as_ptr().add(at * Q4_GROUP);
@@ -196,21 +236,29 @@ mod simd {
         }
     }
 
-    /// [`dots_vnni_m`] for the input's rows (1..=8).
+    /// [`dots_vnni_m`] for the input's rows (1..=8) and each weight row of `w`, in one call.
     ///
     /// # Safety
-    /// The CPU has AVX-512F/BW/DQ/VL and AVX512-VNNI; `w` and `scales` hold the input's groups.
+    /// The CPU has AVX-512F/BW/DQ/VL and AVX512-VNNI; `w` and `scales` hold whole weight rows
+    /// of the input's groups, `dots` the input's rows for each.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
     pub unsafe fn dots_vnni(x: &Q8Input, w: &[u8], scales: &[u16], dots: &mut [f32]) {
-        match x.rows {
-            1 => dots_vnni_m::<1, 4>(x, w, scales, dots),
-            2 => dots_vnni_m::<2, 2>(x, w, scales, dots),
-            3 => dots_vnni_m::<3, 2>(x, w, scales, dots),
-            4 => dots_vnni_m::<4, 1>(x, w, scales, dots),
-            5 => dots_vnni_m::<5, 1>(x, w, scales, dots),
-            6 => dots_vnni_m::<6, 1>(x, w, scales, dots),
-            7 => dots_vnni_m::<7, 1>(x, w, scales, dots),
-            _ => dots_vnni_m::<8, 1>(x, w, scales, dots),
+        let wb = x.groups * Q4_GROUP_BYTES;
+        for ((w, s), d) in w
+            .chunks_exact(wb)
+            .zip(scales.chunks_exact(x.groups))
+            .zip(dots.chunks_exact_mut(x.rows))
+        {
+            match x.rows {
+                1 => dots_vnni_m::<1, 4>(x, w, s, d),
+                2 => dots_vnni_m::<2, 2>(x, w, s, d),
+                3 => dots_vnni_m::<3, 2>(x, w, s, d),
+                4 => dots_vnni_m::<4, 1>(x, w, s, d),
+                5 => dots_vnni_m::<5, 1>(x, w, s, d),
+                6 => dots_vnni_m::<6, 1>(x, w, s, d),
+                7 => dots_vnni_m::<7, 1>(x, w, s, d),
+                _ => dots_vnni_m::<8, 1>(x, w, s, d),
+            }
         }
     }
 
@@ -269,21 +317,29 @@ mod simd {
         }
     }
 
-    /// [`dots_avx2_m`] for the input's rows (1..=8).
+    /// [`dots_avx2_m`] for the input's rows (1..=8) and each weight row of `w`, in one call.
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; `w` and `scales` hold the input's groups.
+    /// The CPU has AVX2 and FMA; `w` and `scales` hold whole weight rows of the input's
+    /// groups, `dots` the input's rows for each.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dots_avx2(x: &Q8Input, w: &[u8], scales: &[u16], dots: &mut [f32]) {
-        match x.rows {
-            1 => dots_avx2_m::<1>(x, w, scales, dots),
-            2 => dots_avx2_m::<2>(x, w, scales, dots),
-            3 => dots_avx2_m::<3>(x, w, scales, dots),
-            4 => dots_avx2_m::<4>(x, w, scales, dots),
-            5 => dots_avx2_m::<5>(x, w, scales, dots),
-            6 => dots_avx2_m::<6>(x, w, scales, dots),
-            7 => dots_avx2_m::<7>(x, w, scales, dots),
-            _ => dots_avx2_m::<8>(x, w, scales, dots),
+        let wb = x.groups * Q4_GROUP_BYTES;
+        for ((w, s), d) in w
+            .chunks_exact(wb)
+            .zip(scales.chunks_exact(x.groups))
+            .zip(dots.chunks_exact_mut(x.rows))
+        {
+            match x.rows {
+                1 => dots_avx2_m::<1>(x, w, s, d),
+                2 => dots_avx2_m::<2>(x, w, s, d),
+                3 => dots_avx2_m::<3>(x, w, s, d),
+                4 => dots_avx2_m::<4>(x, w, s, d),
+                5 => dots_avx2_m::<5>(x, w, s, d),
+                6 => dots_avx2_m::<6>(x, w, s, d),
+                7 => dots_avx2_m::<7>(x, w, s, d),
+                _ => dots_avx2_m::<8>(x, w, s, d),
+            }
         }
     }
 }
