@@ -31,6 +31,9 @@ pub use int8::THRESHOLD as INT8_THRESHOLD;
 /// Most input rows one call takes (decoding a batch of up to 8 conversations).
 pub const MAX_ROWS: usize = 8;
 
+/// Weight rows whose integer dot products one kernel call computes (a stack buffer's worth).
+const BLOCK_ROWS: usize = 64;
+
 /// The weight of a linear layer as this module reads it.
 pub enum WeightRef<'a> {
     Bf16(&'a [u16]),
@@ -332,22 +335,14 @@ pub fn gemv_at(
     if let Some(b) = bias {
         assert_eq!(b.len(), n);
     }
-    // bf16 pairs straight into AVX512-BF16's dot product where the CPU has it; int8 and
-    // 4-bit weights multiply quantized inputs; f32 otherwise
-    let pairs = matches!(w, WeightRef::Bf16(_)) && level == Level::Avx512Bf16;
-    let x_i8 = matches!(w, WeightRef::Int8(..)).then(|| int8::Int8Input::new(x, rows));
-    let x_q8 = matches!(w, WeightRef::Q4(..)).then(|| q4::Q8Input::new(x, rows));
-    let x_f32: Vec<f32> = if pairs || x_i8.is_some() || x_q8.is_some() {
-        Vec::new()
-    } else {
-        x.iter().map(|&b| b.to_f32()).collect()
+    let input = match w {
+        WeightRef::Bf16(_) if level == Level::Avx512Bf16 => Input::Pairs(x),
+        WeightRef::Bf16(_) => Input::F32(x.iter().map(|&b| b.to_f32()).collect()),
+        WeightRef::Int8(..) => Input::Int8(int8::Int8Input::new(x, rows)),
+        WeightRef::Q4(..) => Input::Q8(q4::Q8Input::new(x, rows)),
     };
     let job = Job {
-        x_f32: &x_f32,
-        x_bf16: x,
-        x_i8: x_i8.as_ref(),
-        x_q8: x_q8.as_ref(),
-        pairs,
+        input,
         level,
         rows,
         k,
@@ -381,17 +376,21 @@ struct OutPtr(*mut u16);
 // ends before `out` is used again.
 unsafe impl Sync for OutPtr {}
 
+/// The input rows as a weight's kernels read them.
+enum Input<'a> {
+    /// bf16, for bf16 weights through AVX512-BF16 pair dot products.
+    Pairs(&'a [u16]),
+    /// f32, for bf16 weights through the f32 kernels.
+    F32(Vec<f32>),
+    /// Quantized for int8 weights (LLM.int8()).
+    Int8(int8::Int8Input),
+    /// Quantized in groups for 4-bit weights.
+    Q8(q4::Q8Input),
+}
+
 struct Job<'a> {
-    /// The input as f32 (empty when `pairs`).
-    x_f32: &'a [f32],
-    x_bf16: &'a [u16],
-    /// The input quantized for int8 weights.
-    x_i8: Option<&'a int8::Int8Input>,
-    /// The input quantized in groups for 4-bit weights.
-    x_q8: Option<&'a q4::Q8Input>,
-    /// bf16 weights through AVX512-BF16 pair dot products of the bf16 input.
-    pairs: bool,
-    /// The kernels for the f32 input.
+    input: Input<'a>,
+    /// The kernels' level.
     level: Level,
     rows: usize,
     k: usize,
@@ -404,79 +403,37 @@ struct Job<'a> {
 impl Job<'_> {
     /// Output columns `lo..hi` (weight rows) for every input row.
     fn run(&self, lo: usize, hi: usize) {
-        if let (WeightRef::Int8(w, s), Some(x)) = (self.w, self.x_i8) {
-            x.outputs(self.level, w, s, self.bias, lo, hi, |i, r, y| {
-                // SAFETY: as below.
-                unsafe { *self.out.0.add(r * self.n + i) = y };
-            });
-            return;
-        }
-        if let (WeightRef::Q4(w, s), Some(x)) = (self.w, self.x_q8) {
-            // the dot products of a block of weight rows in one kernel call, then the outputs
-            const BLOCK_ROWS: usize = 64;
-            let gb = self.k.div_ceil(Q4_GROUP);
-            let mut dots = [0f32; BLOCK_ROWS * MAX_ROWS];
-            let mut i0 = lo;
-            while i0 < hi {
-                let i1 = (i0 + BLOCK_ROWS).min(hi);
-                let dots = &mut dots[..(i1 - i0) * self.rows];
-                x.dots(
-                    self.level,
-                    &w[i0 * gb * Q4_GROUP_BYTES..i1 * gb * Q4_GROUP_BYTES],
-                    &s[i0 * gb..i1 * gb],
-                    dots,
-                );
-                for i in i0..i1 {
-                    let b = self.bias.map_or(0.0, |b| b[i]);
-                    for r in 0..self.rows {
-                        let y = dots[(i - i0) * self.rows + r] + b;
-                        // SAFETY: as below.
-                        unsafe { *self.out.0.add(r * self.n + i) = bf16::from_f32(y).to_bits() };
-                    }
-                }
-                i0 = i1;
+        // SAFETY: r < rows and i < n index inside `out` [rows, n]; this chunk alone writes
+        // column i.
+        let put = |i: usize, r: usize, y: u16| unsafe { *self.out.0.add(r * self.n + i) = y };
+        let (w, x) = match (self.w, &self.input) {
+            (WeightRef::Int8(w, s), Input::Int8(x)) => {
+                return x.outputs(self.level, w, s, self.bias, lo, hi, put);
             }
-            return;
-        }
+            (WeightRef::Q4(w, s), Input::Q8(x)) => {
+                return x.outputs(self.level, w, s, self.bias, lo, hi, put);
+            }
+            (WeightRef::Bf16(w), x) => (w, x),
+            _ => unreachable!("the input is made for its weight"),
+        };
         let mut dots = [0f32; MAX_ROWS];
         for i in lo..hi {
             let b = self.bias.map_or(0.0, |b| b[i]);
             let dots = &mut dots[..self.rows];
-            match self.w {
-                WeightRef::Bf16(w) if self.pairs => {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `pairs` is only set where the CPU has AVX512-BF16.
-                    unsafe {
-                        simd::dot_pairs(
-                            self.x_bf16,
-                            self.rows,
-                            &w[i * self.k..(i + 1) * self.k],
-                            dots,
-                        )
-                    };
-                }
-                WeightRef::Bf16(w) => {
-                    dot(
-                        self.level,
-                        self.x_f32,
-                        self.rows,
-                        &w[i * self.k..(i + 1) * self.k],
-                        dots,
-                    );
-                }
-                WeightRef::Int8(..) => unreachable!("int8 inputs are quantized above"),
-                WeightRef::Q4(..) => unreachable!("4-bit inputs are quantized above"),
+            let wr = &w[i * self.k..(i + 1) * self.k];
+            match x {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Pairs` is only made where the CPU has AVX512-BF16.
+                Input::Pairs(xb) => unsafe { simd::dot_pairs(xb, self.rows, wr, dots) },
+                Input::F32(xf) => dot(self.level, xf, self.rows, wr, dots),
+                _ => unreachable!("bf16 weights read bf16 or f32 inputs"),
             }
             for (r, d) in dots.iter().enumerate() {
-                let y = d + b;
-                // SAFETY: r < rows and i < n index inside `out` [rows, n]; this chunk alone
-                // writes column i.
-                unsafe { *self.out.0.add(r * self.n + i) = bf16::from_f32(y).to_bits() };
+                put(i, r, bf16::from_f32(d + b).to_bits());
             }
         }
     }
 }
-
 /// A weight element (bf16 bits).
 pub trait Weight: Copy {
     fn to_f32(self) -> f32;
@@ -556,6 +513,16 @@ fn q4_group(bytes: &[u8], scale: u16) -> [f32; Q4_GROUP] {
     out
 }
 
+/// `v` (|v| < 2^22) rounded to the nearest integer, ties to even, as `round_ties_even` (a libm
+/// call without SSE4.1, too slow for every weight of a load or every input of a product):
+/// adding and subtracting 1.5 * 2^23 leaves the f32 rounding to do it, in plain vector
+/// arithmetic.
+#[inline(always)]
+fn round_small(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
+}
+
 /// The divisors [`quantize_q4`] tries: a group's first scale is its largest-magnitude weight
 /// over minus one of these (8 puts that weight on -8 exactly, as llama.cpp's Q4_0 does; a
 /// smaller one leaves room for a large weight of the other sign, which 8 clamps to 7).
@@ -568,10 +535,6 @@ const Q4_SEARCH: [f32; 4] = [8.0, 7.5, 7.0, 8.5];
 /// scale 1. Returns the 16 packed bytes and the scale's bf16 bits.
 #[inline(always)]
 fn quantize_group(v: &[f32; Q4_GROUP]) -> ([u8; Q4_GROUP_BYTES], u16) {
-    // adding and subtracting 1.5 * 2^23 rounds an f32 of magnitude below 2^22 to the nearest
-    // integer, ties to even (as `round_ties_even`, which is a libm call without SSE4.1): the
-    // loops below stay plain vector arithmetic
-    const MAGIC: f32 = 12_582_912.0;
     let peak = v
         .iter()
         .fold(0f32, |p, &x| if x.abs() > p.abs() { x } else { p });
@@ -583,8 +546,8 @@ fn quantize_group(v: &[f32; Q4_GROUP]) -> ([u8; Q4_GROUP_BYTES], u16) {
         let inv = 1.0 / s.to_f32();
         let mut q = [0f32; Q4_GROUP];
         for (q, &x) in q.iter_mut().zip(v) {
-            // clamped first: the rounding trick needs a small magnitude (and NaN becomes -8)
-            *q = ((x * inv).clamp(-8.0, 7.0) + MAGIC) - MAGIC;
+            // clamped first: the rounding needs a small magnitude (and NaN becomes -8)
+            *q = round_small((x * inv).clamp(-8.0, 7.0));
         }
         // eight lanes of partial sums, one vector register each
         let mut num = [0f32; 8];

@@ -17,7 +17,7 @@
 //! differs from bitsandbytes: its row stats and weight scales are f32 (the weights' scale here
 //! is bf16, as the checkpoint's dtype), and it casts bf16 inputs to f16 before quantizing them
 //! (here they are quantized from bf16 directly).
-use super::{Level, MAX_ROWS};
+use super::{round_small, Level, BLOCK_ROWS, MAX_ROWS};
 use half::bf16;
 
 /// bitsandbytes' default `llm_int8_threshold`: inputs at least this large stay out of the
@@ -144,18 +144,6 @@ impl Int8Input {
         bf16::from_f32(acc).to_bits()
     }
 }
-
-/// `v` (|v| < 2^22) rounded to the nearest integer, ties to even, as `round_ties_even` (a libm
-/// call without SSE4.1, too slow for every input of every product): adding and subtracting
-/// 1.5 * 2^23 leaves the f32 rounding to do it.
-#[inline(always)]
-pub(super) fn round_small(v: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    (v + MAGIC) - MAGIC
-}
-
-/// Weight rows whose sums one kernel call computes (a stack buffer's worth).
-const BLOCK_ROWS: usize = 64;
 
 /// `sums[i * rows + r]` = the exact integer dot product of input row `r`'s int8 values with
 /// weight row `i` of `w` (whole rows of `k`).

@@ -15,7 +15,7 @@
 //! 16 bytes (4 i32 lanes of a sum) then belong to one group.
 //!
 //! Kernel levels differ only in the order of the f32 sum over groups.
-use super::{Level, MAX_ROWS, Q4_GROUP, Q4_GROUP_BYTES};
+use super::{round_small, Level, BLOCK_ROWS, MAX_ROWS, Q4_GROUP, Q4_GROUP_BYTES};
 
 /// Groups in one block of the inputs' layout.
 const BLOCK: usize = 4;
@@ -81,7 +81,7 @@ impl Q8Input {
                 let factor = 127.0 / absmax;
                 let mut sum = 0i32;
                 for (j, &v) in xs.iter().enumerate() {
-                    let qv = super::int8::round_small(f(v) * factor) as i8;
+                    let qv = round_small(f(v) * factor) as i8;
                     qr[position(g, j)] = qv;
                     sum += qv as i32;
                 }
@@ -99,9 +99,41 @@ impl Q8Input {
         }
     }
 
+    /// The bf16 outputs of packed weight rows `lo..hi` of `w` (scales `scales`, `bias` [n])
+    /// for every input row: `put(i, r, bits)` for weight row `i` and input row `r`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn outputs(
+        &self,
+        level: Level,
+        w: &[u8],
+        scales: &[u16],
+        bias: Option<&[f32]>,
+        lo: usize,
+        hi: usize,
+        mut put: impl FnMut(usize, usize, u16),
+    ) {
+        let (g, wb) = (self.groups, self.groups * Q4_GROUP_BYTES);
+        // the dot products of a block of weight rows in one kernel call, then their outputs
+        let mut dots = [0f32; BLOCK_ROWS * MAX_ROWS];
+        let mut i0 = lo;
+        while i0 < hi {
+            let i1 = (i0 + BLOCK_ROWS).min(hi);
+            let dots = &mut dots[..(i1 - i0) * self.rows];
+            self.dots(level, &w[i0 * wb..i1 * wb], &scales[i0 * g..i1 * g], dots);
+            for i in i0..i1 {
+                let b = bias.map_or(0.0, |b| b[i]);
+                for r in 0..self.rows {
+                    let y = dots[(i - i0) * self.rows + r] + b;
+                    put(i, r, half::bf16::from_f32(y).to_bits());
+                }
+            }
+            i0 = i1;
+        }
+    }
+
     /// `dots[i * rows + r]` for every input row `r` against each packed weight row `i` of `w`
     /// (its groups' bytes, whole rows) with `scales` (one bf16 scale per group), in one call.
-    pub fn dots(&self, level: Level, w: &[u8], scales: &[u16], dots: &mut [f32]) {
+    fn dots(&self, level: Level, w: &[u8], scales: &[u16], dots: &mut [f32]) {
         let nw = scales.len() / self.groups;
         debug_assert!(w.len() == nw * self.groups * Q4_GROUP_BYTES && dots.len() == nw * self.rows);
         #[cfg(target_arch = "x86_64")]
