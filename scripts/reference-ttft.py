@@ -7,7 +7,8 @@ Run with the interpreter of the venv that scripts/reference-setup.sh makes:
 
 Per run and shape it prints one JSON line: time to first token (from the image path to the first
 generated token, the model card's preprocessing included, through `model.chat` with max_new_tokens=1)
-and, for 1 tile, greedy decode tokens/s over 64 forced new tokens (min_new_tokens=64). Then medians.
+and, for 1 tile, greedy decode tokens/s over 64 forced new tokens (min_new_tokens=64): the 63 tokens
+after the first over the time between the first and the last. Then medians.
 peak_rss_gib is the process's peak so far (getrusage ru_maxrss), so it grows with the largest shape run.
 The prompt length the reference builds and the number of tiles are checked against BENCH.md's
 (311 / 1847 tokens, 1 / 7 tiles) when the default image and question are used.
