@@ -62,3 +62,44 @@ pub fn write_video_without_frames(path: &std::path::Path) {
     out.write_header().expect("header written");
     out.write_trailer().expect("trailer written");
 }
+
+/// Test data from our own generator (splitmix64): libtorch's global one is shared by every
+/// test thread, so seeding it would not make a test's inputs repeatable.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    pub fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal values (Box-Muller), f32.
+    pub fn randn(&mut self, shape: &[i64]) -> tch::Tensor {
+        let n: i64 = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                let (a, b) = (self.uniform(), self.uniform());
+                ((-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()) as f32
+            })
+            .collect();
+        tch::Tensor::from_slice(&v).view(shape)
+    }
+
+    /// Integers in lo..hi as f32.
+    pub fn randint(&mut self, lo: i64, hi: i64, shape: &[i64]) -> tch::Tensor {
+        let n: i64 = shape.iter().product();
+        let span = (hi - lo) as u64;
+        let v: Vec<f32> = (0..n)
+            .map(|_| (lo + (self.next_u64() % span) as i64) as f32)
+            .collect();
+        tch::Tensor::from_slice(&v).view(shape)
+    }
+}

@@ -1109,46 +1109,7 @@ impl HotPool {
 mod tests {
     use super::*;
 
-    /// Test data from our own generator (splitmix64): libtorch's global one is shared by every
-    /// test thread, so seeding it would not make a test's inputs repeatable.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        /// Uniform in (0, 1].
-        fn uniform(&mut self) -> f64 {
-            ((self.next() >> 11) + 1) as f64 / (1u64 << 53) as f64
-        }
-
-        /// Standard normal values (Box-Muller), f32.
-        fn randn(&mut self, shape: &[i64]) -> Tensor {
-            let n: i64 = shape.iter().product();
-            let v: Vec<f32> = (0..n)
-                .map(|_| {
-                    let (a, b) = (self.uniform(), self.uniform());
-                    ((-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()) as f32
-                })
-                .collect();
-            Tensor::from_slice(&v).view(shape)
-        }
-
-        /// Integers in lo..hi as f32.
-        fn randint(&mut self, lo: i64, hi: i64, shape: &[i64]) -> Tensor {
-            let n: i64 = shape.iter().product();
-            let span = (hi - lo) as u64;
-            let v: Vec<f32> = (0..n)
-                .map(|_| (lo + (self.next() % span) as i64) as f32)
-                .collect();
-            Tensor::from_slice(&v).view(shape)
-        }
-    }
+    use crate::testutil::Rng;
 
     fn bf16_ulps(a: &Tensor, b: &Tensor) -> i64 {
         // bf16 bit patterns of finite same-sign values are ordered: their distance in ulps

@@ -1,5 +1,6 @@
 //! `InternVLChatModel`: InternViT -> pixel shuffle -> mlp1 -> LLM, image features scattered into
 //! the `<IMG_CONTEXT>` positions (reference: `modeling_internvl_chat.py`).
+pub mod attention;
 pub mod config;
 pub mod gemv;
 pub mod llm;

@@ -112,20 +112,27 @@ impl Attention {
             q = norm(&q, qn);
             k = norm(&k, kn);
         }
-        // libtorch's fused attention: the reference's eager softmax(q*scale @ k^T) @ v, within
-        // the golden tolerance (f32 logits stay within 1e-5)
-        let xs = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            (hd as f64).powf(-0.5),
-            false,
-        )
-        .transpose(1, 2)
-        .reshape([b, n, c]);
+        let scale = (hd as f64).powf(-0.5);
+        let xs = if super::attention::applies(&q) {
+            // bf16 on the CPU: our kernel (see attention.rs), computing what libtorch's flash
+            // kernel computes in a third of the time
+            super::attention::attention(&q, &k, &v, scale)
+        } else {
+            // libtorch's fused attention: the reference's eager softmax(q*scale @ k^T) @ v,
+            // within the golden tolerance (f32 logits stay within 1e-5)
+            Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                false,
+                scale,
+                false,
+            )
+            .transpose(1, 2)
+            .reshape([b, n, c])
+        };
         self.proj.forward(&xs)
     }
 }
