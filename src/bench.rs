@@ -132,6 +132,16 @@ pub fn run(cfg: &BenchConfig) -> Result<Value> {
     let mut engine = Engine::load(&cfg.model, &cfg.opts)?;
     let load_s = t.elapsed().as_secs_f64();
     let question = "Please describe the image in detail.";
+    if let Some(&tiles) = cfg.tiles.first() {
+        // one untimed turn first, as the reference harness (scripts/reference-ttft.py) and
+        // llama.cpp (which warms up by default) do: the first pass pages the weights in and
+        // has libtorch build its kernels for these shapes
+        let atts = vec![Attachment::Image {
+            path: cfg.image.clone(),
+            max_tiles: Some(tiles),
+        }];
+        timed_turn(&mut engine, &[], question, &atts, &forced(2))?;
+    }
     let mut shapes = Vec::new();
     let mut headline = json!({});
     for &tiles in &cfg.tiles {

@@ -418,6 +418,28 @@ mod tests {
         std::fs::remove_dir_all(&dir2).unwrap();
     }
 
+    /// On the CPU the vision model runs each layer a tile at a time: the features equal those
+    /// of the whole batch at once (f32, within rounding of the products' blocking).
+    #[test]
+    fn vision_tile_by_tile_equals_the_batch() {
+        let _guard = tch::no_grad_guard();
+        for name in ["tiny-qwen2", "tiny-vit6b-qwen2"] {
+            let m = InternVL::load(
+                &fixture(&format!("models/{name}")),
+                &LoadOptions::single(Device::Cpu, Kind::Float),
+            )
+            .unwrap();
+            let px = crate::testutil::Rng(21).randn(&[3, 3, 448, 448]);
+            let each = m.vision.forward(&px);
+            let batch = m.vision.forward_batch(&px);
+            assert_eq!(each.size(), batch.size());
+            let diff = (&each - &batch).abs().max().double_value(&[]);
+            assert!(diff <= 1e-5, "{name}: max |diff| {diff}");
+            // and a second picture after the weights' pages went back to the kernel
+            assert!(m.vision.forward(&px).equal(&each), "{name}");
+        }
+    }
+
     #[test]
     fn broken_checkpoints_name_the_problem() {
         let tmp = std::env::temp_dir().join(format!("ivl-broken-{}", std::process::id()));

@@ -43,6 +43,32 @@ struct Entry {
     end: usize,
 }
 
+/// Byte ranges of memory-mapped checkpoint files (one part of a model's weights).
+#[derive(Default)]
+pub struct MappedPages {
+    ranges: Vec<(Arc<Mmap>, usize, usize)>,
+}
+
+impl MappedPages {
+    /// Gives these pages back to the kernel (MADV_DONTNEED), as [`Weights::release`] does: they
+    /// no longer count in the process's resident memory, stay in the page cache, and the
+    /// zero-copy tensors viewing them fault them in again, from the file, when next read.
+    pub fn release(&self) {
+        for (map, start, end) in &self.ranges {
+            // SAFETY: the maps are read-only private file mappings that are never written, so
+            // dropping their pages loses nothing (see `Weights::release`).
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *start, end - start)
+            };
+        }
+    }
+
+    /// Bytes in these ranges.
+    pub fn bytes(&self) -> usize {
+        self.ranges.iter().map(|(_, s, e)| e - s).sum()
+    }
+}
+
 /// An opened checkpoint. Create tensors with [`Weights::get`]; call [`Weights::finish`] at the end.
 pub struct Weights {
     dir: PathBuf,
@@ -352,6 +378,33 @@ impl Weights {
         };
     }
 
+    /// The mapped file pages behind every key starting with `prefix` (as the loaders spell it),
+    /// to give back to the kernel later ([`MappedPages::release`]).
+    pub fn pages_with_prefix(&self, prefix: &str) -> MappedPages {
+        let prefix = self.key(prefix);
+        let mut ranges: Vec<(usize, usize, usize)> = self
+            .entries
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix.as_str()))
+            .map(|(_, e)| (e.file, e.start, e.end))
+            .collect();
+        ranges.sort_unstable();
+        // neighbouring tensors of one file as one range
+        let mut merged: Vec<(usize, usize, usize)> = Vec::new();
+        for r in ranges {
+            match merged.last_mut() {
+                Some(last) if last.0 == r.0 && last.2 >= r.1 => last.2 = last.2.max(r.2),
+                _ => merged.push(r),
+            }
+        }
+        MappedPages {
+            ranges: merged
+                .into_iter()
+                .map(|(f, start, end)| (self.files[f].1.clone(), start, end))
+                .collect(),
+        }
+    }
+
     /// Marks every key starting with `prefix` as accounted for without loading it.
     pub fn skip_prefix(&mut self, prefix: &str) {
         let prefix = self.key(prefix);
@@ -389,5 +442,62 @@ impl Weights {
                 problems,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Resident file-backed memory of this process (kB), from /proc.
+    fn rss_file_kb() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("RssFile:"))
+            .expect("RssFile in /proc/self/status");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// `pages_with_prefix` covers exactly the bytes of the keys it names, and releasing them
+    /// takes the pages a read brought in out of the process's resident memory; reading the
+    /// tensor again still gives its values.
+    #[test]
+    fn released_pages_leave_resident_memory_and_read_back() {
+        let dir = std::env::temp_dir().join(format!("ivl-pages-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let n = 16 << 20; // 64 MiB of f32 in each of two tensors
+        let a: Vec<f32> = (0..n).map(|i| (i % 1000) as f32).collect();
+        let t = Tensor::from_slice(&a);
+        let small = Tensor::from_slice(&[1f32, 2.0]);
+        tch::Tensor::write_safetensors(
+            &[("vis.a", &t), ("vis.b", &t), ("other", &small)],
+            dir.join("model.safetensors"),
+        )
+        .unwrap();
+        let mut w = Weights::open(&dir).unwrap();
+        let pages = w.pages_with_prefix("vis.");
+        assert_eq!(pages.bytes(), 2 * n * 4);
+        let x = w.get("vis.a", &[n as i64], Kind::Float, Device::Cpu);
+        let before = rss_file_kb();
+        let sum = x.sum(Kind::Double).double_value(&[]);
+        let touched = rss_file_kb();
+        pages.release();
+        let after = rss_file_kb();
+        eprintln!(
+            "RssFile: {before} kB, {touched} kB after reading 64 MiB, {after} kB after release"
+        );
+        assert!(
+            touched >= before + 48 * 1024,
+            "the read brought the pages in"
+        );
+        assert!(
+            after + 48 * 1024 <= touched,
+            "released pages left resident memory"
+        );
+        // the zero-copy tensor reads the file again
+        assert_eq!(x.sum(Kind::Double).double_value(&[]), sum);
+        drop(x);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
