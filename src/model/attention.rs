@@ -23,6 +23,16 @@ use tch::{Device, Kind, Tensor};
 /// Queries a task takes: their scores against every key (f32) stay in one buffer.
 const QUERY_BLOCK: usize = 16;
 
+thread_local! {
+    static ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Turns this kernel off (libtorch's attention everywhere) or on again, for the calling
+/// thread: for comparisons.
+pub fn set_enabled(on: bool) {
+    ENABLED.with(|e| e.set(on));
+}
+
 /// Whether [`attention`] runs for these `[batch, heads, tokens, head_dim]` queries.
 pub fn applies(q: &Tensor) -> bool {
     let size = q.size();
@@ -30,7 +40,7 @@ pub fn applies(q: &Tensor) -> bool {
         && size[3] % 2 == 0
         && q.kind() == Kind::BFloat16
         && q.device() == Device::Cpu
-        && gemv::enabled_here()
+        && ENABLED.with(std::cell::Cell::get)
         && gemv::level() == gemv::Level::Avx512Bf16
 }
 
@@ -38,33 +48,67 @@ pub fn applies(q: &Tensor) -> bool {
 /// strides, the last dimension contiguous), as `[batch, tokens, heads * head_dim]`: the layout
 /// the output projection takes. Call only where [`applies`] holds.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
+    attention_with(q, k, v, scale, None)
+}
+
+/// [`attention`] for queries `[batch, heads, q, d]` over keys and values
+/// `[batch, kv_heads, kv, d]` (`heads` a multiple of `kv_heads`: query head `h` reads key-value
+/// head `h / (heads / kv_heads)`, as `repeat_kv` has it); with `causal = Some(past)`, query `i`
+/// sees keys `0..=past + i` only (a prompt after `past` cached positions, `kv = past + q`).
+pub fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal: Option<usize>,
+) -> Tensor {
     #[cfg(target_arch = "x86_64")]
     {
         assert!(applies(q), "attention: bf16 CPU queries with AVX512-BF16");
         let (q, k, v) = (dense_last(q), dense_last(k), dense_last(v));
         let size = q.size();
-        let (b, h, n, d) = (
+        let (b, h, nq, d) = (
             size[0] as usize,
             size[1] as usize,
             size[2] as usize,
             size[3] as usize,
         );
-        assert_eq!(k.size(), size, "keys shaped as the queries");
-        assert_eq!(v.size(), size, "values shaped as the queries");
+        let ks = k.size();
+        assert_eq!(v.size(), ks, "values shaped as the keys");
+        assert!(
+            ks[0] == size[0] && ks[3] == size[3] && ks[1] > 0 && size[1] % ks[1] == 0,
+            "keys {ks:?} do not fit queries {size:?}"
+        );
+        let (kvh, n) = (ks[1] as usize, ks[2] as usize);
+        if let Some(past) = causal {
+            assert_eq!(
+                past + nq,
+                n,
+                "causal: the keys are the past and the queries"
+            );
+        }
         let out = Tensor::empty(
-            [b as i64, n as i64, (h * d) as i64],
+            [b as i64, nq as i64, (h * d) as i64],
             (Kind::BFloat16, Device::Cpu),
         );
-        let view = |t: &Tensor| View::of(t, h);
-        let shape = Shape::new(n, d);
+        let shape = Shape::new(nq, n, d, causal);
         // SAFETY: the level check above means the CPU has AVX512-BF16; the views describe
-        // live tensors of the asserted shape, and `out` is written only here
-        unsafe { simd::attention(&shape, &view(&q), &view(&k), &view(&v), &out, scale as f32) };
+        // live tensors of the asserted shapes, and `out` is written only here
+        unsafe {
+            simd::attention(
+                &shape,
+                &View::of(&q, h),
+                &View::of(&k, kvh),
+                &View::of(&v, kvh),
+                &out,
+                scale as f32,
+            )
+        };
         out
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (k, v, scale);
+        let _ = (k, v, scale, causal);
         unreachable!(
             "attention: no kernel for {:?} on this architecture",
             q.size()
@@ -81,11 +125,16 @@ fn dense_last(t: &Tensor) -> Tensor {
     }
 }
 
-/// Sizes derived from the token count and head size.
+/// Sizes derived from the token counts and head size.
 #[derive(Debug, Clone, Copy)]
 struct Shape {
+    /// Queries.
+    nq: usize,
+    /// Keys.
     n: usize,
     d: usize,
+    /// Causal: query `i` sees keys `0..=past + i`.
+    causal: Option<usize>,
     /// Tokens rounded up to whole tiles of score columns; keys and values past `n` are zero.
     n_pad: usize,
     /// Head size rounded up to whole vectors of 16 output columns.
@@ -96,13 +145,21 @@ impl Shape {
     /// Score columns a tile of the `q k^T` kernel computes (two vectors of 16).
     const COLS: usize = 32;
 
-    fn new(n: usize, d: usize) -> Self {
+    fn new(nq: usize, n: usize, d: usize, causal: Option<usize>) -> Self {
         Self {
+            nq,
             n,
             d,
+            causal,
             n_pad: n.div_ceil(Self::COLS) * Self::COLS,
             d_pad: d.div_ceil(16) * 16,
         }
+    }
+
+    /// Keys query `i` sees.
+    fn seen(&self, i: usize) -> usize {
+        self.causal
+            .map_or(self.n, |past| (past + i + 1).min(self.n))
     }
 
     /// u32 pairs of one head's packed keys: per tile of 32 keys, `d / 2` rows of 32 pairs.
@@ -204,18 +261,21 @@ mod simd {
     }
 
     /// # Safety
-    /// The CPU has AVX512-BF16; `q`, `k`, `v` describe live `[b, h, n, d]` bf16 tensors with a
-    /// contiguous last dimension and `out` is a contiguous `[b, n, h * d]` bf16 tensor.
+    /// The CPU has AVX512-BF16; `q` describes a live `[b, h, nq, d]` bf16 tensor and `k`, `v`
+    /// live `[b, kv_heads, n, d]` ones, with a contiguous last dimension, and `out` is a
+    /// contiguous `[b, nq, h * d]` bf16 tensor.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn attention(s: &Shape, q: &View, k: &View, v: &View, out: &Tensor, scale: f32) {
-        let bh = out.size()[0] as usize * q.heads;
+        let batch = out.size()[0] as usize;
+        let (bh, bkv) = (batch * q.heads, batch * k.heads);
+        let groups = q.heads / k.heads;
         let (kl, vl) = (s.keys_len(), s.values_len());
-        // keys and values of every head repacked into pairs, once
-        let mut keys = vec![0u32; bh * kl];
-        let mut values = vec![0u32; bh * vl];
+        // keys and values of every key-value head repacked into pairs, once
+        let mut keys = vec![0u32; bkv * kl];
+        let mut values = vec![0u32; bkv * vl];
         {
             let (kp, vp) = (Shared(keys.as_mut_ptr()), Shared(values.as_mut_ptr()));
-            gemv::for_each_task(bh, |i| {
+            gemv::for_each_task(bkv, |i| {
                 // SAFETY: task i writes head i's part only
                 let kd = std::slice::from_raw_parts_mut(kp.at(i * kl), kl);
                 let vd = std::slice::from_raw_parts_mut(vp.at(i * vl), vl);
@@ -223,19 +283,24 @@ mod simd {
                 pack_values(s, v, i, vd);
             });
         }
-        let blocks = s.n.div_ceil(QUERY_BLOCK);
+        let blocks = s.nq.div_ceil(QUERY_BLOCK);
         let hd = q.heads * s.d;
         let o = Shared(out.data_ptr() as *mut u16);
+        // causal blocks grow with their position: the last ones first, so the threads end
+        // together
         gemv::for_each_task(bh * blocks, |t| {
-            let (head, blk) = (t / blocks, t % blocks);
+            let (head, blk) = (t % bh, blocks - 1 - t / bh);
             let (b, h) = (head / q.heads, head % q.heads);
-            let rows = blk * QUERY_BLOCK..((blk + 1) * QUERY_BLOCK).min(s.n);
+            let kv = b * k.heads + h / groups;
+            let rows = blk * QUERY_BLOCK..((blk + 1) * QUERY_BLOCK).min(s.nq);
+            // keys this block sees, in whole tiles of score columns
+            let width = s.seen(rows.end - 1).div_ceil(Shape::COLS) * Shape::COLS;
             SCRATCH.with(|sc| {
                 let (scores, probs) = &mut *sc.borrow_mut();
                 scores.resize(QUERY_BLOCK * s.n_pad, 0.0);
                 probs.resize(QUERY_BLOCK * s.n_pad, 0);
-                let kp = &keys[head * kl..][..kl];
-                let vp = &values[head * vl..][..vl];
+                let kp = &keys[kv * kl..][..kl];
+                let vp = &values[kv * vl..][..vl];
                 let mut inv = [0f32; QUERY_BLOCK];
                 // scores, 8 queries at a time
                 let mut r = 0;
@@ -243,40 +308,40 @@ mod simd {
                     let m = (rows.len() - r).min(QK_ROWS);
                     let qs: [*const u16; QK_ROWS] =
                         std::array::from_fn(|i| q.row(head, rows.start + r + i.min(m - 1)));
-                    let dst = scores.as_mut_ptr().add(r * s.n_pad);
+                    let dst = scores.as_mut_ptr().add(r * width);
                     match m {
-                        8 => scores_m::<8>(s, qs, kp, scale, dst),
-                        7 => scores_m::<7>(s, qs, kp, scale, dst),
-                        6 => scores_m::<6>(s, qs, kp, scale, dst),
-                        5 => scores_m::<5>(s, qs, kp, scale, dst),
-                        4 => scores_m::<4>(s, qs, kp, scale, dst),
-                        3 => scores_m::<3>(s, qs, kp, scale, dst),
-                        2 => scores_m::<2>(s, qs, kp, scale, dst),
-                        _ => scores_m::<1>(s, qs, kp, scale, dst),
+                        8 => scores_m::<8>(s, width, qs, kp, scale, dst),
+                        7 => scores_m::<7>(s, width, qs, kp, scale, dst),
+                        6 => scores_m::<6>(s, width, qs, kp, scale, dst),
+                        5 => scores_m::<5>(s, width, qs, kp, scale, dst),
+                        4 => scores_m::<4>(s, width, qs, kp, scale, dst),
+                        3 => scores_m::<3>(s, width, qs, kp, scale, dst),
+                        2 => scores_m::<2>(s, width, qs, kp, scale, dst),
+                        _ => scores_m::<1>(s, width, qs, kp, scale, dst),
                     }
                     r += m;
                 }
                 for r in 0..rows.len() {
-                    let row = &scores[r * s.n_pad..][..s.n_pad];
-                    let p = &mut probs[r * s.n_pad..][..s.n_pad];
-                    inv[r] = 1.0 / softmax_row(row, s.n, p);
+                    let row = &scores[r * width..][..width];
+                    let p = &mut probs[r * width..][..width];
+                    inv[r] = 1.0 / softmax_row(row, s.seen(rows.start + r), p);
                 }
                 // outputs, 4 queries at a time
                 let mut r = 0;
                 while r < rows.len() {
                     let m = (rows.len() - r).min(PV_ROWS);
                     let ps: [*const u16; PV_ROWS] =
-                        std::array::from_fn(|i| probs.as_ptr().add((r + i.min(m - 1)) * s.n_pad));
+                        std::array::from_fn(|i| probs.as_ptr().add((r + i.min(m - 1)) * width));
                     // SAFETY: these queries' outputs belong to this task alone
                     let os: [*mut u16; PV_ROWS] = std::array::from_fn(|i| {
-                        o.at(((b * s.n) + rows.start + r + i.min(m - 1)) * hd + h * s.d)
+                        o.at(((b * s.nq) + rows.start + r + i.min(m - 1)) * hd + h * s.d)
                     });
                     let sc: [f32; PV_ROWS] = std::array::from_fn(|i| inv[r + i.min(m - 1)]);
                     match m {
-                        4 => outputs_m::<4>(s, ps, vp, sc, os),
-                        3 => outputs_m::<3>(s, ps, vp, sc, os),
-                        2 => outputs_m::<2>(s, ps, vp, sc, os),
-                        _ => outputs_m::<1>(s, ps, vp, sc, os),
+                        4 => outputs_m::<4>(s, width, ps, vp, sc, os),
+                        3 => outputs_m::<3>(s, width, ps, vp, sc, os),
+                        2 => outputs_m::<2>(s, width, ps, vp, sc, os),
+                        _ => outputs_m::<1>(s, width, ps, vp, sc, os),
                     }
                     r += m;
                 }
@@ -337,11 +402,12 @@ mod simd {
         }
     }
 
-    /// Scores of `M` queries (`q[i]`: a query's `d` elements) against every key, scaled, into
-    /// `M` rows of `n_pad` f32 at `dst`.
+    /// Scores of `M` queries (`q[i]`: a query's `d` elements) against the first `width` keys
+    /// (whole tiles), scaled, into `M` rows of `width` f32 at `dst`.
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn scores_m<const M: usize>(
         s: &Shape,
+        width: usize,
         q: [*const u16; QK_ROWS],
         keys: &[u32],
         scale: f32,
@@ -350,7 +416,7 @@ mod simd {
         let dp = s.d / 2;
         let scale = _mm512_set1_ps(scale);
         let kp = keys.as_ptr();
-        for tile in 0..s.n_pad / Shape::COLS {
+        for tile in 0..width / Shape::COLS {
             let kt = kp.add(tile * dp * Shape::COLS);
             let mut acc = [[_mm512_setzero_ps(); 2]; M];
             for p in 0..dp {
@@ -364,7 +430,7 @@ mod simd {
                 }
             }
             for r in 0..M {
-                let row = dst.add(r * s.n_pad + tile * Shape::COLS);
+                let row = dst.add(r * width + tile * Shape::COLS);
                 _mm512_storeu_ps(row, _mm512_mul_ps(acc[r][0], scale));
                 _mm512_storeu_ps(row.add(16), _mm512_mul_ps(acc[r][1], scale));
             }
@@ -442,6 +508,7 @@ mod simd {
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn outputs_m<const M: usize>(
         s: &Shape,
+        width: usize,
         p: [*const u16; PV_ROWS],
         values: &[u32],
         inv: [f32; PV_ROWS],
@@ -450,10 +517,10 @@ mod simd {
         let mut col = 0;
         while col < s.d_pad {
             match (s.d_pad - col) / 16 {
-                1 => outputs_mc::<M, 1>(s, p, values, inv, out, col),
-                2 => outputs_mc::<M, 2>(s, p, values, inv, out, col),
-                3 => outputs_mc::<M, 3>(s, p, values, inv, out, col),
-                _ => outputs_mc::<M, 4>(s, p, values, inv, out, col),
+                1 => outputs_mc::<M, 1>(s, width, p, values, inv, out, col),
+                2 => outputs_mc::<M, 2>(s, width, p, values, inv, out, col),
+                3 => outputs_mc::<M, 3>(s, width, p, values, inv, out, col),
+                _ => outputs_mc::<M, 4>(s, width, p, values, inv, out, col),
             }
             col += 16 * PV_VECS;
         }
@@ -464,13 +531,14 @@ mod simd {
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn outputs_mc<const M: usize, const C: usize>(
         s: &Shape,
+        width: usize,
         p: [*const u16; PV_ROWS],
         values: &[u32],
         inv: [f32; PV_ROWS],
         out: [*mut u16; PV_ROWS],
         col: usize,
     ) {
-        let token_pairs = s.n_pad / 2;
+        let token_pairs = width / 2;
         let vp = values.as_ptr().add(col);
         let mut acc = [[_mm512_setzero_ps(); C]; M];
         for t in 0..token_pairs {
@@ -507,22 +575,50 @@ mod tests {
     use crate::testutil::Rng;
 
     /// Attention in f64 from the same bf16 inputs: the exact result both kernels approximate.
-    fn exact(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
-        let (q, k, v) = (
-            q.to_kind(Kind::Double),
-            k.to_kind(Kind::Double),
-            v.to_kind(Kind::Double),
-        );
-        let a = (q.matmul(&k.transpose(-2, -1)) * scale).softmax(-1, Kind::Double);
-        let (b, h, n, d) = q.size4().unwrap();
-        a.matmul(&v).transpose(1, 2).reshape([b, n, h * d])
+    /// Keys and values `[b, kv_heads, kv, d]` serve `heads / kv_heads` query heads each; with
+    /// `causal = Some(past)` query `i` sees keys `0..=past + i`.
+    fn exact(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: Option<i64>) -> Tensor {
+        let (b, h, nq, d) = q.size4().unwrap();
+        let (_, kvh, n, _) = k.size4().unwrap();
+        let groups = h / kvh;
+        let rep = |t: &Tensor| {
+            t.to_kind(Kind::Double)
+                .repeat_interleave_self_int(groups, Some(1), None)
+        };
+        let (q, k, v) = (q.to_kind(Kind::Double), rep(k), rep(v));
+        let mut scores = q.matmul(&k.transpose(-2, -1)) * scale;
+        if let Some(past) = causal {
+            let i = Tensor::arange(nq, (Kind::Int64, Device::Cpu)).view([nq, 1]);
+            let j = Tensor::arange(n, (Kind::Int64, Device::Cpu)).view([1, n]);
+            let hidden = j.gt_tensor(&(i + past));
+            scores = scores.masked_fill(&hidden, f64::NEG_INFINITY);
+        }
+        let a = scores.softmax(-1, Kind::Double);
+        a.matmul(&v).transpose(1, 2).reshape([b, nq, h * d])
     }
 
-    fn torch_bf16(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
-        let (b, h, n, d) = q.size4().unwrap();
-        Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, scale, false)
-            .transpose(1, 2)
-            .reshape([b, n, h * d])
+    fn torch_bf16(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: Option<i64>) -> Tensor {
+        let (b, h, nq, d) = q.size4().unwrap();
+        let (_, kvh, n, _) = k.size4().unwrap();
+        let groups = h / kvh;
+        let rep = |t: &Tensor| t.repeat_interleave_self_int(groups, Some(1), None);
+        let mask = causal.map(|past| {
+            let i = Tensor::arange(nq, (Kind::Int64, Device::Cpu)).view([nq, 1]);
+            let j = Tensor::arange(n, (Kind::Int64, Device::Cpu)).view([1, n]);
+            j.le_tensor(&(i + past))
+        });
+        Tensor::scaled_dot_product_attention(
+            q,
+            &rep(k),
+            &rep(v),
+            mask.as_ref(),
+            0.0,
+            false,
+            scale,
+            false,
+        )
+        .transpose(1, 2)
+        .reshape([b, nq, h * d])
     }
 
     /// Against attention in f64, the kernel's largest error is no larger than libtorch's bf16
@@ -541,48 +637,61 @@ mod tests {
             return;
         }
         let mut rng = Rng(11);
-        for (b, h, n, d) in [
-            (1, 2, 1, 16),
-            (2, 2, 33, 24),
-            (1, 3, 100, 64),
-            (2, 16, 257, 64),
-            (1, 4, 1025, 64),
-            (1, 2, 70, 128),
+        // (batch, heads, kv heads, queries, past keys, head size, causal)
+        for (b, h, kvh, nq, past, d, causal) in [
+            (1, 2, 2, 1, 0, 16, false),
+            (2, 2, 2, 33, 0, 24, false),
+            (1, 3, 3, 100, 0, 64, false),
+            (2, 16, 16, 257, 0, 64, false),
+            (1, 4, 4, 1025, 0, 64, false),
+            (1, 2, 2, 70, 0, 128, false),
+            // the decoders' prompts: grouped-query heads, causal, after cached positions or not
+            (1, 14, 2, 311, 0, 64, true),
+            (1, 4, 2, 50, 37, 16, true),
+            (2, 6, 3, 17, 0, 24, true),
+            (1, 16, 8, 129, 300, 128, true),
         ] {
+            let n = past + nq;
             // scores of a realistic spread: some rows nearly one-hot, some flat
-            let qkv = (rng.randn(&[b, n, 3, h, d]) * 1.5).to_kind(Kind::BFloat16);
-            let qkv = qkv.permute([2, 0, 3, 1, 4]);
-            let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+            let q = (rng.randn(&[b, nq, h, d]) * 1.5)
+                .to_kind(Kind::BFloat16)
+                .transpose(1, 2);
+            let kv = (rng.randn(&[b, n, 2, kvh, d]) * 1.5)
+                .to_kind(Kind::BFloat16)
+                .permute([2, 0, 3, 1, 4]);
+            let (k, v) = (kv.get(0), kv.get(1));
             assert!(applies(&q));
             let scale = (d as f64).powf(-0.5);
-            let ours = attention(&q, &k, &v, scale);
-            assert_eq!(ours.size(), [b, n, h * d]);
-            let want = exact(&q, &k, &v, scale);
+            let causal = causal.then_some(past);
+            let ours = attention_with(&q, &k, &v, scale, causal.map(|p| p as usize));
+            assert_eq!(ours.size(), [b, nq, h * d]);
+            let want = exact(&q, &k, &v, scale, causal);
             let err = |t: &Tensor| {
                 (t.to_kind(Kind::Double) - &want)
                     .abs()
                     .max()
                     .double_value(&[])
             };
-            let torch = torch_bf16(&q, &k, &v, scale);
-            let (e_ours, e_torch) = (err(&ours), err(&torch));
             let mean = |t: &Tensor| {
                 (t.to_kind(Kind::Double) - &want)
                     .abs()
                     .mean(Kind::Double)
                     .double_value(&[])
             };
+            let torch = torch_bf16(&q, &k, &v, scale, causal);
+            let (e_ours, e_torch) = (err(&ours), err(&torch));
             let (m_ours, m_torch) = (mean(&ours), mean(&torch));
+            let case = format!("b {b} h {h}/{kvh} q {nq} past {past} d {d} causal {causal:?}");
             eprintln!(
-                "b {b} h {h} n {n} d {d}: error max {e_ours:.5} mean {m_ours:.6}; libtorch's max {e_torch:.5} mean {m_torch:.6}"
+                "{case}: error max {e_ours:.5} mean {m_ours:.6}; libtorch's max {e_torch:.5} mean {m_torch:.6}"
             );
             assert!(
                 m_ours <= m_torch * 1.05 + 1e-9,
-                "b {b} h {h} n {n} d {d}: mean error ours {m_ours} vs libtorch {m_torch}"
+                "{case}: mean error ours {m_ours} vs libtorch {m_torch}"
             );
             assert!(
                 e_ours <= e_torch * 1.25 + 1e-6,
-                "b {b} h {h} n {n} d {d}: ours {e_ours} vs libtorch {e_torch}"
+                "{case}: ours {e_ours} vs libtorch {e_torch}"
             );
         }
     }
