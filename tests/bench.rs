@@ -75,6 +75,15 @@ fn bench_reports_sampled_decode_fractions_and_the_forced_kernel() {
         assert!((f(r, fraction) - tok_s / bound).abs() < 1e-9, "{fraction}");
     }
     assert!((f(&v["shapes"][0], "decode_fraction") - greedy / bound).abs() < 1e-9);
+    // the first token's arithmetic (counted from the config) at the matmul roofline, over its
+    // time: the tiles the picture became count
+    let s0 = &v["shapes"][0];
+    assert!(f(s0, "tiles") >= 1.0, "{s0}");
+    let want = f(s0, "first_token_gflop") / f(r, "bf16_gflop_s") / f(s0, "ttft_s");
+    assert!(
+        want > 0.0 && (f(s0, "ttft_matmul_fraction") - want).abs() < 1e-9,
+        "{s0}"
+    );
 }
 
 /// A level nobody has heard of: the CPU's best, and the reason in the output.
