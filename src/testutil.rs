@@ -63,17 +63,17 @@ pub fn write_video_without_frames(path: &std::path::Path) {
     out.write_trailer().expect("trailer written");
 }
 
-/// Test data from our own generator (splitmix64): libtorch's global one is shared by every
-/// test thread, so seeding it would not make a test's inputs repeatable.
-pub struct Rng(pub u64);
+/// Test data from our own generator (the sampler's splitmix64): libtorch's global one is shared
+/// by every test thread, so seeding it would not make a test's inputs repeatable.
+pub struct Rng(crate::sampling::Rng);
 
 impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(crate::sampling::Rng::new(seed))
+    }
+
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in (0, 1].

@@ -636,7 +636,7 @@ mod tests {
             eprintln!("attention kernel: this CPU lacks AVX512-BF16; checked that it stays off");
             return;
         }
-        let mut rng = Rng(11);
+        let mut rng = Rng::new(11);
         // (batch, heads, kv heads, queries, past keys, head size, causal)
         for (b, h, kvh, nq, past, d, causal) in [
             (1, 2, 2, 1, 0, 16, false),

@@ -1122,7 +1122,7 @@ mod tests {
     /// every kernel level this CPU has (`Torch`: the portable loop).
     #[test]
     fn exact_sums_equal_libtorch_bit_for_bit() {
-        let mut rng = Rng(3);
+        let mut rng = Rng::new(3);
         for k in [7i64, 16, 40, 203, 896] {
             let w = rng.randint(-8, 8, &[300, k]).to_kind(Kind::BFloat16);
             let b = (rng.randint(-50, 50, &[300]) / 4.0).to_kind(Kind::BFloat16);
@@ -1145,7 +1145,7 @@ mod tests {
     /// order), on every row count and kernel level.
     #[test]
     fn random_inputs_within_one_ulp_of_libtorch() {
-        let mut rng = Rng(4);
+        let mut rng = Rng::new(4);
         let (n, k) = (257, 904);
         let w = (rng.randn(&[n, k]) * 0.05).to_kind(Kind::BFloat16);
         let b = rng.randn(&[n]).to_kind(Kind::BFloat16);
@@ -1206,7 +1206,7 @@ mod tests {
     /// row alone.
     #[test]
     fn int8_products_are_llm_int8_at_every_level() {
-        let mut rng = Rng(6);
+        let mut rng = Rng::new(6);
         let n = 70;
         for k in [8i64, 24, 64, 100, 200, 203, 896] {
             let wf = rng.randn(&[n, k]) * 0.05;
@@ -1261,7 +1261,7 @@ mod tests {
     /// each kernel's blocks, for every row count.
     #[test]
     fn every_level_agrees_with_libtorch() {
-        let mut rng = Rng(5);
+        let mut rng = Rng::new(5);
         let n = 130;
         for k in [200i64, 203] {
             for exact in [true, false] {
@@ -1333,7 +1333,7 @@ mod tests {
     /// large input in some groups.
     #[test]
     fn q4_products_are_q4_times_q8_at_every_level() {
-        let mut rng = Rng(7);
+        let mut rng = Rng::new(7);
         for (n, k) in [
             (70i64, 8i64),
             (70, 16),
@@ -1374,7 +1374,7 @@ mod tests {
     /// also over several threads' chunks.
     #[test]
     fn q4_dequantize_equals_libtorch_ops() {
-        let mut rng = Rng(9);
+        let mut rng = Rng::new(9);
         for (n, k) in [(1000i64, 64i64), (70, 203), (5, 8)] {
             let wf = rng.randn(&[n, k]);
             let (packed, scale) = crate::model::nn::quantize_q4(&wf);

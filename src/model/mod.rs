@@ -429,7 +429,7 @@ mod tests {
                 &LoadOptions::single(Device::Cpu, Kind::Float),
             )
             .unwrap();
-            let px = crate::testutil::Rng(21).randn(&[3, 3, 448, 448]);
+            let px = crate::testutil::Rng::new(21).randn(&[3, 3, 448, 448]);
             let each = m.vision.forward(&px);
             let batch = m.vision.forward_batch(&px);
             assert_eq!(each.size(), batch.size());
