@@ -1,19 +1,21 @@
-//! Full (non-causal) self-attention over many queries on the CPU in bf16: InternViT's, 1025
-//! tokens a tile, 16 heads of 64.
+//! Attention over many queries on the CPU in bf16: InternViT's (full, 1025 tokens a tile, 16
+//! heads of 64) and a prompt's in the decoders (causal, grouped-query, after any cached
+//! positions).
 //!
-//! Why our own: libtorch's CPU attention for this shape (its flash kernel, or the eager
+//! Why our own: libtorch's CPU attention for InternViT's shape (its flash kernel, or the eager
 //! `softmax(q k^T) v` the reference writes) runs `q k^T` with an inner size of only 64 through
-//! oneDNN at a fifth of this machine's bf16 matmul speed and goes through the 16 x 1025 x 1025
-//! scores several times in memory: it took as long as the layer's q/k/v product, about 30% of a
-//! tile's vision model. Here each block of 16 queries gets its scores against all keys in one
-//! buffer that stays in cache, an exact softmax over them, and their product with the values:
-//! pair dot products (AVX512-BF16's `vdpbf16ps`: bf16 products exact in f32, f32 sums) against
-//! keys and values repacked once per head.
+//! oneDNN at about a third of this machine's bf16 matmul speed and goes through the 16 x 1025 x
+//! 1025 scores several times in memory: it took as long as the layer's q/k/v product. For a
+//! prompt the decoders passed a dense causal mask, under which libtorch computed every score.
+//! Here each block of 16 queries gets its scores against the keys it may see in one buffer that
+//! stays in cache, an exact softmax over them, and their product with the values: pair dot
+//! products (AVX512-BF16's `vdpbf16ps`: bf16 products exact in f32, f32 sums) against keys and
+//! values repacked once per key-value head.
 //!
 //! What it computes is what libtorch's flash kernel computes for bf16: scores in f32 scaled in
-//! f32, softmax in f32 (max subtracted, f32 sum), probabilities rounded to bf16 for the product
-//! with the values, accumulated in f32, divided by the sum and rounded once to bf16. A unit
-//! test holds its error against attention in f64 to that kernel's.
+//! f32, softmax in f32 (max subtracted), probabilities rounded to bf16 for the product with the
+//! values and summed as rounded, accumulated in f32, divided by the sum and rounded once to
+//! bf16. A unit test holds its error against attention in f64 to that kernel's.
 //!
 //! Runs where the products' kernel level is AVX512-BF16 (`INTERNVL_KERNEL` forces it off) on
 //! bf16 CPU tensors with an even head size; elsewhere libtorch's attention runs.
