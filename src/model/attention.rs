@@ -1,6 +1,6 @@
 //! Attention over many queries on the CPU in bf16: InternViT's (full, 1025 tokens a tile, 16
-//! heads of 64) and a prompt's in the decoders (causal, grouped-query, after any cached
-//! positions).
+//! heads of 64); also a decoder prompt's (causal, grouped-query, after any cached positions),
+//! which the decoders do not use yet (see `llm/mod.rs`).
 //!
 //! Why our own: libtorch's CPU attention for InternViT's shape (its flash kernel, or the eager
 //! `softmax(q k^T) v` the reference writes) runs `q k^T` with an inner size of only 64 through
