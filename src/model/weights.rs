@@ -43,6 +43,15 @@ struct Entry {
     end: usize,
 }
 
+/// Gives the pages of bytes `start..end` of `map` back to the kernel (MADV_DONTNEED).
+fn dont_need(map: &Mmap, start: usize, end: usize) {
+    // SAFETY: the map is a read-only private file mapping that is never written, so dropping
+    // its pages loses nothing; zero-copy tensors on the same pages read the file again.
+    let _ = unsafe {
+        map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+    };
+}
+
 /// Byte ranges of memory-mapped checkpoint files (one part of a model's weights).
 #[derive(Default)]
 pub struct MappedPages {
@@ -55,11 +64,7 @@ impl MappedPages {
     /// zero-copy tensors viewing them fault them in again, from the file, when next read.
     pub fn release(&self) {
         for (map, start, end) in &self.ranges {
-            // SAFETY: the maps are read-only private file mappings that are never written, so
-            // dropping their pages loses nothing (see `Weights::release`).
-            let _ = unsafe {
-                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *start, end - start)
-            };
+            dont_need(map, *start, *end);
         }
     }
 
@@ -370,12 +375,7 @@ impl Weights {
         let Some(e) = self.entries.get(&self.key(name)) else {
             return;
         };
-        let map = &self.files[e.file].1;
-        // SAFETY: the map is a read-only private file mapping that is never written, so dropping
-        // its pages loses nothing; zero-copy tensors on the same pages read the file again.
-        let _ = unsafe {
-            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, e.start, e.end - e.start)
-        };
+        dont_need(&self.files[e.file].1, e.start, e.end);
     }
 
     /// The mapped file pages behind every key starting with `prefix` (as the loaders spell it),
