@@ -184,7 +184,6 @@ pub fn run(cfg: &BenchConfig) -> Result<Value> {
             follow.push(t2.ttft);
             prompt_tokens = t1.prompt_tokens;
         }
-        let ttft_s = median(ttft.clone());
         // the tiles the picture becomes (what the prompt's placeholders count)
         let image_tiles: usize = atts
             .iter()
@@ -195,7 +194,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Value> {
             "prompt_tokens": prompt_tokens,
             "tiles": image_tiles,
             "first_token_gflop": first_token_flops(&engine.model.cfg, image_tiles, prompt_tokens) / 1e9,
-            "ttft_s": ttft_s,
+            "ttft_s": median(ttft),
             "prefill_tok_s": median(pre),
             "decode_tok_s": median(dec),
             "followup_ttft_s": median(follow),
