@@ -490,10 +490,8 @@ fn decoding_steps_match_libtorch_linear() {
             let ids = i64s(&g["turns"][0]["input_ids"]);
             let n = ids.len() as i64;
             // the products alone: both sides in libtorch's layer loop (the native step has its
-            // own test, native_decoding_step_matches_libtorch_layers) and libtorch's attention
-            // (ours has its own, model::attention's unit test)
+            // own test, native_decoding_step_matches_libtorch_layers)
             internvl_chat::model::llm::native::set_enabled(false);
-            internvl_chat::model::attention::set_enabled(false);
             let step = |cache: &mut _, ids: &[i64], start: i64, ours: bool| {
                 gemv::set_enabled(ours);
                 let t = Tensor::from_slice(ids).view([1, -1]);

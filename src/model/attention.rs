@@ -25,16 +25,6 @@ use tch::{Device, Kind, Tensor};
 /// Queries a task takes: their scores against every key (f32) stay in one buffer.
 const QUERY_BLOCK: usize = 16;
 
-thread_local! {
-    static ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
-}
-
-/// Turns this kernel off (libtorch's attention everywhere) or on again, for the calling
-/// thread: for comparisons.
-pub fn set_enabled(on: bool) {
-    ENABLED.with(|e| e.set(on));
-}
-
 /// Whether [`attention`] runs for these `[batch, heads, tokens, head_dim]` queries.
 pub fn applies(q: &Tensor) -> bool {
     let size = q.size();
@@ -42,7 +32,6 @@ pub fn applies(q: &Tensor) -> bool {
         && size[3] % 2 == 0
         && q.kind() == Kind::BFloat16
         && q.device() == Device::Cpu
-        && ENABLED.with(std::cell::Cell::get)
         && gemv::level() == gemv::Level::Avx512Bf16
 }
 
