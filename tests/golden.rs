@@ -490,7 +490,10 @@ fn decoding_steps_match_libtorch_linear() {
             let ids = i64s(&g["turns"][0]["input_ids"]);
             let n = ids.len() as i64;
             // the products alone: both sides in libtorch's layer loop (the native step has its
-            // own test, native_decoding_step_matches_libtorch_layers)
+            // own test, native_decoding_step_matches_libtorch_layers), and the prompt through
+            // libtorch's attention (an explicit causal mask; prompts' attention kernel has its
+            // own tests in model::attention), so the steps follow the trajectory the bars were
+            // measured on: one flipped expert choice of tiny-qwen3-moe moves a cosine by 1e-3
             internvl_chat::model::llm::native::set_enabled(false);
             let step = |cache: &mut _, ids: &[i64], start: i64, ours: bool| {
                 gemv::set_enabled(ours);
@@ -501,7 +504,16 @@ fn decoding_steps_match_libtorch_linear() {
                     (Kind::Int64, Device::Cpu),
                 )
                 .view([1, -1]);
-                let h = llm.forward(&llm.embed(&t), &pos, cache, &Mask::Causal);
+                let mask = if ids.len() > 1 {
+                    let valid = Tensor::ones([1, ids.len() as i64], (Kind::Bool, Device::Cpu));
+                    Mask::Explicit(internvl_chat::model::llm::padded_mask(
+                        &valid,
+                        ids.len() as i64,
+                    ))
+                } else {
+                    Mask::Causal
+                };
+                let h = llm.forward(&llm.embed(&t), &pos, cache, &mask);
                 let logits = llm.last_logits(&h).get(0);
                 gemv::set_enabled(true);
                 logits

@@ -1,6 +1,6 @@
 //! Attention over many queries on the CPU in bf16: InternViT's (full, 1025 tokens a tile, 16
-//! heads of 64); also a decoder prompt's (causal, grouped-query, after any cached positions),
-//! which the decoders do not use yet (see `llm/mod.rs`).
+//! heads of 64); also a decoder prompt's (causal, grouped-query, after any cached positions;
+//! `Llm::prefill`), where a query's bits do not depend on the queries computed with it.
 //!
 //! Why our own: libtorch's CPU attention for InternViT's shape (its flash kernel, or the eager
 //! `softmax(q k^T) v` the reference writes) runs `q k^T` with an inner size of only 64 through
@@ -563,6 +563,7 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::llm::causal_mask;
     use crate::testutil::Rng;
 
     /// Attention in f64 from the same bf16 inputs: the exact result both kernels approximate.
@@ -570,7 +571,7 @@ mod tests {
     /// `causal = Some(past)` query `i` sees keys `0..=past + i`.
     fn exact(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: Option<i64>) -> Tensor {
         let (b, h, nq, d) = q.size4().unwrap();
-        let (_, kvh, n, _) = k.size4().unwrap();
+        let kvh = k.size()[1];
         let groups = h / kvh;
         let rep = |t: &Tensor| {
             t.to_kind(Kind::Double)
@@ -579,9 +580,7 @@ mod tests {
         let (q, k, v) = (q.to_kind(Kind::Double), rep(k), rep(v));
         let mut scores = q.matmul(&k.transpose(-2, -1)) * scale;
         if let Some(past) = causal {
-            let i = Tensor::arange(nq, (Kind::Int64, Device::Cpu)).view([nq, 1]);
-            let j = Tensor::arange(n, (Kind::Int64, Device::Cpu)).view([1, n]);
-            let hidden = j.gt_tensor(&(i + past));
+            let hidden = causal_mask(nq, past, Device::Cpu).logical_not();
             scores = scores.masked_fill(&hidden, f64::NEG_INFINITY);
         }
         let a = scores.softmax(-1, Kind::Double);
@@ -590,14 +589,10 @@ mod tests {
 
     fn torch_bf16(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: Option<i64>) -> Tensor {
         let (b, h, nq, d) = q.size4().unwrap();
-        let (_, kvh, n, _) = k.size4().unwrap();
+        let kvh = k.size()[1];
         let groups = h / kvh;
         let rep = |t: &Tensor| t.repeat_interleave_self_int(groups, Some(1), None);
-        let mask = causal.map(|past| {
-            let i = Tensor::arange(nq, (Kind::Int64, Device::Cpu)).view([nq, 1]);
-            let j = Tensor::arange(n, (Kind::Int64, Device::Cpu)).view([1, n]);
-            j.le_tensor(&(i + past))
-        });
+        let mask = causal.map(|past| causal_mask(nq, past, Device::Cpu));
         Tensor::scaled_dot_product_attention(
             q,
             &rep(k),
@@ -610,6 +605,40 @@ mod tests {
         )
         .transpose(1, 2)
         .reshape([b, nq, h * d])
+    }
+
+    /// A query's output does not depend on the queries computed with it: a causal prompt cut
+    /// anywhere (the cached prefix, then the rest; one new position after a reused prefix as
+    /// the scheduler has it) gives each query the bits the whole prompt gives it, so a
+    /// prompt's first logits do not depend on how much of it was cached.
+    #[test]
+    fn a_query_gets_the_same_bits_however_the_prompt_is_cut() {
+        let _guard = tch::no_grad_guard();
+        if gemv::level() != gemv::Level::Avx512Bf16 {
+            eprintln!("attention kernel: this CPU lacks AVX512-BF16; nothing to cut");
+            return;
+        }
+        let mut rng = Rng::new(5);
+        for (h, kvh, n, d) in [(14, 2, 75, 64), (4, 2, 40, 16), (6, 3, 33, 24)] {
+            let q = (rng.randn(&[1, n, h, d]) * 1.5)
+                .to_kind(Kind::BFloat16)
+                .transpose(1, 2);
+            let kv = (rng.randn(&[1, n, 2, kvh, d]) * 1.5)
+                .to_kind(Kind::BFloat16)
+                .permute([2, 0, 3, 1, 4]);
+            let (k, v) = (kv.get(0), kv.get(1));
+            let scale = (d as f64).powf(-0.5);
+            let whole = attention_with(&q, &k, &v, scale, Some(0));
+            for cut in [1, 7, 16, 17, 31, 32, n - 1] {
+                let rest = n - cut;
+                let part =
+                    attention_with(&q.narrow(2, cut, rest), &k, &v, scale, Some(cut as usize));
+                assert!(
+                    part.equal(&whole.narrow(1, cut, rest)),
+                    "h {h}/{kvh} n {n} d {d}: queries from {cut} on differ when computed apart"
+                );
+            }
+        }
     }
 
     /// Against attention in f64, the kernel's largest error is no larger than libtorch's bf16

@@ -10,6 +10,7 @@ pub mod qwen3;
 pub mod qwen3_moe;
 pub mod rope;
 
+use super::attention;
 use super::config::LlmConfig;
 use super::nn::{Linear, Place, RmsNorm};
 use super::weights::Weights;
@@ -431,14 +432,23 @@ impl Llm {
             let q = rope::apply(&q, cos, sin);
             let k = rope::apply(&k, cos, sin);
             let (k, v) = lc.append(&k, &v);
-            // (our kernel computes this causal attention too, `attention::attention_with`, 1.5x
-            // faster for a 7-tile prompt; not used yet: serve's answers then differed from the
-            // batch mode's for the same seed, tests/serve.rs)
-            let o = a.attend(&q, &k, &v, m.as_ref());
-            let (b, _, _, _) = o.size4().expect("attention output is 4-d");
-            let o = o
-                .transpose(1, 2)
-                .reshape([b, q_len, a.num_heads * a.head_dim]);
+            let o =
+                if matches!(mask, Mask::Causal) && (q_len > 1 || !native) && attention::applies(&q)
+                {
+                    // a prompt in bf16 on the CPU: our kernel sees only the keys each query may
+                    // (libtorch's flash kernel computed every score under a dense mask). Every
+                    // prompt, even one new position after a reused prefix: a query's bits do not
+                    // depend on the queries beside it, so a prompt's first logits do not depend on
+                    // how much of it was cached. (A decoding step's one query keeps libtorch's:
+                    // the kernel would repack the whole cache for it.)
+                    let scale = (a.head_dim as f64).powf(-0.5);
+                    attention::attention_with(&q, &k, &v, scale, Some(past as usize))
+                } else {
+                    let o = a.attend(&q, &k, &v, m.as_ref());
+                    let (b, _, _, _) = o.size4().expect("attention output is 4-d");
+                    o.transpose(1, 2)
+                        .reshape([b, q_len, a.num_heads * a.head_dim])
+                };
             xs += a.o.forward(&o);
             let h = layer.post_attn_norm.forward(&xs);
             xs = &xs + layer.mlp.forward(&h);
@@ -525,7 +535,7 @@ impl Llm {
 }
 
 /// [q, past + q] booleans: query i (absolute position past + i) sees keys 0..=past + i.
-fn causal_mask(q_len: i64, past: i64, dev: Device) -> Tensor {
+pub(crate) fn causal_mask(q_len: i64, past: i64, dev: Device) -> Tensor {
     let rows = Tensor::arange(q_len, (Kind::Int64, dev)).unsqueeze(1) + past;
     let cols = Tensor::arange(past + q_len, (Kind::Int64, dev)).unsqueeze(0);
     cols.le_tensor(&rows)
