@@ -124,7 +124,7 @@ impl Q8Input {
                 let b = bias.map_or(0.0, |b| b[i]);
                 for r in 0..self.rows {
                     let y = dots[(i - i0) * self.rows + r] + b;
-                    put(i, r, half::bf16::from_f32(y).to_bits());
+                    put(i, r, super::bf16_bits(y));
                 }
             }
             i0 = i1;
@@ -187,84 +187,170 @@ mod simd {
     use crate::model::gemv::{Q4_GROUP, Q4_GROUP_BYTES};
     use std::arch::x86_64::*;
 
-    /// One block of 4 groups at a time: their 64 packed bytes give the low nibbles (the
-    /// groups' first 16 inputs) and the high ones (the last 16), each of which meets 64 bytes
-    /// of the blocked inputs in one `vpdpbusd`, started from the inputs' `-8 * sum(q)` terms:
-    /// 4 exact partial sums of each group, scaled by `scale_w * d` of their group into the f32
-    /// accumulator. Masked loads take a partial last block's bytes and scales.
+    /// Lanes `4i..4i+4` take group `i` of block `j` (0..4) among 16 groups' scales.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn spread(j: i32) -> __m512i {
+        let g = 4 * j;
+        _mm512_setr_epi32(
+            g,
+            g,
+            g,
+            g,
+            g + 1,
+            g + 1,
+            g + 1,
+            g + 1,
+            g + 2,
+            g + 2,
+            g + 2,
+            g + 2,
+            g + 3,
+            g + 3,
+            g + 3,
+            g + 3,
+        )
+    }
+
+    /// Up to 16 bf16 scales from `p` (`m` says which) as f32.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn scales16(p: *const u16, m: __mmask16) -> __m512 {
+        let s = _mm256_maskz_loadu_epi16(m, p.cast());
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(s)))
+    }
+
+    /// One block of 4 groups from group `g` (its 64 packed bytes `b`, the groups' scales `sv`
+    /// spread over their 4 lanes each) into each input row's accumulator: the low nibbles
+    /// (the groups' first 16 inputs) and the high ones (the last 16) each meet 64 bytes of
+    /// the blocked inputs in one `vpdpbusd`, started from the inputs' `-8 * sum(q)` terms,
+    /// which leaves 4 exact partial sums of each group, scaled by `scale_w * d` of their group.
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
-    unsafe fn dots_vnni_m<const M: usize, const U: usize>(
+    unsafe fn block<const M: usize>(
         x: &Q8Input,
-        w: &[u8],
-        scales: &[u16],
-        dots: &mut [f32],
+        g: usize,
+        b: __m512i,
+        sv: __m512,
+        acc: &mut [__m512; M],
     ) {
-        let groups = x.groups;
         let low = _mm512_set1_epi8(0x0f);
-        // lanes 4i..4i+4 take group i's scale
-        // lanes 4i..4i+4 take group i's scale, of the 4 groups of block j among 16 scales
-        let spread = |j: i32| {
-            _mm512_setr_epi32(
-                4 * j,
-                4 * j,
-                4 * j,
-                4 * j,
-                4 * j + 1,
-                4 * j + 1,
-                4 * j + 1,
-                4 * j + 1,
-                4 * j + 2,
-                4 * j + 2,
-                4 * j + 2,
-                4 * j + 2,
-                4 * j + 3,
-                4 * j + 3,
-                4 * j + 3,
-                4 * j + 3,
-            )
-        };
+        let lo = _mm512_and_si512(b, low);
+        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(b), low);
+        for r in 0..M {
+            let at = r * x.stride + g;
+            let xp = x.q.as_ptr().add(at * Q4_GROUP);
+            let init = _mm512_loadu_si512(x.start.as_ptr().add(at * LANES).cast());
+            let sums = _mm512_dpbusd_epi32(init, lo, _mm512_loadu_si512(xp.cast()));
+            let sums = _mm512_dpbusd_epi32(sums, hi, _mm512_loadu_si512(xp.add(64).cast()));
+            let dv = _mm512_loadu_ps(x.d.as_ptr().add(at * LANES));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(sv, dv), acc[r]);
+        }
+    }
+
+    /// One weight row (its groups' bytes `w`, their `scales`) against each input row: the
+    /// 16 lanes of each row's f32 sum, blocks of 4 groups added in order into one accumulator
+    /// per input row, the same order for every number of rows (so a row's dot product does not
+    /// depend on the rows beside it). Scales load 16 groups at a time; only a partial last
+    /// block's bytes and a last run of fewer than 16 scales load masked.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    unsafe fn row_sums<const M: usize>(x: &Q8Input, w: &[u8], scales: &[u16]) -> [__m512; M] {
+        let groups = x.groups;
+        let mut acc = [_mm512_setzero_ps(); M];
+        let (wp, sp) = (w.as_ptr(), scales.as_ptr());
         let spreads = [spread(0), spread(1), spread(2), spread(3)];
-        // U accumulators per row, blocks in turn: independent chains for few rows
-        let mut acc = [[_mm512_setzero_ps(); U]; M];
-        // the scales of 16 groups (4 blocks) as f32, loaded once for the 4 blocks
-        let mut s16 = _mm512_setzero_ps();
-        let mut g = 0;
-        while g < groups {
-            if g % 16 == 0 {
-                let left = (groups - g).min(16);
-                let m: __mmask16 = if left == 16 { !0 } else { (1u16 << left) - 1 };
-                let s = _mm256_maskz_loadu_epi16(m, scales.as_ptr().add(g).cast());
-                s16 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(s)));
-            }
-            let u = (g / BLOCK) % U;
-            let n = (groups - g).min(BLOCK);
-            let mb: __mmask64 = if n == BLOCK {
+        let blocks = groups.div_ceil(BLOCK);
+        let whole = groups / BLOCK;
+        let mut blk = 0;
+        while blk < blocks {
+            let g = blk * BLOCK;
+            let left = groups - g;
+            let m: __mmask16 = if left >= 16 {
                 !0
             } else {
-                (1u64 << (n * Q4_GROUP_BYTES)) - 1
+                ((1u32 << left) - 1) as __mmask16
             };
-            let b = _mm512_maskz_loadu_epi8(mb, w.as_ptr().add(g * Q4_GROUP_BYTES).cast());
-            let lo = _mm512_and_si512(b, low);
-            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(b), low);
-            let sv = _mm512_permutexvar_ps(spreads[(g % 16) / BLOCK], s16);
-            for r in 0..M {
-                let at = r * x.stride + g;
-                let xp = x.q.as_ptr().add(at * Q4_GROUP);
-                let init = _mm512_loadu_si512(x.start.as_ptr().add(at * LANES).cast());
-                let sums = _mm512_dpbusd_epi32(init, lo, _mm512_loadu_si512(xp.cast()));
-                let sums = _mm512_dpbusd_epi32(sums, hi, _mm512_loadu_si512(xp.add(64).cast()));
-                let dv = _mm512_loadu_ps(x.d.as_ptr().add(at * LANES));
-                acc[r][u] =
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(sv, dv), acc[r][u]);
+            let s16 = scales16(sp.add(g), m);
+            for (j, spread) in spreads.iter().enumerate().take(blocks - blk) {
+                let at = g + j * BLOCK;
+                let b = if blk + j < whole {
+                    _mm512_loadu_si512(wp.add(at * Q4_GROUP_BYTES).cast())
+                } else {
+                    let mb = (1u64 << ((groups - at) * Q4_GROUP_BYTES)) - 1;
+                    _mm512_maskz_loadu_epi8(mb, wp.add(at * Q4_GROUP_BYTES).cast())
+                };
+                block::<M>(x, at, b, _mm512_permutexvar_ps(*spread, s16), &mut acc);
             }
-            g += BLOCK;
+            blk += 4;
         }
-        for r in 0..M {
-            let mut sum = acc[r][0];
-            for u in 1..U {
-                sum = _mm512_add_ps(sum, acc[r][u]);
+        acc
+    }
+
+    /// The lane sums of 4 vectors, `[sum(a), sum(b), sum(c), sum(d)]`, in one pass of shuffles
+    /// (instead of a separate reduction of each).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn reduce4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
+        // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], the same of c and d
+        let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+        // per 128-bit lane: a, b, c and d's partial sums
+        let (ab, cd) = (_mm512_castps_pd(ab), _mm512_castps_pd(cd));
+        let abcd = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)),
+        );
+        let half = _mm256_add_ps(
+            _mm512_castps512_ps256(abcd),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(abcd))),
+        );
+        _mm_add_ps(
+            _mm256_castps256_ps128(half),
+            _mm256_extractf128_ps::<1>(half),
+        )
+    }
+
+    /// [`row_sums`] for `M` input rows and each weight row of `w`, four weight rows' sums
+    /// reduced together.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    unsafe fn dots_vnni_m<const M: usize>(x: &Q8Input, w: &[u8], scales: &[u16], dots: &mut [f32]) {
+        let (g, wb) = (x.groups, x.groups * Q4_GROUP_BYTES);
+        let nw = scales.len() / g;
+        let mut i = 0;
+        while i + 4 <= nw {
+            // (row_sums called here, not from a closure such as array::from_fn's: a closure
+            // would not inherit the target features, and the calls would not inline)
+            let row = |k: usize| (&w[(i + k) * wb..][..wb], &scales[(i + k) * g..][..g]);
+            let (w0, s0) = row(0);
+            let (w1, s1) = row(1);
+            let (w2, s2) = row(2);
+            let (w3, s3) = row(3);
+            let s = [
+                row_sums::<M>(x, w0, s0),
+                row_sums::<M>(x, w1, s1),
+                row_sums::<M>(x, w2, s2),
+                row_sums::<M>(x, w3, s3),
+            ];
+            for r in 0..M {
+                let v: [f32; 4] = std::mem::transmute::<__m128, [f32; 4]>(reduce4(
+                    s[0][r], s[1][r], s[2][r], s[3][r],
+                ));
+                for k in 0..4 {
+                    dots[(i + k) * M + r] = v[k];
+                }
             }
-            dots[r] = _mm512_reduce_add_ps(sum);
+            i += 4;
+        }
+        while i < nw {
+            let s = row_sums::<M>(x, &w[i * wb..][..wb], &scales[i * g..][..g]);
+            // the same reduction with zeros beside it: a row's lanes add in the same order
+            // whether or not it falls in a group of four
+            let z = _mm512_setzero_ps();
+            for r in 0..M {
+                dots[i * M + r] = _mm_cvtss_f32(reduce4(s[r], z, z, z));
+            }
+            i += 1;
         }
     }
 
@@ -275,22 +361,15 @@ mod simd {
     /// of the input's groups, `dots` the input's rows for each.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
     pub unsafe fn dots_vnni(x: &Q8Input, w: &[u8], scales: &[u16], dots: &mut [f32]) {
-        let wb = x.groups * Q4_GROUP_BYTES;
-        for ((w, s), d) in w
-            .chunks_exact(wb)
-            .zip(scales.chunks_exact(x.groups))
-            .zip(dots.chunks_exact_mut(x.rows))
-        {
-            match x.rows {
-                1 => dots_vnni_m::<1, 4>(x, w, s, d),
-                2 => dots_vnni_m::<2, 2>(x, w, s, d),
-                3 => dots_vnni_m::<3, 2>(x, w, s, d),
-                4 => dots_vnni_m::<4, 1>(x, w, s, d),
-                5 => dots_vnni_m::<5, 1>(x, w, s, d),
-                6 => dots_vnni_m::<6, 1>(x, w, s, d),
-                7 => dots_vnni_m::<7, 1>(x, w, s, d),
-                _ => dots_vnni_m::<8, 1>(x, w, s, d),
-            }
+        match x.rows {
+            1 => dots_vnni_m::<1>(x, w, scales, dots),
+            2 => dots_vnni_m::<2>(x, w, scales, dots),
+            3 => dots_vnni_m::<3>(x, w, scales, dots),
+            4 => dots_vnni_m::<4>(x, w, scales, dots),
+            5 => dots_vnni_m::<5>(x, w, scales, dots),
+            6 => dots_vnni_m::<6>(x, w, scales, dots),
+            7 => dots_vnni_m::<7>(x, w, scales, dots),
+            _ => dots_vnni_m::<8>(x, w, scales, dots),
         }
     }
 

@@ -19,7 +19,6 @@ use super::kv_cache::KvCache;
 use super::{Attention, DecoderLayer, Ffn, Llm, Mask, Mlp, Qkv, SparseMoe};
 use crate::model::gemv::{self, slice_of, to_f32_vec, Weight, WeightRef};
 use crate::model::nn::{Linear, RmsNorm};
-use half::bf16;
 use std::cell::Cell;
 use tch::{Device, Kind, Tensor};
 
@@ -49,12 +48,12 @@ const KV_BLOCK: usize = 512;
 /// Rounds to the nearest bf16 (ties to even), as libtorch's bf16 ops round their results.
 #[inline]
 fn bf(x: f32) -> f32 {
-    bf16::from_f32(x).to_f32()
+    f32::from_bits((gemv::bf16_bits(x) as u32) << 16)
 }
 
 #[inline]
 fn bits(x: f32) -> u16 {
-    bf16::from_f32(x).to_bits()
+    gemv::bf16_bits(x)
 }
 
 /// A linear layer as the kernels read it, with its bias in f32.
