@@ -21,4 +21,5 @@ for round in 1 2 3; do
   ours INTERNVL_NATIVE=1 bf16 sampled
   ours "INTERNVL_NATIVE=1 INTERNVL_KERNEL=avx2" bf16 greedy
   ours "INTERNVL_NATIVE=1 INTERNVL_KERNEL=avx2" int8-head greedy
+  ours "INTERNVL_NATIVE=1 INTERNVL_KERNEL=avx2" q4-head greedy
 done

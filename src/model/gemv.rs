@@ -41,7 +41,7 @@ pub enum WeightRef<'a> {
     Int8(&'a [i8], &'a [u16]),
     /// 4-bit values packed as [`Q4_GROUP_BYTES`] bytes per group of [`Q4_GROUP`] inputs (see
     /// [`Q4_GROUP`] for the layout) and one scale (bf16) per group: `[n, groups * 16]` bytes and
-    /// `[n, groups]` scales, `groups = k.div_ceil(Q4_GROUP)`.
+    /// `[n, groups]` scales, `groups = k.div_ceil(Q4_GROUP)`, rows in [`Q4_TILE`]'s tiles.
     Q4(&'a [u8], &'a [u16]),
 }
 
@@ -58,6 +58,85 @@ pub const Q4_GROUP: usize = 32;
 
 /// Bytes of one 4-bit group.
 pub const Q4_GROUP_BYTES: usize = Q4_GROUP / 2;
+
+/// Weight rows per tile of the 4-bit layout. A packed matrix `[n, groups * 16]` holds its rows
+/// in tiles of 16 (the last `n % 16` rows, if any, as plain rows): a tile's bytes are group after
+/// group, each group's 4 chunks of 4 bytes (bytes `4c..4c + 4` of the group, see [`Q4_GROUP`])
+/// one after another, each chunk the 16 rows' 4 bytes in row order; its scales `[groups, 16]`.
+/// A tile fills the same bytes and scales its 16 plain rows would.
+///
+/// Why: one 64-byte load then holds 4 weights of each of 16 rows, which meet the same 4 inputs
+/// (broadcast) in one `vpdpbusd`, and each of the 16 i32 lanes is one row's sum: no horizontal
+/// sums, no shuffles of scales, and fewer instructions per weight than a row at a time (the
+/// 4-bit decode was bound by them, not by memory; llama.cpp's CPU kernels repack Q4_0 this way).
+pub const Q4_TILE: usize = 16;
+
+/// Where chunk `c` (bytes `4c..4c + 4`) of group `g` of row `i` lies among the packed bytes of
+/// `n` rows of `groups` groups (see [`Q4_TILE`]).
+#[inline]
+pub(crate) fn q4_chunk_at(n: usize, groups: usize, i: usize, g: usize, c: usize) -> usize {
+    if i < n / Q4_TILE * Q4_TILE {
+        ((((i / Q4_TILE) * groups + g) * 4 + c) * Q4_TILE + i % Q4_TILE) * 4
+    } else {
+        (i * groups + g) * Q4_GROUP_BYTES + c * 4
+    }
+}
+
+/// Where the scale of group `g` of row `i` lies among the scales of `n` rows (see
+/// [`Q4_TILE`]).
+#[inline]
+pub(crate) fn q4_scale_at(n: usize, groups: usize, i: usize, g: usize) -> usize {
+    if i < n / Q4_TILE * Q4_TILE {
+        ((i / Q4_TILE) * groups + g) * Q4_TILE + i % Q4_TILE
+    } else {
+        i * groups + g
+    }
+}
+
+/// The 16 bytes and the scale of group `g` of row `i` of a packed matrix of `n` rows.
+#[inline]
+fn q4_row_group(
+    w: &[u8],
+    scales: &[u16],
+    n: usize,
+    groups: usize,
+    i: usize,
+    g: usize,
+) -> ([u8; Q4_GROUP_BYTES], u16) {
+    let mut bytes = [0u8; Q4_GROUP_BYTES];
+    for (c, chunk) in bytes.chunks_exact_mut(4).enumerate() {
+        let at = q4_chunk_at(n, groups, i, g, c);
+        chunk.copy_from_slice(&w[at..at + 4]);
+    }
+    (bytes, scales[q4_scale_at(n, groups, i, g)])
+}
+
+/// Packed 4-bit rows `[n, groups * 16]` and their scales `[n, groups]` in plain row order (as
+/// [`quantize_q4`] writes them) rearranged in place into [`Q4_TILE`]'s tiles.
+pub fn tile_q4(w: &mut [u8], scales: &mut [u16], groups: usize) {
+    let n = scales.len() / groups.max(1);
+    assert!(groups > 0 && scales.len() == n * groups && w.len() == n * groups * Q4_GROUP_BYTES);
+    let tile_bytes = Q4_TILE * groups * Q4_GROUP_BYTES;
+    let mut plain = vec![0u8; tile_bytes];
+    let mut plain_s = vec![0u16; Q4_TILE * groups];
+    for (wt, st) in w
+        .chunks_exact_mut(tile_bytes)
+        .zip(scales.chunks_exact_mut(Q4_TILE * groups))
+    {
+        plain.copy_from_slice(wt);
+        plain_s.copy_from_slice(st);
+        for r in 0..Q4_TILE {
+            for g in 0..groups {
+                for c in 0..4 {
+                    let from = (r * groups + g) * Q4_GROUP_BYTES + c * 4;
+                    let to = q4_chunk_at(Q4_TILE, groups, r, g, c);
+                    wt[to..to + 4].copy_from_slice(&plain[from..from + 4]);
+                }
+                st[q4_scale_at(Q4_TILE, groups, r, g)] = plain_s[r * groups + g];
+            }
+        }
+    }
+}
 
 thread_local! {
     static ENABLED: Cell<bool> = const { Cell::new(true) };
@@ -371,7 +450,8 @@ pub fn gemv_at(
     };
     let threads = pool_threads();
     // about four chunks per thread, claimed in turn, so a descheduled thread costs little
-    let chunk = n.div_ceil(threads * 4).max(16);
+    // (whole 4-bit tiles: a chunk starts on a tile)
+    let chunk = n.div_ceil(threads * 4).max(16).next_multiple_of(Q4_TILE);
     let chunks = n.div_ceil(chunk);
     let next = AtomicUsize::new(0);
     let work = || loop {
@@ -632,8 +712,8 @@ unsafe fn quantize_rows_avx2(w: &[f32], k: usize, q: &mut [u8], scales: &mut [u1
 }
 
 /// Rows of `w` [n, k] (f32) to 4-bit (see [`Q4_GROUP`] and [`quantize_group`]): the packed
-/// bytes into `q` [n, groups * 16] and the scales' bf16 bits into `scales` [n, groups], on the
-/// pool's threads.
+/// bytes into `q` [n, groups * 16] and the scales' bf16 bits into `scales` [n, groups], in
+/// plain row order ([`tile_q4`] then tiles the whole matrix), on the pool's threads.
 pub fn quantize_q4(w: &[f32], k: usize, q: &mut [u8], scales: &mut [u16]) {
     let groups = k.div_ceil(Q4_GROUP);
     let n = w.len() / k.max(1);
@@ -674,7 +754,8 @@ pub fn quantize_q4(w: &[f32], k: usize, q: &mut [u8], scales: &mut [u16]) {
     run_on_threads(threads, &work);
 }
 
-/// Packed 4-bit weights `w` [n, groups * 16] with `scales` [n, groups] (see [`Q4_GROUP`]) as a
+/// Packed 4-bit weights `w` [n, groups * 16] with `scales` [n, groups] (see [`Q4_GROUP`], in
+/// [`Q4_TILE`]'s tiles) as a
 /// dense row-major [n, k] of bf16 bits (each `q * scale` rounded once to bf16, as libtorch's
 /// f32 -> bf16 cast rounds), on the pool's threads: the weight prefill's GEMM reads.
 pub fn dequantize_q4(w: &[u8], scales: &[u16], k: usize, out: &mut [u16]) {
@@ -689,13 +770,9 @@ pub fn dequantize_q4(w: &[u8], scales: &[u16], k: usize, out: &mut [u16]) {
     let rows_of = |lo: usize, out: &mut [u16]| {
         for (i, o) in out.chunks_exact_mut(k).enumerate() {
             let row = lo + i;
-            let wr = &w[row * groups * Q4_GROUP_BYTES..(row + 1) * groups * Q4_GROUP_BYTES];
-            for (g, (bytes, &s)) in wr
-                .chunks_exact(Q4_GROUP_BYTES)
-                .zip(&scales[row * groups..(row + 1) * groups])
-                .enumerate()
-            {
-                let wg = q4_group(bytes, s);
+            for g in 0..groups {
+                let (bytes, s) = q4_row_group(w, scales, n, groups, row, g);
+                let wg = q4_group(&bytes, s);
                 let start = g * Q4_GROUP;
                 let len = Q4_GROUP.min(k - start);
                 for (o, v) in o[start..start + len].iter_mut().zip(&wg) {
@@ -1382,7 +1459,8 @@ mod tests {
             let (packed, scale) = crate::model::nn::quantize_q4(&wf);
             let groups = (k + 31) / 32;
             let dense = crate::model::nn::dequantize_q4(&packed, &scale, k);
-            let per = scale
+            let (_, plain_scale) = crate::model::nn::untile_q4(&packed, &scale);
+            let per = plain_scale
                 .to_kind(Kind::Float)
                 .repeat_interleave_self_int(32, 1, None)
                 .narrow(1, 0, k);
@@ -1395,11 +1473,17 @@ mod tests {
                 let _ = x.get(rows - 1).narrow(0, k - 1, 1).fill_(40.0);
                 let x = x.to_kind(Kind::BFloat16);
                 assert_eq!(applies(&x, &packed), available());
-                let want = q4_q8_reference(&x, &q, &scale, &b).to_kind(Kind::BFloat16);
+                let want = q4_q8_reference(&x, &q, &plain_scale, &b).to_kind(Kind::BFloat16);
+                let portable = linear_at(Level::Torch, &x, &packed, Some(&scale), Some(&b));
                 for level in Level::supported() {
                     let got = linear_at(level, &x, &packed, Some(&scale), Some(&b));
                     let ulps = bf16_ulps(&got, &want);
                     assert!(ulps <= 1, "{level:?} n {n} k {k} rows {rows}: {ulps} ulps");
+                    // every level sums in the same order
+                    assert!(
+                        got.equal(&portable),
+                        "{level:?} n {n} k {k} rows {rows}: not the portable bits"
+                    );
                     // a row's outputs do not depend on the rows beside it
                     for r in 0..rows {
                         let alone =

@@ -1,5 +1,5 @@
 //! The few PyTorch modules the models are built from, holding plain tensors.
-use super::gemv::{slice_of, Q4_GROUP, Q4_GROUP_BYTES};
+use super::gemv::{slice_of, Q4_GROUP, Q4_GROUP_BYTES, Q4_TILE};
 use super::weights::Weights;
 use tch::{Device, Kind, Tensor};
 
@@ -196,11 +196,15 @@ impl Linear {
             let stored = w.get_stored(name, &[*dout, din]);
             let (q, scale) = (q.narrow(0, start, *dout), scale.narrow(0, start, *dout));
             match p.quant {
-                Quant::Q4 => quantize_q4_into(&stored, &q, &scale),
+                // plain rows: the tiles span the parts (see below)
+                Quant::Q4 => quantize_blocks(&stored, &q, &scale, quantize_q4_plain),
                 _ => quantize_rows_into(&stored, &q, &scale),
             }
             w.release(name);
             start += dout;
+        }
+        if p.quant == Quant::Q4 {
+            tile_q4(&q, &scale);
         }
         let (q, scale) = (q.to_device(p.dev), scale.to_device(p.dev));
         match p.quant {
@@ -323,9 +327,16 @@ impl Linear {
 /// smallest squared error of each group instead of max|w| / 8 (see
 /// [`super::gemv::quantize_q4`]; measured on the goldens' first-step logits with seven
 /// divisors: cosine to bf16's from 0.929 to 0.979 on tiny-qwen2's text case, 0.985 to 0.989 on
-/// its image case, against plain Q4_0). Returns the packed bytes [out, groups * 16] (uint8, layout at [`Q4_GROUP`]) and
-/// the scales [out, groups] (bf16).
+/// its image case, against plain Q4_0). Returns the packed bytes [out, groups * 16] (uint8, layout
+/// at [`Q4_GROUP`], rows in [`Q4_TILE`]'s tiles) and the scales [out, groups] (bf16).
 pub fn quantize_q4(w: &Tensor) -> (Tensor, Tensor) {
+    let (q, scale) = quantize_q4_plain(w);
+    tile_q4(&q, &scale);
+    (q, scale)
+}
+
+/// [`quantize_q4`] in plain row order, before [`tile_q4`].
+fn quantize_q4_plain(w: &Tensor) -> (Tensor, Tensor) {
     let (rows, k) = w.size2().expect("a linear weight is 2-d");
     let groups = (k as usize).div_ceil(Q4_GROUP) as i64;
     let w = w.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
@@ -348,6 +359,54 @@ pub fn quantize_q4(w: &Tensor) -> (Tensor, Tensor) {
     (q, scale)
 }
 
+/// [`super::gemv::tile_q4`] on a packed weight [out, groups * 16] and its scales [out, groups]
+/// in plain row order (contiguous CPU tensors), in place.
+fn tile_q4(q: &Tensor, scale: &Tensor) {
+    if q.numel() == 0 {
+        return;
+    }
+    assert!(q.is_contiguous() && scale.is_contiguous());
+    assert!(q.device() == Device::Cpu && scale.device() == Device::Cpu);
+    assert!(q.kind() == Kind::Uint8 && scale.kind() == Kind::BFloat16);
+    let groups = scale.size()[1] as usize;
+    // SAFETY: contiguous CPU tensors of these many elements and types (checked above), which
+    // the caller made and nothing else reads or writes while these slices live.
+    let (qs, ss) = unsafe {
+        (
+            std::slice::from_raw_parts_mut(q.data_ptr() as *mut u8, q.numel()),
+            std::slice::from_raw_parts_mut(scale.data_ptr() as *mut u16, scale.numel()),
+        )
+    };
+    super::gemv::tile_q4(qs, ss, groups);
+}
+
+/// A packed weight [out, groups * 16] and its scales [out, groups] with their rows out of
+/// [`Q4_TILE`]'s tiles, in plain row order, with libtorch's ops on their device.
+pub fn untile_q4(packed: &Tensor, scale: &Tensor) -> (Tensor, Tensor) {
+    let (rows, bytes) = packed.size2().expect("a packed weight is 2-d");
+    let groups = bytes / Q4_GROUP_BYTES as i64;
+    let tile = Q4_TILE as i64;
+    let full = rows / tile * tile;
+    if full == 0 {
+        return (packed.shallow_clone(), scale.shallow_clone());
+    }
+    // a tile's bytes are [groups, chunk, row, byte], its scales [groups, row]
+    let bytes_plain = packed
+        .narrow(0, 0, full)
+        .reshape([full / tile, groups, 4, tile, 4])
+        .permute([0, 3, 1, 2, 4])
+        .reshape([full, bytes]);
+    let scale_plain = scale
+        .narrow(0, 0, full)
+        .reshape([full / tile, groups, tile])
+        .permute([0, 2, 1])
+        .reshape([full, groups]);
+    (
+        Tensor::cat(&[bytes_plain, packed.narrow(0, full, rows - full)], 0),
+        Tensor::cat(&[scale_plain, scale.narrow(0, full, rows - full)], 0),
+    )
+}
+
 /// [`quantize_q4`]'s packed weight [out, groups * 16] and scales [out, groups] back to the
 /// weight [out, `k`] in f32 (exact: a 4-bit value times a bf16 scale), with libtorch's ops on
 /// the weight's device.
@@ -355,6 +414,7 @@ pub fn dequantize_q4(packed: &Tensor, scale: &Tensor, k: i64) -> Tensor {
     let (rows, bytes) = packed.size2().expect("a packed weight is 2-d");
     let half = Q4_GROUP_BYTES as i64;
     let groups = bytes / half;
+    let (packed, scale) = untile_q4(packed, scale);
     let b = packed.view([rows, groups, half]);
     let lo = b.bitwise_and(0x0f);
     let hi = b.bitwise_right_shift_tensor_scalar(4);
@@ -367,7 +427,8 @@ pub fn dequantize_q4(packed: &Tensor, scale: &Tensor, k: i64) -> Tensor {
 /// of rows at a time into `q` [out, groups * 16] (uint8) and `scale` [out, groups] (bf16), so that
 /// quantizing a model never holds an f32 copy of a whole weight.
 pub fn quantize_q4_into(w: &Tensor, q: &Tensor, scale: &Tensor) {
-    quantize_blocks(w, q, scale, quantize_q4);
+    quantize_blocks(w, q, scale, quantize_q4_plain);
+    tile_q4(q, scale);
 }
 
 /// Symmetric per-row int8 quantization of `w` [out, in] (f32): the scale of a row is its
@@ -597,6 +658,31 @@ mod tests {
         let s2 = Tensor::empty([300, 2], (Kind::BFloat16, Device::Cpu));
         quantize_q4_into(&wb, &q2, &s2);
         assert!(q1.equal(&q2) && s1.equal(&s2));
+    }
+
+    /// The tiles hold the plain rows' bytes and scales: the plain quantization tiled in place
+    /// (gemv's loop) and then untiled with libtorch's reshapes (written apart from it) gives
+    /// the plain quantization back, on whole tiles with and without a last partial one; the
+    /// first tile's first 64 bytes are chunk 0 of group 0 of its 16 rows, in row order.
+    #[test]
+    fn q4_tiles_hold_the_plain_rows() {
+        tch::manual_seed(12);
+        for (n, k) in [(16i64, 32i64), (40, 72), (35, 8), (7, 64)] {
+            let w = Tensor::randn([n, k], (Kind::Float, Device::Cpu)) * 0.05;
+            let (plain_q, plain_s) = quantize_q4_plain(&w);
+            let (q, s) = quantize_q4(&w);
+            let tiles = n / Q4_TILE as i64;
+            assert_eq!(q.equal(&plain_q), tiles == 0, "n {n} k {k}");
+            let (uq, us) = untile_q4(&q, &s);
+            assert!(uq.equal(&plain_q) && us.equal(&plain_s), "n {n} k {k}");
+            if tiles > 0 {
+                let first = Vec::<u8>::try_from(q.view([-1]).narrow(0, 0, 64)).unwrap();
+                for r in 0..16 {
+                    let want = Vec::<u8>::try_from(plain_q.get(r).narrow(0, 0, 4)).unwrap();
+                    assert_eq!(&first[r as usize * 4..r as usize * 4 + 4], want.as_slice());
+                }
+            }
+        }
     }
 
     /// A 4-bit linear computes x W^T + b with W its dequantized weight, through gemv for up to
