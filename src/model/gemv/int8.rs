@@ -30,8 +30,9 @@ pub struct Int8Input {
     rows: usize,
     /// The int8 values [rows, k], 0 in outlier columns.
     q: Vec<i8>,
-    /// The same plus 128 (`vpdpbusd`'s unsigned operand).
-    u: Vec<u8>,
+    /// Each row's sum of `q`: `vpdpbusd` takes the weights plus 128 (its unsigned operand),
+    /// and `128 * sum(q)` comes off the row's sums.
+    qsum: [i32; MAX_ROWS],
     /// Each row's absmax / 127 (0 for a row with no value below the threshold).
     step: [f32; MAX_ROWS],
     /// Each row's outlier columns, ascending: row `r`'s are `cols[ends[r]..ends[r + 1]]`.
@@ -80,12 +81,15 @@ impl Int8Input {
             }
             ends[r + 1] = cols.len();
         }
-        let u = q.iter().map(|&v| (v as u8) ^ 0x80).collect();
+        let mut qsum = [0i32; MAX_ROWS];
+        for (s, row) in qsum.iter_mut().zip(q.chunks_exact(k)) {
+            *s = row.iter().map(|&v| v as i32).sum();
+        }
         Int8Input {
             k,
             rows,
             q,
-            u,
+            qsum,
             step,
             cols,
             ends,
@@ -163,7 +167,7 @@ fn dots(level: Level, x: &Int8Input, w: &[i8], sums: &mut [i32]) {
     {
         if matches!(level, Level::Avx512 | Level::Avx512Bf16) && vnni() {
             // SAFETY: the CPU has AVX-512F/BW/DQ/VL and VNNI; the lengths are the input's.
-            unsafe { simd::dots_vnni(&x.u, x.rows, x.k, w, sums) };
+            unsafe { simd::dots_vnni(&x.q, &x.qsum[..x.rows], x.k, w, sums) };
             return;
         }
         if level >= Level::Avx2 {
@@ -206,18 +210,16 @@ mod simd {
     /// [`dots_vnni_m`] for one input row: four chunks of 64 per step into separate
     /// accumulators (independent chains), the weights read in order.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
-    unsafe fn dots_vnni_1(u: &[u8], w: &[i8], sums: &mut [i32]) {
+    unsafe fn dots_vnni_1(q: &[i8], qsum: i32, w: &[i8], sums: &mut [i32]) {
         let k = w.len();
         let mut acc = [_mm512_setzero_si512(); 4];
-        let mut wsum = [_mm512_setzero_si512(); 4];
-        let ones = _mm512_set1_epi8(1);
+        let flip = _mm512_set1_epi8(-128);
         let mut j = 0;
         while j + 256 <= k {
             for t in 0..4 {
                 let wv = _mm512_loadu_si512(w.as_ptr().add(j + 64 * t).cast());
-                let xv = _mm512_loadu_si512(u.as_ptr().add(j + 64 * t).cast());
-                acc[t] = _mm512_dpbusd_epi32(acc[t], xv, wv);
-                wsum[t] = _mm512_dpbusd_epi32(wsum[t], ones, wv);
+                let xv = _mm512_loadu_si512(q.as_ptr().add(j + 64 * t).cast());
+                acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_xor_si512(wv, flip), xv);
             }
             j += 256;
         }
@@ -228,33 +230,28 @@ mod simd {
                 (1u64 << (k - j)) - 1
             };
             let wv = _mm512_maskz_loadu_epi8(m, w.as_ptr().add(j));
-            let xv = _mm512_maskz_loadu_epi8(m, u.as_ptr().add(j).cast());
-            acc[0] = _mm512_dpbusd_epi32(acc[0], xv, wv);
-            wsum[0] = _mm512_dpbusd_epi32(wsum[0], ones, wv);
+            let xv = _mm512_maskz_loadu_epi8(m, q.as_ptr().add(j));
+            acc[0] = _mm512_dpbusd_epi32(acc[0], _mm512_xor_si512(wv, flip), xv);
             j += 64;
         }
         let a = _mm512_add_epi32(
             _mm512_add_epi32(acc[0], acc[1]),
             _mm512_add_epi32(acc[2], acc[3]),
         );
-        let ws = _mm512_add_epi32(
-            _mm512_add_epi32(wsum[0], wsum[1]),
-            _mm512_add_epi32(wsum[2], wsum[3]),
-        );
-        let ws = _mm512_reduce_add_epi32(ws);
-        sums[0] = _mm512_reduce_add_epi32(a).wrapping_sub(ws.wrapping_mul(128));
+        sums[0] = _mm512_reduce_add_epi32(a).wrapping_sub(qsum.wrapping_mul(128));
     }
 
-    /// `vpdpbusd` multiplies unsigned bytes by signed ones: the inputs go in as `q + 128`, and
-    /// `128 * sum(w)` (the weights against a vector of ones, once for every row) comes off at
-    /// the end. A masked load takes the tail. The i32 lanes cannot overflow: the sum is at
-    /// most 255 * 127 * k in magnitude.
+    /// `vpdpbusd` multiplies unsigned bytes by signed ones: the weights go in as `w + 128`
+    /// (their top bit flipped, one `xor` per 64 for every input row), the inputs as they are,
+    /// and `128 * sum(q)` (each input row's, once per call) comes off at the end. A masked load
+    /// takes the tail (its weights 0 + 128, its inputs 0). The i32 lanes cannot overflow: the
+    /// sum is at most 255 * 128 * k in magnitude. The sums are exact, so they equal the other
+    /// levels' bit for bit.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
-    unsafe fn dots_vnni_m<const M: usize>(u: &[u8], w: &[i8], sums: &mut [i32]) {
+    unsafe fn dots_vnni_m<const M: usize>(q: &[i8], qsum: &[i32], w: &[i8], sums: &mut [i32]) {
         let k = w.len();
         let mut acc = [_mm512_setzero_si512(); M];
-        let mut wsum = _mm512_setzero_si512();
-        let ones = _mm512_set1_epi8(1);
+        let flip = _mm512_set1_epi8(-128);
         let mut j = 0;
         while j < k {
             let m: __mmask64 = if k - j >= 64 {
@@ -262,39 +259,38 @@ mod simd {
             } else {
                 (1u64 << (k - j)) - 1
             };
-            let wv = _mm512_maskz_loadu_epi8(m, w.as_ptr().add(j));
-            wsum = _mm512_dpbusd_epi32(wsum, ones, wv);
+            let wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w.as_ptr().add(j)), flip);
             for r in 0..M {
-                let xv = _mm512_maskz_loadu_epi8(m, u.as_ptr().add(r * k + j).cast());
-                acc[r] = _mm512_dpbusd_epi32(acc[r], xv, wv);
+                let xv = _mm512_maskz_loadu_epi8(m, q.as_ptr().add(r * k + j));
+                acc[r] = _mm512_dpbusd_epi32(acc[r], wv, xv);
             }
             j += 64;
         }
-        let ws = _mm512_reduce_add_epi32(wsum);
         for r in 0..M {
-            sums[r] = _mm512_reduce_add_epi32(acc[r]).wrapping_sub(ws.wrapping_mul(128));
+            sums[r] = _mm512_reduce_add_epi32(acc[r]).wrapping_sub(qsum[r].wrapping_mul(128));
         }
     }
 
-    /// [`dots_vnni_m`] for `rows` (1..=8) input rows and each weight row of `w` (rows of
-    /// `k`), in one call: `sums[i * rows + r]`.
+    /// [`dots_vnni_m`] for the input's rows (1..=8, `qsum` one sum each) and each weight row
+    /// of `w` (rows of `k`), in one call: `sums[i * rows + r]`.
     ///
     /// # Safety
-    /// The CPU has AVX-512F/BW/DQ/VL and AVX512-VNNI; `u` holds `rows * k` values, `sums`
+    /// The CPU has AVX-512F/BW/DQ/VL and AVX512-VNNI; `q` holds `rows * k` values, `sums`
     /// `rows` for each weight row.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
-    pub unsafe fn dots_vnni(u: &[u8], rows: usize, k: usize, w: &[i8], sums: &mut [i32]) {
-        debug_assert!(u.len() >= rows * k && sums.len() >= rows * (w.len() / k));
+    pub unsafe fn dots_vnni(q: &[i8], qsum: &[i32], k: usize, w: &[i8], sums: &mut [i32]) {
+        let rows = qsum.len();
+        debug_assert!(q.len() >= rows * k && sums.len() >= rows * (w.len() / k));
         for (wr, s) in w.chunks_exact(k).zip(sums.chunks_exact_mut(rows)) {
             match rows {
-                1 => dots_vnni_1(u, wr, s),
-                2 => dots_vnni_m::<2>(u, wr, s),
-                3 => dots_vnni_m::<3>(u, wr, s),
-                4 => dots_vnni_m::<4>(u, wr, s),
-                5 => dots_vnni_m::<5>(u, wr, s),
-                6 => dots_vnni_m::<6>(u, wr, s),
-                7 => dots_vnni_m::<7>(u, wr, s),
-                _ => dots_vnni_m::<8>(u, wr, s),
+                1 => dots_vnni_1(q, qsum[0], wr, s),
+                2 => dots_vnni_m::<2>(q, qsum, wr, s),
+                3 => dots_vnni_m::<3>(q, qsum, wr, s),
+                4 => dots_vnni_m::<4>(q, qsum, wr, s),
+                5 => dots_vnni_m::<5>(q, qsum, wr, s),
+                6 => dots_vnni_m::<6>(q, qsum, wr, s),
+                7 => dots_vnni_m::<7>(q, qsum, wr, s),
+                _ => dots_vnni_m::<8>(q, qsum, wr, s),
             }
         }
     }
