@@ -346,17 +346,27 @@ fn quantize_q4_plain(w: &Tensor) -> (Tensor, Tensor) {
     );
     let scale = Tensor::empty([rows, groups], (Kind::BFloat16, Device::Cpu));
     if rows > 0 {
-        // SAFETY: `q` and `scale` are fresh contiguous CPU tensors of these many elements,
-        // written only here, through these slices.
-        let (qs, ss) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(q.data_ptr() as *mut u8, q.numel()),
-                std::slice::from_raw_parts_mut(scale.data_ptr() as *mut u16, scale.numel()),
-            )
-        };
+        // SAFETY: `q` and `scale` are fresh, written only here, through these slices.
+        let (qs, ss) = unsafe { q4_slices_mut(&q, &scale) };
         super::gemv::quantize_q4(slice_of(&w), k as usize, qs, ss);
     }
     (q, scale)
+}
+
+/// A packed 4-bit weight's bytes and its scales' bf16 bits as mutable slices, after checking
+/// that they are contiguous CPU tensors of those types.
+///
+/// # Safety
+/// Nothing else reads or writes the two tensors' storage while the slices live.
+#[allow(clippy::mut_from_ref)]
+unsafe fn q4_slices_mut<'a>(q: &'a Tensor, scale: &'a Tensor) -> (&'a mut [u8], &'a mut [u16]) {
+    assert!(q.is_contiguous() && scale.is_contiguous());
+    assert!(q.device() == Device::Cpu && scale.device() == Device::Cpu);
+    assert!(q.kind() == Kind::Uint8 && scale.kind() == Kind::BFloat16);
+    (
+        std::slice::from_raw_parts_mut(q.data_ptr() as *mut u8, q.numel()),
+        std::slice::from_raw_parts_mut(scale.data_ptr() as *mut u16, scale.numel()),
+    )
 }
 
 /// [`super::gemv::tile_q4`] on a packed weight [out, groups * 16] and its scales [out, groups]
@@ -365,18 +375,10 @@ fn tile_q4(q: &Tensor, scale: &Tensor) {
     if q.numel() == 0 {
         return;
     }
-    assert!(q.is_contiguous() && scale.is_contiguous());
-    assert!(q.device() == Device::Cpu && scale.device() == Device::Cpu);
-    assert!(q.kind() == Kind::Uint8 && scale.kind() == Kind::BFloat16);
     let groups = scale.size()[1] as usize;
-    // SAFETY: contiguous CPU tensors of these many elements and types (checked above), which
-    // the caller made and nothing else reads or writes while these slices live.
-    let (qs, ss) = unsafe {
-        (
-            std::slice::from_raw_parts_mut(q.data_ptr() as *mut u8, q.numel()),
-            std::slice::from_raw_parts_mut(scale.data_ptr() as *mut u16, scale.numel()),
-        )
-    };
+    // SAFETY: the caller made these tensors, and nothing else reads or writes them while the
+    // slices live.
+    let (qs, ss) = unsafe { q4_slices_mut(q, scale) };
     super::gemv::tile_q4(qs, ss, groups);
 }
 
