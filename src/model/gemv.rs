@@ -24,6 +24,24 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 
+/// `$f::<R>(args)` for `R` = `$rows` (1..=[`MAX_ROWS`], larger as 8): the kernels take their
+/// number of input rows as a const parameter, so that each row's accumulators live in
+/// registers.
+macro_rules! for_rows {
+    ($rows:expr, $f:ident($($arg:expr),*)) => {
+        match $rows {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*),
+            _ => $f::<8>($($arg),*),
+        }
+    };
+}
+
 mod int8;
 mod q4;
 pub use int8::THRESHOLD as INT8_THRESHOLD;

@@ -338,16 +338,7 @@ mod simd {
     pub unsafe fn dots_avx2(q: &[i8], rows: usize, k: usize, w: &[i8], sums: &mut [i32]) {
         debug_assert!(q.len() >= rows * k && sums.len() >= rows * (w.len() / k));
         for (wr, s) in w.chunks_exact(k).zip(sums.chunks_exact_mut(rows)) {
-            match rows {
-                1 => dots_avx2_m::<1>(q, wr, s),
-                2 => dots_avx2_m::<2>(q, wr, s),
-                3 => dots_avx2_m::<3>(q, wr, s),
-                4 => dots_avx2_m::<4>(q, wr, s),
-                5 => dots_avx2_m::<5>(q, wr, s),
-                6 => dots_avx2_m::<6>(q, wr, s),
-                7 => dots_avx2_m::<7>(q, wr, s),
-                _ => dots_avx2_m::<8>(q, wr, s),
-            }
+            for_rows!(rows, dots_avx2_m(q, wr, s))
         }
     }
 }

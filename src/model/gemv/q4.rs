@@ -284,16 +284,7 @@ mod simd {
         tiled: usize,
         dots: &mut [f32],
     ) {
-        match x.rows {
-            1 => tiles_vnni_m::<1>(x, w, scales, tiled, dots),
-            2 => tiles_vnni_m::<2>(x, w, scales, tiled, dots),
-            3 => tiles_vnni_m::<3>(x, w, scales, tiled, dots),
-            4 => tiles_vnni_m::<4>(x, w, scales, tiled, dots),
-            5 => tiles_vnni_m::<5>(x, w, scales, tiled, dots),
-            6 => tiles_vnni_m::<6>(x, w, scales, tiled, dots),
-            7 => tiles_vnni_m::<7>(x, w, scales, tiled, dots),
-            _ => tiles_vnni_m::<8>(x, w, scales, tiled, dots),
-        }
+        for_rows!(x.rows, tiles_vnni_m(x, w, scales, tiled, dots))
     }
 
     /// Half `h` (8 rows) of tile `t` against `M` input rows on AVX2: per chunk, `vpmaddubsw`
@@ -381,15 +372,6 @@ mod simd {
         tiled: usize,
         dots: &mut [f32],
     ) {
-        match x.rows {
-            1 => tiles_avx2_m::<1>(x, w, scales, tiled, dots),
-            2 => tiles_avx2_m::<2>(x, w, scales, tiled, dots),
-            3 => tiles_avx2_m::<3>(x, w, scales, tiled, dots),
-            4 => tiles_avx2_m::<4>(x, w, scales, tiled, dots),
-            5 => tiles_avx2_m::<5>(x, w, scales, tiled, dots),
-            6 => tiles_avx2_m::<6>(x, w, scales, tiled, dots),
-            7 => tiles_avx2_m::<7>(x, w, scales, tiled, dots),
-            _ => tiles_avx2_m::<8>(x, w, scales, tiled, dots),
-        }
+        for_rows!(x.rows, tiles_avx2_m(x, w, scales, tiled, dots))
     }
 }
