@@ -22,6 +22,10 @@ pub struct Place {
     pub kind: Kind,
     /// How linear layers loaded here keep their weights.
     pub quant: Quant,
+    /// Dense CPU weights of linear layers loaded here are copied out of the checkpoint's
+    /// memory map ([`Weights::own`]): the decoder's, which every decoding step streams. The
+    /// vision model's stay mapped, so that their pages can be given back after each image.
+    pub owned: bool,
 }
 
 impl Place {
@@ -30,6 +34,7 @@ impl Place {
             dev,
             kind,
             quant: Quant::None,
+            owned: false,
         }
     }
 
@@ -172,6 +177,7 @@ impl Linear {
                 // the parts were copied into `weight`: their mapped pages are no longer needed
                 names.iter().for_each(|n| w.release(n));
             }
+            let weight = if p.owned { w.own(weight) } else { weight };
             return Self::dense(weight, bias);
         }
         // each part quantized straight into its rows of the stacked weight

@@ -590,10 +590,11 @@ pub struct LayerPlaces<'a> {
 }
 
 impl LayerPlaces<'_> {
-    /// The output head's place: `first`, in the head's format.
+    /// The output head's place: `first`, in the head's format, its weight in our memory.
     pub fn head(&self) -> Place {
         Place {
             quant: self.head,
+            owned: true,
             ..self.first
         }
     }
@@ -609,19 +610,22 @@ impl LayerPlaces<'_> {
         vocab: i64,
     ) -> Linear {
         match tied {
+            // a copy in our memory (the embeddings stay mapped for the lookup)
             Some(embed) if self.head == super::nn::Quant::None => {
-                Linear::dense(embed.shallow_clone(), None)
+                Linear::dense(w.own(embed.shallow_clone()), None)
             }
             Some(embed) => Linear::quantized(embed, self.head()),
             None => Linear::load(w, self.head(), name, hidden, vocab, false),
         }
     }
 
+    /// Layer `i`'s place, its dense CPU weights in our memory ([`Place::owned`]).
     pub fn layer(&self, i: usize) -> Place {
         Place {
             dev: self.layers.get(i).copied().unwrap_or(self.first.dev),
             kind: self.first.kind,
             quant: self.quant,
+            owned: true,
         }
     }
 }
