@@ -452,6 +452,7 @@ pub fn gemv_at(
     }
     let input = match w {
         WeightRef::Bf16(_) if level == Level::Avx512Bf16 => Input::Pairs(x),
+        WeightRef::Bf16(_) if level == Level::Avx2 => Input::Split(split_even_odd(x, rows)),
         WeightRef::Bf16(_) => Input::F32(x.iter().map(|&b| b.to_f32()).collect()),
         WeightRef::Int8(..) => Input::Int8(int8::Int8Input::new(x, rows)),
         WeightRef::Q4(..) => Input::Q8(q4::Q8Input::new(x, rows)),
@@ -496,8 +497,10 @@ unsafe impl Sync for OutPtr {}
 enum Input<'a> {
     /// bf16, for bf16 weights through AVX512-BF16 pair dot products.
     Pairs(&'a [u16]),
-    /// f32, for bf16 weights through the f32 kernels.
+    /// f32, for bf16 weights through the AVX-512F kernels and the portable loop.
     F32(Vec<f32>),
+    /// f32 in [`split_even_odd`]'s order, for bf16 weights through the AVX2 kernels.
+    Split(Vec<f32>),
     /// Quantized for int8 weights (LLM.int8()).
     Int8(int8::Int8Input),
     /// Quantized in groups for 4-bit weights.
@@ -542,6 +545,9 @@ impl Job<'_> {
                 // SAFETY: `Pairs` is only made where the CPU has AVX512-BF16.
                 Input::Pairs(xb) => unsafe { simd::dot_pairs(xb, self.rows, wr, dots) },
                 Input::F32(xf) => dot(self.level, xf, self.rows, wr, dots),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Split` is only made for the AVX2 level, which this CPU has.
+                Input::Split(xs) => unsafe { simd::dot_split(xs, self.rows, wr, dots) },
                 _ => unreachable!("bf16 weights read bf16 or f32 inputs"),
             }
             for (r, d) in dots.iter().enumerate() {
@@ -576,6 +582,28 @@ mod simd {
     }
 }
 
+/// The input rows `x` (bf16 bits, `rows` rows) as f32 for [`simd::dot_split`]: each row's
+/// whole blocks of 16 with their 8 even elements first, then the 8 odd ones; the last `k % 16`
+/// in order.
+///
+/// Why: 16 bf16 weights loaded as 8 u32 lanes hold the odd elements in their top halves, which
+/// are already those elements as f32 once the low halves are masked off, and the even ones
+/// become f32 by one shift left. Two instructions widen 16 weights, where widening 8 at a time
+/// (`vpmovzxwd` then a shift) took four and loaded the shuffle port.
+fn split_even_odd(x: &[u16], rows: usize) -> Vec<f32> {
+    let k = x.len() / rows;
+    let whole = k - k % 16;
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(k) {
+        for block in row[..whole].chunks_exact(16) {
+            out.extend(block.iter().step_by(2).map(|&b| b.to_f32()));
+            out.extend(block.iter().skip(1).step_by(2).map(|&b| b.to_f32()));
+        }
+        out.extend(row[whole..].iter().map(|&b| b.to_f32()));
+    }
+    out
+}
+
 /// `dots[r] = x[r] · w` for each of `rows` input rows and one weight row (unscaled), with the
 /// f32 kernels of `level` (which [`gemv_at`] checked the CPU has).
 fn dot<W: simd::Load>(level: Level, x: &[f32], rows: usize, w: &[W], dots: &mut [f32]) {
@@ -587,12 +615,8 @@ fn dot<W: simd::Load>(level: Level, x: &[f32], rows: usize, w: &[W], dots: &mut 
             unsafe { simd::dot(x, rows, w, dots) };
             return;
         }
-        Level::Avx2 => {
-            // SAFETY: the CPU has AVX2 and FMA (as above); the lengths are the caller's.
-            unsafe { simd::dot_avx2(x, rows, w, dots) };
-            return;
-        }
-        Level::Torch => {}
+        // (AVX2 reads the split input: `simd::dot_split`)
+        Level::Avx2 | Level::Torch => {}
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = level;
@@ -903,14 +927,11 @@ mod simd {
         *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
     }
 
-    /// Loads weights as f32, 16 or 8 at a time.
+    /// Loads weights as f32, 16 at a time.
     pub trait Load: super::Weight {
         /// # Safety
         /// `p` points at 16 readable elements; the CPU has AVX-512F.
         unsafe fn load16(p: *const Self) -> __m512;
-        /// # Safety
-        /// `p` points at 8 readable elements; the CPU has AVX2.
-        unsafe fn load8(p: *const Self) -> __m256;
     }
 
     impl Load for u16 {
@@ -919,11 +940,6 @@ mod simd {
             // bf16 is the top half of an f32
             let wi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wi))
-        }
-        #[inline(always)]
-        unsafe fn load8(p: *const u16) -> __m256 {
-            let wi = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wi))
         }
     }
 
@@ -981,47 +997,56 @@ mod simd {
         }
     }
 
-    /// `dots[r] = x[r] · w` for `M` input rows, 8 lanes at a time: [`dot_m`]'s contract on
-    /// AVX2. `U` accumulators per input row, enough independent FMA chains (`M * U` >= 6) within
-    /// the 16 registers.
+    /// `dots[r] = x[r] · w` for `M` input rows on AVX2, `x` in [`super::split_even_odd`]'s
+    /// order: each 16 weights are loaded as 8 u32 lanes, whose top halves masked are the odd
+    /// weights as f32 and whose low halves shifted up the even ones, and each meets its 8
+    /// inputs in an FMA. `U` blocks of 16 a step, two accumulators each (even, odd): `2 * U`
+    /// independent chains per input row.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot8_m<W: Load, const M: usize, const U: usize>(
-        x: &[f32],
-        w: &[W],
-        dots: &mut [f32],
-    ) {
+    unsafe fn dot_split_m<const M: usize, const U: usize>(x: &[f32], w: &[u16], dots: &mut [f32]) {
         let k = w.len();
-        let mut acc = [[_mm256_setzero_ps(); U]; M];
+        let top = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+        let mut even = [[_mm256_setzero_ps(); U]; M];
+        let mut odd = [[_mm256_setzero_ps(); U]; M];
         let wp = w.as_ptr();
         let xp = x.as_ptr();
         let mut j = 0;
-        while j + 8 * U <= k {
+        while j + 16 * U <= k {
             for u in 0..U {
-                let wv = W::load8(wp.add(j + 8 * u));
+                let at = j + 16 * u;
+                let v = _mm256_loadu_si256(wp.add(at).cast());
+                let we = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v));
+                let wo = _mm256_castsi256_ps(_mm256_and_si256(v, top));
                 for r in 0..M {
-                    let xv = _mm256_loadu_ps(xp.add(r * k + j + 8 * u));
-                    acc[r][u] = _mm256_fmadd_ps(wv, xv, acc[r][u]);
+                    let xr = xp.add(r * k + at);
+                    even[r][u] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xr), even[r][u]);
+                    odd[r][u] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xr.add(8)), odd[r][u]);
                 }
             }
-            j += 8 * U;
+            j += 16 * U;
         }
-        while j + 8 <= k {
-            let wv = W::load8(wp.add(j));
+        while j + 16 <= k {
+            let v = _mm256_loadu_si256(wp.add(j).cast());
+            let we = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v));
+            let wo = _mm256_castsi256_ps(_mm256_and_si256(v, top));
             for r in 0..M {
-                acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(r * k + j)), acc[r][0]);
+                let xr = xp.add(r * k + j);
+                even[r][0] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xr), even[r][0]);
+                odd[r][0] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xr.add(8)), odd[r][0]);
             }
-            j += 8;
+            j += 16;
         }
         for r in 0..M {
-            let mut sum = acc[r][0];
+            let mut sum = _mm256_add_ps(even[r][0], odd[r][0]);
             for u in 1..U {
-                sum = _mm256_add_ps(sum, acc[r][u]);
+                sum = _mm256_add_ps(sum, _mm256_add_ps(even[r][u], odd[r][u]));
             }
             // the 8 lanes: halves, then pairs, then the last two
             let h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
             let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
             let h = _mm_add_ss(h, _mm_shuffle_ps::<1>(h, h));
             let mut s = _mm_cvtss_f32(h);
+            // the tail, in order
             for t in j..k {
                 s += x[r * k + t] * w[t].to_f32();
             }
@@ -1029,22 +1054,23 @@ mod simd {
         }
     }
 
-    /// [`dot8_m`] for `rows` (1..=8) input rows, 2 at a time with 6 accumulators each (the
-    /// weight row read again from cache for the next 2): every row's sum in the same order
-    /// whatever the rows beside it, as [`dot_pairs`] has it.
+    /// [`dot_split_m`] for `rows` (1..=8) input rows, 2 at a time with the same 6 accumulators
+    /// each (the weight row read again from cache for the next 2): every row's sum in the same
+    /// order whatever the rows beside it, as [`dot_pairs`] has it.
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; `x` holds `rows * w.len()` values and `dots` `rows`.
+    /// The CPU has AVX2 and FMA; `x` holds `rows * w.len()` values in
+    /// [`super::split_even_odd`]'s order and `dots` `rows`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_avx2<W: Load>(x: &[f32], rows: usize, w: &[W], dots: &mut [f32]) {
+    pub unsafe fn dot_split(x: &[f32], rows: usize, w: &[u16], dots: &mut [f32]) {
         debug_assert!(x.len() >= rows * w.len() && dots.len() >= rows);
         let k = w.len();
         let mut r = 0;
         while r < rows {
             let (x, dots) = (&x[r * k..], &mut dots[r..]);
             match rows - r {
-                1 => dot8_m::<W, 1, 6>(x, w, dots),
-                _ => dot8_m::<W, 2, 6>(x, w, dots),
+                1 => dot_split_m::<1, 3>(x, w, dots),
+                _ => dot_split_m::<2, 3>(x, w, dots),
             }
             r += 2;
         }
