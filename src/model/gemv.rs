@@ -452,7 +452,8 @@ pub fn gemv_at(
     }
     let input = match w {
         WeightRef::Bf16(_) if level == Level::Avx512Bf16 => Input::Pairs(x),
-        WeightRef::Bf16(_) if level == Level::Avx2 => Input::Split(split_even_odd(x, rows)),
+        WeightRef::Bf16(_) if level == Level::Avx2 => Input::Split(split_even_odd(x, rows, 16)),
+        WeightRef::Bf16(_) if level == Level::Avx512 => Input::Split(split_even_odd(x, rows, 32)),
         WeightRef::Bf16(_) => Input::F32(x.iter().map(|&b| b.to_f32()).collect()),
         WeightRef::Int8(..) => Input::Int8(int8::Int8Input::new(x, rows)),
         WeightRef::Q4(..) => Input::Q8(q4::Q8Input::new(x, rows)),
@@ -497,9 +498,10 @@ unsafe impl Sync for OutPtr {}
 enum Input<'a> {
     /// bf16, for bf16 weights through AVX512-BF16 pair dot products.
     Pairs(&'a [u16]),
-    /// f32, for bf16 weights through the AVX-512F kernels and the portable loop.
+    /// f32, for bf16 weights through the portable loop.
     F32(Vec<f32>),
-    /// f32 in [`split_even_odd`]'s order, for bf16 weights through the AVX2 kernels.
+    /// f32 in [`split_even_odd`]'s order, for bf16 weights through the AVX-512F (blocks of 32)
+    /// and AVX2 (blocks of 16) kernels.
     Split(Vec<f32>),
     /// Quantized for int8 weights (LLM.int8()).
     Int8(int8::Int8Input),
@@ -544,10 +546,17 @@ impl Job<'_> {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `Pairs` is only made where the CPU has AVX512-BF16.
                 Input::Pairs(xb) => unsafe { simd::dot_pairs(xb, self.rows, wr, dots) },
-                Input::F32(xf) => dot(self.level, xf, self.rows, wr, dots),
+                Input::F32(xf) => dot_portable(xf, self.rows, wr, dots),
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Split` is only made for the AVX2 level, which this CPU has.
-                Input::Split(xs) => unsafe { simd::dot_split(xs, self.rows, wr, dots) },
+                // SAFETY: `Split` is only made for the AVX-512F and AVX2 levels, which
+                // `gemv_at` checked this CPU has.
+                Input::Split(xs) => unsafe {
+                    if self.level == Level::Avx512 {
+                        simd::dot_split512(xs, self.rows, wr, dots)
+                    } else {
+                        simd::dot_split(xs, self.rows, wr, dots)
+                    }
+                },
                 _ => unreachable!("bf16 weights read bf16 or f32 inputs"),
             }
             for (r, d) in dots.iter().enumerate() {
@@ -569,8 +578,6 @@ impl Weight for u16 {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod simd {
-    pub trait Load: super::Weight {}
-    impl<W: super::Weight> Load for W {}
     pub fn avx512_bf16() -> bool {
         false
     }
@@ -582,20 +589,20 @@ mod simd {
     }
 }
 
-/// The input rows `x` (bf16 bits, `rows` rows) as f32 for [`simd::dot_split`]: each row's
-/// whole blocks of 16 with their 8 even elements first, then the 8 odd ones; the last `k % 16`
-/// in order.
+/// The input rows `x` (bf16 bits, `rows` rows) as f32 for [`simd::dot_split`] (`block` 16) and
+/// [`simd::dot_split512`] (32): each row's whole blocks with their even elements first, then
+/// the odd ones; the last `k % block` in order.
 ///
-/// Why: 16 bf16 weights loaded as 8 u32 lanes hold the odd elements in their top halves, which
-/// are already those elements as f32 once the low halves are masked off, and the even ones
-/// become f32 by one shift left. Two instructions widen 16 weights, where widening 8 at a time
-/// (`vpmovzxwd` then a shift) took four and loaded the shuffle port.
-fn split_even_odd(x: &[u16], rows: usize) -> Vec<f32> {
+/// Why: bf16 weights loaded as u32 lanes hold the odd elements in their top halves, which are
+/// already those elements as f32 once the low halves are masked off, and the even ones become
+/// f32 by one shift left. Two instructions widen a register's worth of weights, where widening
+/// half as many at a time (`vpmovzxwd` then a shift) took four and loaded the shuffle port.
+fn split_even_odd(x: &[u16], rows: usize, block: usize) -> Vec<f32> {
     let k = x.len() / rows;
-    let whole = k - k % 16;
+    let whole = k - k % block;
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks_exact(k) {
-        for block in row[..whole].chunks_exact(16) {
+        for block in row[..whole].chunks_exact(block) {
             out.extend(block.iter().step_by(2).map(|&b| b.to_f32()));
             out.extend(block.iter().skip(1).step_by(2).map(|&b| b.to_f32()));
         }
@@ -604,22 +611,9 @@ fn split_even_odd(x: &[u16], rows: usize) -> Vec<f32> {
     out
 }
 
-/// `dots[r] = x[r] · w` for each of `rows` input rows and one weight row (unscaled), with the
-/// f32 kernels of `level` (which [`gemv_at`] checked the CPU has).
-fn dot<W: simd::Load>(level: Level, x: &[f32], rows: usize, w: &[W], dots: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    match level {
-        Level::Avx512 | Level::Avx512Bf16 => {
-            // SAFETY: the CPU has AVX-512F (the level is at most the detected one); the
-            // lengths are the caller's.
-            unsafe { simd::dot(x, rows, w, dots) };
-            return;
-        }
-        // (AVX2 reads the split input: `simd::dot_split`)
-        Level::Avx2 | Level::Torch => {}
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = level;
+/// `dots[r] = x[r] · w` for each of `rows` input rows and one weight row (unscaled): the
+/// portable loop.
+fn dot_portable(x: &[f32], rows: usize, w: &[u16], dots: &mut [f32]) {
     let k = w.len();
     for (r, d) in dots.iter_mut().enumerate().take(rows) {
         // eight partial sums, as the vector kernels keep: one running sum of a long row loses
@@ -927,50 +921,32 @@ mod simd {
         *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
     }
 
-    /// Loads weights as f32, 16 at a time.
-    pub trait Load: super::Weight {
-        /// # Safety
-        /// `p` points at 16 readable elements; the CPU has AVX-512F.
-        unsafe fn load16(p: *const Self) -> __m512;
-    }
-
-    impl Load for u16 {
-        #[inline(always)]
-        unsafe fn load16(p: *const u16) -> __m512 {
-            // bf16 is the top half of an f32
-            let wi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wi))
-        }
-    }
-
-    /// `dots[r] = x[r] · w` for `M` input rows. Two accumulators per input row (even and odd
-    /// 16-element blocks) hide the FMA latency; `M` is a constant so that they stay in registers.
+    /// `dots[r] = x[r] · w` for `M` input rows on AVX-512F, `x` in [`super::split_even_odd`]'s
+    /// order with blocks of 32: [`dot_split_m`] with 16 lanes, one block a step, two
+    /// accumulators per input row (even, odd), each row's own.
     #[target_feature(enable = "avx512f")]
-    unsafe fn dot_m<W: Load, const M: usize>(x: &[f32], w: &[W], dots: &mut [f32]) {
+    unsafe fn dot_split512_m<const M: usize>(x: &[f32], w: &[u16], dots: &mut [f32]) {
         let k = w.len();
-        let mut a0 = [_mm512_setzero_ps(); M];
-        let mut a1 = [_mm512_setzero_ps(); M];
+        let top = _mm512_set1_epi32(0xffff_0000_u32 as i32);
+        let mut even = [_mm512_setzero_ps(); M];
+        let mut odd = [_mm512_setzero_ps(); M];
         let wp = w.as_ptr();
         let xp = x.as_ptr();
         let mut j = 0;
         while j + 32 <= k {
-            let w0 = W::load16(wp.add(j));
-            let w1 = W::load16(wp.add(j + 16));
+            let v = _mm512_loadu_si512(wp.add(j).cast());
+            let we = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+            let wo = _mm512_castsi512_ps(_mm512_and_si512(v, top));
             for r in 0..M {
-                a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(r * k + j)), a0[r]);
-                a1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(r * k + j + 16)), a1[r]);
+                let xr = xp.add(r * k + j);
+                even[r] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xr), even[r]);
+                odd[r] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xr.add(16)), odd[r]);
             }
             j += 32;
         }
-        if j + 16 <= k {
-            let w0 = W::load16(wp.add(j));
-            for r in 0..M {
-                a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(r * k + j)), a0[r]);
-            }
-            j += 16;
-        }
         for r in 0..M {
-            let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+            let mut s = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r]));
+            // the tail, in order
             for t in j..k {
                 s += x[r * k + t] * w[t].to_f32();
             }
@@ -978,23 +954,15 @@ mod simd {
         }
     }
 
-    /// `dots[r] = x[r] · w` for `rows` (1..=8) input rows.
+    /// [`dot_split512_m`] for `rows` (1..=8) input rows.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `x` holds `rows * w.len()` values and `dots` `rows`.
+    /// The CPU has AVX-512F; `x` holds `rows * w.len()` values in
+    /// [`super::split_even_odd`]'s order (blocks of 32) and `dots` `rows`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot<W: Load>(x: &[f32], rows: usize, w: &[W], dots: &mut [f32]) {
+    pub unsafe fn dot_split512(x: &[f32], rows: usize, w: &[u16], dots: &mut [f32]) {
         debug_assert!(x.len() >= rows * w.len() && dots.len() >= rows);
-        match rows {
-            1 => dot_m::<W, 1>(x, w, dots),
-            2 => dot_m::<W, 2>(x, w, dots),
-            3 => dot_m::<W, 3>(x, w, dots),
-            4 => dot_m::<W, 4>(x, w, dots),
-            5 => dot_m::<W, 5>(x, w, dots),
-            6 => dot_m::<W, 6>(x, w, dots),
-            7 => dot_m::<W, 7>(x, w, dots),
-            _ => dot_m::<W, 8>(x, w, dots),
-        }
+        for_rows!(rows, dot_split512_m(x, w, dots))
     }
 
     /// `dots[r] = x[r] · w` for `M` input rows on AVX2, `x` in [`super::split_even_odd`]'s
