@@ -102,11 +102,22 @@ impl Q8Input {
             let dots = &mut dots[..(i1 - i0) * self.rows];
             // whole tiles from i0 on, and the plain rows after the last tile at the end
             self.dots(level, &w[i0 * wb..i1 * wb], &scales[i0 * g..i1 * g], dots);
-            for i in i0..i1 {
-                let b = bias.map_or(0.0, |b| b[i]);
-                for r in 0..self.rows {
-                    let y = dots[(i - i0) * self.rows + r] + b;
-                    put(i, r, super::bf16_bits(y));
+            // an input row at a time: its sums gathered, rounded in a loop that vectorises,
+            // then handed out (a weight row at a time, rounding each output as it went, this
+            // took 5% of a 4-bit token)
+            let n = i1 - i0;
+            let zeros = [0f32; BLOCK_ROWS];
+            let b = bias.map_or(&zeros[..n], |b| &b[i0..i1]);
+            let (mut sums, mut ys) = ([0f32; BLOCK_ROWS], [0u16; BLOCK_ROWS]);
+            for r in 0..self.rows {
+                for (s, &d) in sums.iter_mut().zip(dots.iter().skip(r).step_by(self.rows)) {
+                    *s = d;
+                }
+                for ((y, &s), &b) in ys[..n].iter_mut().zip(&sums[..n]).zip(b) {
+                    *y = super::bf16_bits(s + b);
+                }
+                for (i, &y) in (i0..i1).zip(&ys[..n]) {
+                    put(i, r, y);
                 }
             }
             i0 = i1;
