@@ -60,12 +60,18 @@ impl Int8Input {
         let mut cols = Vec::new();
         let mut outliers = Vec::new();
         let mut ends = [0usize; MAX_ROWS + 1];
+        // bf16 bit patterns without the sign are ordered as the magnitudes (NaNs above
+        // infinity): a magnitude below the threshold is a pattern below its, and the largest
+        // such pattern is the row stat, an integer max that vectorises
+        let limit = bf16::from_f32(THRESHOLD).to_bits();
+        debug_assert_eq!(bf16::from_bits(limit).to_f32(), THRESHOLD);
         for (r, row) in x.chunks_exact(k).enumerate() {
-            let absmax = row
+            let absmax = f(row
                 .iter()
-                .filter(|&&v| !outlier(v))
-                .map(|&v| f(v).abs())
-                .fold(0f32, f32::max);
+                .map(|&v| v & 0x7fff)
+                .filter(|&a| a < limit)
+                .max()
+                .unwrap_or(0));
             let factor = 127.0 / absmax;
             for (j, (qv, &v)) in q[r * k..(r + 1) * k].iter_mut().zip(row).enumerate() {
                 if outlier(v) {

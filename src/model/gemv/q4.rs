@@ -45,14 +45,11 @@ impl Q8Input {
         for (r, row) in x.chunks_exact(k).enumerate() {
             for (g, xs) in row.chunks(Q4_GROUP).enumerate() {
                 let at = r * groups + g;
-                // (a NaN wins, and poisons the group as it would any product)
-                let absmax = xs.iter().map(|&v| f(v).abs()).fold(0f32, |m, a| {
-                    if a > m || a.is_nan() {
-                        a
-                    } else {
-                        m
-                    }
-                });
+                // the largest magnitude as the largest bf16 bit pattern without the sign (the
+                // patterns of non-negative values are ordered as the values, and a NaN's lie
+                // above infinity's: a NaN wins, and poisons the group as it would any product);
+                // an integer max, which vectorises
+                let absmax = f(xs.iter().map(|&v| v & 0x7fff).max().unwrap_or(0));
                 if absmax == 0.0 || !absmax.is_finite() {
                     // zeros stay 0; a non-finite scale makes the group's products NaN
                     d[at] = if absmax == 0.0 { 0.0 } else { f32::NAN };
