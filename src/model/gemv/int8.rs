@@ -53,23 +53,23 @@ impl Int8Input {
         debug_assert!((1..=MAX_ROWS).contains(&rows) && x.len().is_multiple_of(rows));
         let k = x.len() / rows;
         let f = |v: u16| f32::from_bits((v as u32) << 16);
-        // (a NaN is an outlier too: it stays in the f32 part, where it propagates)
-        let outlier = |v: u16| f(v).abs().partial_cmp(&THRESHOLD) != Some(std::cmp::Ordering::Less);
+        // bf16 bit patterns without the sign are ordered as the magnitudes, NaNs above
+        // infinity: an input is an outlier where its pattern is at least the threshold's (a
+        // NaN too: it stays in the f32 part, where it propagates), and the largest pattern of
+        // the rest is the row stat, an integer max that vectorises
+        let limit = bf16::from_f32(THRESHOLD).to_bits();
+        debug_assert_eq!(bf16::from_bits(limit).to_f32(), THRESHOLD);
+        let outlier = |v: u16| v & 0x7fff >= limit;
         let mut q = vec![0i8; rows * k];
         let mut step = [0f32; MAX_ROWS];
         let mut cols = Vec::new();
         let mut outliers = Vec::new();
         let mut ends = [0usize; MAX_ROWS + 1];
-        // bf16 bit patterns without the sign are ordered as the magnitudes (NaNs above
-        // infinity): a magnitude below the threshold is a pattern below its, and the largest
-        // such pattern is the row stat, an integer max that vectorises
-        let limit = bf16::from_f32(THRESHOLD).to_bits();
-        debug_assert_eq!(bf16::from_bits(limit).to_f32(), THRESHOLD);
         for (r, row) in x.chunks_exact(k).enumerate() {
             let absmax = f(row
                 .iter()
+                .filter(|&&v| !outlier(v))
                 .map(|&v| v & 0x7fff)
-                .filter(|&a| a < limit)
                 .max()
                 .unwrap_or(0));
             let factor = 127.0 / absmax;
