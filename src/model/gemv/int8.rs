@@ -199,6 +199,7 @@ pub(super) fn vnni() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 mod simd {
+    use super::super::prefetch;
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
@@ -223,6 +224,7 @@ mod simd {
         let mut j = 0;
         while j + 256 <= k {
             for t in 0..4 {
+                prefetch(w.as_ptr().add(j + 64 * t).cast());
                 let wv = _mm512_loadu_si512(w.as_ptr().add(j + 64 * t).cast());
                 let xv = _mm512_loadu_si512(q.as_ptr().add(j + 64 * t).cast());
                 acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_xor_si512(wv, flip), xv);
@@ -265,6 +267,7 @@ mod simd {
             } else {
                 (1u64 << (k - j)) - 1
             };
+            prefetch(w.as_ptr().add(j).cast());
             let wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w.as_ptr().add(j)), flip);
             for r in 0..M {
                 let xv = _mm512_maskz_loadu_epi8(m, q.as_ptr().add(r * k + j));
@@ -311,6 +314,9 @@ mod simd {
         let mut acc = [_mm256_setzero_si256(); M];
         let mut j = 0;
         while j + 32 <= k {
+            if j % 64 == 0 {
+                prefetch(w.as_ptr().add(j).cast());
+            }
             let wv = _mm256_loadu_si256(w.as_ptr().add(j).cast());
             let aw = _mm256_abs_epi8(wv);
             for r in 0..M {

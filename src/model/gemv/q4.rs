@@ -177,7 +177,7 @@ impl Q8Input {
 #[allow(clippy::needless_range_loop)]
 mod simd {
     use super::Q8Input;
-    use crate::model::gemv::{Q4_GROUP, Q4_GROUP_BYTES, Q4_TILE};
+    use crate::model::gemv::{prefetch, Q4_GROUP, Q4_GROUP_BYTES, Q4_TILE};
     use std::arch::x86_64::*;
 
     /// Input row `r`'s 4 int8 values from `j` of group `g`, broadcast as one i32.
@@ -220,6 +220,7 @@ mod simd {
             for c in 0..4 {
                 for t in 0..T {
                     let at = (((t0 + t) * groups + g) * 4 + c) * Q4_TILE * 4;
+                    prefetch(w.as_ptr().add(at));
                     let b = _mm512_loadu_si512(w.as_ptr().add(at).cast());
                     let lo = _mm512_and_si512(b, low);
                     let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(b), low);
@@ -324,6 +325,9 @@ mod simd {
             let mut pairs = [_mm256_setzero_si256(); M];
             for c in 0..4 {
                 let at = ((t * groups + g) * 4 + c) * Q4_TILE * 4 + 32 * h;
+                if h == 0 {
+                    prefetch(w.as_ptr().add(at));
+                }
                 let b = _mm256_loadu_si256(w.as_ptr().add(at).cast());
                 let lo = _mm256_and_si256(b, low);
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(b), low);
