@@ -35,6 +35,45 @@ pub fn applies(q: &Tensor) -> bool {
         && gemv::level() == gemv::Level::Avx512Bf16
 }
 
+/// Whether [`attention`] runs for a picture's (full, not causal) attention over these queries:
+/// where [`applies`] holds and the CPU has no AMX. libtorch's flash kernel multiplies in AMX
+/// tiles where the CPU has them (oneDNN's brgemm), and there it is the faster one: 7.0 ms
+/// against this kernel's 23.5 for one tile's 16 heads, 52 against 163 for seven
+/// (`examples/profile_attention.rs`, on the project's machine once its VM exposed AMX). A
+/// prompt's attention stays here: there a query's bits must not depend on the queries beside it.
+pub fn applies_full(q: &Tensor) -> bool {
+    applies(q) && !amx()
+}
+
+/// Whether the CPU multiplies bf16 in AMX tiles and the OS keeps their state (CPUID leaf 7's
+/// AMX-BF16 and AMX-TILE, XCR0's tile bits): what oneDNN checks before it uses them.
+fn amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__cpuid, __cpuid_count, _xgetbv};
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            // SAFETY: CPUID exists on every x86-64 CPU; XGETBV only runs where CPUID says the OS
+            // enabled it (OSXSAVE)
+            unsafe {
+                if __cpuid(0).eax < 7 || __cpuid(1).ecx & (1 << 27) == 0 {
+                    return false;
+                }
+                let edx = __cpuid_count(7, 0).edx;
+                #[target_feature(enable = "xsave")]
+                unsafe fn xcr0() -> u64 {
+                    _xgetbv(0)
+                }
+                let tiles = 0b11 << 17;
+                edx & (1 << 22) != 0 && edx & (1 << 24) != 0 && xcr0() & tiles == tiles
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// `softmax(q k^T * scale) v` for `[batch, heads, tokens, head_dim]` views `q`, `k`, `v` (any
 /// strides, the last dimension contiguous), as `[batch, tokens, heads * head_dim]`: the layout
 /// the output projection takes. Call only where [`applies`] holds.

@@ -116,9 +116,9 @@ impl Attention {
             k = norm(&k, kn);
         }
         let scale = (hd as f64).powf(-0.5);
-        let xs = if super::attention::applies(&q) {
-            // bf16 on the CPU: our kernel (see attention.rs), computing what libtorch's flash
-            // kernel computes in a third of the time
+        let xs = if super::attention::applies_full(&q) {
+            // bf16 on a CPU without AMX: our kernel (see attention.rs), computing what
+            // libtorch's flash kernel computes in a third of the time
             super::attention::attention(&q, &k, &v, scale)
         } else {
             // libtorch's fused attention: the reference's eager softmax(q*scale @ k^T) @ v,
