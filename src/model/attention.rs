@@ -290,6 +290,24 @@ mod simd {
         _mm256_storeu_si256(p.cast(), std::mem::transmute::<__m256bh, __m256i>(v));
     }
 
+    /// Queries x keys x heads x head size up to which a call runs on this thread alone (about
+    /// 0.3 ms of work; a follow-up question's 17 positions over a 311-token picture prompt are
+    /// 5M): a short prompt runs between libtorch's GEMMs, whose libgomp threads spin on the
+    /// cores after each one, and gemv's threads, woken for the call, spin after it in turn. A
+    /// follow-up's 17 positions took 0.14 to 0.16 s with both pools spinning, 0.066 to 0.076
+    /// on this thread alone (with libtorch single-threaded too for up to 8 positions,
+    /// `Llm::prefill`, 7 positions took 0.05 instead of 0.15 to 0.20).
+    const SMALL: usize = 1 << 23;
+
+    /// `f(0..n)` on this thread alone where the call is `small`, else on gemv's threads.
+    fn tasks(small: bool, n: usize, f: impl Fn(usize) + Sync) {
+        if small {
+            (0..n).for_each(f);
+        } else {
+            gemv::for_each_task(n, f);
+        }
+    }
+
     /// # Safety
     /// The CPU has AVX512-BF16; `q` describes a live `[b, h, nq, d]` bf16 tensor and `k`, `v`
     /// live `[b, kv_heads, n, d]` ones, with a contiguous last dimension, and `out` is a
@@ -303,9 +321,10 @@ mod simd {
         // keys and values of every key-value head repacked into pairs, once
         let mut keys = vec![0u32; bkv * kl];
         let mut values = vec![0u32; bkv * vl];
+        let small = s.nq * s.n * bh * s.d <= SMALL;
         {
             let (kp, vp) = (Shared(keys.as_mut_ptr()), Shared(values.as_mut_ptr()));
-            gemv::for_each_task(bkv, |i| {
+            tasks(small, bkv, |i| {
                 // SAFETY: task i writes head i's part only
                 let kd = std::slice::from_raw_parts_mut(kp.at(i * kl), kl);
                 let vd = std::slice::from_raw_parts_mut(vp.at(i * vl), vl);
@@ -318,7 +337,7 @@ mod simd {
         let o = Shared(out.data_ptr() as *mut u16);
         // causal blocks grow with their position: the last ones first, so the threads end
         // together
-        gemv::for_each_task(bh * blocks, |t| {
+        tasks(small, bh * blocks, |t| {
             let (head, blk) = (t % bh, blocks - 1 - t / bh);
             let (b, h) = (head / q.heads, head % q.heads);
             let kv = b * k.heads + h / groups;
