@@ -396,6 +396,10 @@ mod simd {
                 }
             });
         });
+        if !small {
+            // libtorch's output projection comes next: its threads need the cores
+            gemv::rest();
+        }
     }
 
     /// Head `bh`'s keys as pairs along the head dimension: for each tile of 32 keys, `d / 2`

@@ -1132,6 +1132,7 @@ fn run_on_threads(threads: usize, work: &(dyn Fn() + Sync)) {
     // SAFETY: the pointer is only used until every helper has finished below, while `work` lives
     let job: *const (dyn Fn() + Sync + 'static) = unsafe { std::mem::transmute(work) };
     *pool.job.lock().expect("not poisoned") = Some(JobPtr(job));
+    pool.resting.store(false, Ordering::Release);
     pool.pending.store(helpers, Ordering::Release);
     pool.wanted.store(helpers, Ordering::Release);
     pool.epoch.fetch_add(1, Ordering::AcqRel);
@@ -1154,6 +1155,12 @@ fn run_on_threads(threads: usize, work: &(dyn Fn() + Sync)) {
     }
 }
 
+/// Sends the products' threads to sleep now rather than after [`SPIN`]: for a caller whose
+/// next work is libtorch's, whose libgomp threads need the cores.
+pub fn rest() {
+    hot_pool().resting.store(true, Ordering::Release);
+}
+
 /// How long a pool thread spins for the next call before it sleeps.
 const SPIN: std::time::Duration = std::time::Duration::from_millis(2);
 
@@ -1173,6 +1180,8 @@ struct HotPool {
     wanted: AtomicUsize,
     pending: AtomicUsize,
     failed: std::sync::atomic::AtomicBool,
+    /// Set by [`rest`]: the threads sleep now instead of spinning for the next call.
+    resting: std::sync::atomic::AtomicBool,
     sleepers: std::sync::Mutex<usize>,
     wake: std::sync::Condvar,
 }
@@ -1189,6 +1198,7 @@ fn hot_pool() -> &'static HotPool {
             wanted: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
             failed: Default::default(),
+            resting: Default::default(),
             sleepers: Default::default(),
             wake: Default::default(),
         }));
@@ -1212,7 +1222,9 @@ impl HotPool {
             while self.epoch.load(Ordering::Acquire) == seen {
                 std::hint::spin_loop();
                 spins = spins.wrapping_add(1);
-                if spins.is_multiple_of(1024) && t0.elapsed() > SPIN {
+                if spins.is_multiple_of(1024)
+                    && (self.resting.load(Ordering::Acquire) || t0.elapsed() > SPIN)
+                {
                     let mut sleeping = self.sleepers.lock().expect("not poisoned");
                     *sleeping += 1;
                     while self.epoch.load(Ordering::Acquire) == seen {
