@@ -396,8 +396,10 @@ mod simd {
                 }
             });
         });
-        if !small {
-            // libtorch's output projection comes next: its threads need the cores
+        if !small && tch::get_num_threads() > 1 {
+            // libtorch's output projection comes next, on libgomp's threads, which need the
+            // cores (with libtorch on one thread, a prompt of up to 8 positions, the projection
+            // is gemv's own, and its threads should stay awake for it)
             gemv::rest();
         }
     }
