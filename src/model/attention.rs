@@ -33,7 +33,8 @@ static TILE_BLOCKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUs
 
 /// Whether a prompt's attention runs in AMX tiles here: the CPU has them (see [`applies_full`])
 /// and Linux lets this process use them. Its head size must also be a multiple of 32.
-pub fn prompt_tiles() -> bool {
+#[cfg(test)]
+fn prompt_tiles() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         simd::amx_ready()
@@ -309,16 +310,18 @@ mod simd {
         _mm256_storeu_si256(p.cast(), std::mem::transmute::<__m256bh, __m256i>(v));
     }
 
+    /// Whether this process may use AMX tiles ([`amx::ready`]).
+    #[cfg(test)]
+    pub fn amx_ready() -> bool {
+        amx::ready()
+    }
+
     /// AMX tiles for the scores and the outputs of a block of [`QUERY_BLOCK`] queries, where
     /// the CPU has them (the prompt's attention only; pictures go to libtorch there, see
     /// [`super::applies_full`]). Each tile's element is its own chain of pair products over the
     /// inner dimension, whatever the other rows hold, so a query's bits still do not depend on
     /// the queries computed with it. On this project's machine a 1847-token prompt's attention
     /// took 32 ms a layer in `vdpbf16ps` (about 70% of that instruction's peak on two cores).
-    pub fn amx_ready() -> bool {
-        amx::ready()
-    }
-
     mod amx {
         use std::arch::asm;
         use std::sync::OnceLock;
@@ -428,8 +431,8 @@ mod simd {
     }
 
     /// [`scores_m`] for the block's 16 query rows at `qs` (`d` bf16 each, `d` a multiple of
-    /// 32, rows past the block zero) in AMX tiles: 16 x 32 scores at a time, scaled, into 16
-    /// rows of `width` f32 at `dst`.
+    /// 32, rows past the block zero) in AMX tiles: 16 x 32 scores at a time into 16 rows of
+    /// `width` f32 at `dst`, the first `m` (the block's queries) scaled.
     #[target_feature(enable = "avx512f")]
     unsafe fn scores_amx(
         s: &Shape,
@@ -437,6 +440,7 @@ mod simd {
         qs: &[u16],
         keys: &[u32],
         scale: f32,
+        m: usize,
         dst: *mut f32,
     ) {
         let dp = s.d / 2;
@@ -459,7 +463,7 @@ mod simd {
             amx::store(1, at.add(16).cast(), width * 4);
         }
         let scale = _mm512_set1_ps(scale);
-        for j in (0..QUERY_BLOCK * width).step_by(16) {
+        for j in (0..m * width).step_by(16) {
             let p = dst.add(j);
             _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_loadu_ps(p), scale));
         }
@@ -590,50 +594,43 @@ mod simd {
                         );
                     }
                     amx::on();
-                    scores_amx(
-                        s,
-                        width,
-                        &qs[..QUERY_BLOCK * s.d],
-                        kp,
-                        scale,
-                        scores.as_mut_ptr(),
-                    );
-                    for r in 0..rows.len() {
-                        let row = &scores[r * width..][..width];
-                        let p = &mut probs[r * width..][..width];
-                        inv[r] = 1.0 / softmax_row(row, s.seen(rows.start + r), p);
+                    let qs = &qs[..QUERY_BLOCK * s.d];
+                    scores_amx(s, width, qs, kp, scale, rows.len(), scores.as_mut_ptr());
+                } else {
+                    // scores, 8 queries at a time
+                    let mut r = 0;
+                    while r < rows.len() {
+                        let m = (rows.len() - r).min(QK_ROWS);
+                        let qs: [*const u16; QK_ROWS] =
+                            std::array::from_fn(|i| q.row(head, rows.start + r + i.min(m - 1)));
+                        let dst = scores.as_mut_ptr().add(r * width);
+                        match m {
+                            8 => scores_m::<8>(s, width, qs, kp, scale, dst),
+                            7 => scores_m::<7>(s, width, qs, kp, scale, dst),
+                            6 => scores_m::<6>(s, width, qs, kp, scale, dst),
+                            5 => scores_m::<5>(s, width, qs, kp, scale, dst),
+                            4 => scores_m::<4>(s, width, qs, kp, scale, dst),
+                            3 => scores_m::<3>(s, width, qs, kp, scale, dst),
+                            2 => scores_m::<2>(s, width, qs, kp, scale, dst),
+                            _ => scores_m::<1>(s, width, qs, kp, scale, dst),
+                        }
+                        r += m;
                     }
-                    let os: [*mut u16; QUERY_BLOCK] = std::array::from_fn(|i| {
-                        o.at(((b * s.nq) + rows.start + i.min(rows.len() - 1)) * hd + h * s.d)
-                    });
-                    outputs_amx(s, width, probs.as_ptr(), vp, &inv, rows.len(), os);
-                    amx::off();
-                    super::TILE_BLOCKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return;
-                }
-                // scores, 8 queries at a time
-                let mut r = 0;
-                while r < rows.len() {
-                    let m = (rows.len() - r).min(QK_ROWS);
-                    let qs: [*const u16; QK_ROWS] =
-                        std::array::from_fn(|i| q.row(head, rows.start + r + i.min(m - 1)));
-                    let dst = scores.as_mut_ptr().add(r * width);
-                    match m {
-                        8 => scores_m::<8>(s, width, qs, kp, scale, dst),
-                        7 => scores_m::<7>(s, width, qs, kp, scale, dst),
-                        6 => scores_m::<6>(s, width, qs, kp, scale, dst),
-                        5 => scores_m::<5>(s, width, qs, kp, scale, dst),
-                        4 => scores_m::<4>(s, width, qs, kp, scale, dst),
-                        3 => scores_m::<3>(s, width, qs, kp, scale, dst),
-                        2 => scores_m::<2>(s, width, qs, kp, scale, dst),
-                        _ => scores_m::<1>(s, width, qs, kp, scale, dst),
-                    }
-                    r += m;
                 }
                 for r in 0..rows.len() {
                     let row = &scores[r * width..][..width];
                     let p = &mut probs[r * width..][..width];
                     inv[r] = 1.0 / softmax_row(row, s.seen(rows.start + r), p);
+                }
+                // SAFETY (of the writes through these): the block's outputs are this task's alone
+                let out_row = |i: usize| o.at(((b * s.nq) + rows.start + i) * hd + h * s.d);
+                if tiles {
+                    let os: [*mut u16; QUERY_BLOCK] =
+                        std::array::from_fn(|i| out_row(i.min(rows.len() - 1)));
+                    outputs_amx(s, width, probs.as_ptr(), vp, &inv, rows.len(), os);
+                    amx::off();
+                    super::TILE_BLOCKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return;
                 }
                 // outputs, 4 queries at a time
                 let mut r = 0;
@@ -641,10 +638,8 @@ mod simd {
                     let m = (rows.len() - r).min(PV_ROWS);
                     let ps: [*const u16; PV_ROWS] =
                         std::array::from_fn(|i| probs.as_ptr().add((r + i.min(m - 1)) * width));
-                    // SAFETY: these queries' outputs belong to this task alone
-                    let os: [*mut u16; PV_ROWS] = std::array::from_fn(|i| {
-                        o.at(((b * s.nq) + rows.start + r + i.min(m - 1)) * hd + h * s.d)
-                    });
+                    let os: [*mut u16; PV_ROWS] =
+                        std::array::from_fn(|i| out_row(r + i.min(m - 1)));
                     let sc: [f32; PV_ROWS] = std::array::from_fn(|i| inv[r + i.min(m - 1)]);
                     match m {
                         4 => outputs_m::<4>(s, width, ps, vp, sc, os),
